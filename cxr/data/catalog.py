@@ -1,0 +1,128 @@
+"""The dataset contract: a metadata table row-aligned with an N×14 labels array, plus where the pixels are.
+
+`load_catalog(root)` matches an NIH metadata file with the images a root actually holds. A partial download
+is fine: metadata rows without an image are counted and reported, images without a metadata row too.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr.data.findings import FINDINGS
+from cxr.data.metadata import METADATA_NAMES, MetadataError, find_metadata_file, read_metadata
+from cxr.data.sources import ImageSource, open_source, s3_client, split_s3_uri
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestReport:
+    """What ingest found: how much of the metadata has pixels, and what did not match."""
+
+    root: str
+    metadata_file: str
+    metadata_rows: int
+    images_in_source: int
+    matched: int
+    missing_images: int
+    unlisted_images: int
+    missing_examples: list[str] = field(default_factory=list)
+    unlisted_examples: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One readable paragraph for logs and the CLI."""
+        text = (
+            f"{self.root}: {self.metadata_rows:,} metadata rows, {self.images_in_source:,} images found, "
+            f"{self.matched:,} usable"
+        )
+        if self.missing_images:
+            text += f"; {self.missing_images:,} rows have no image (partial download?)"
+        if self.unlisted_images:
+            text += f"; {self.unlisted_images:,} images are not in the metadata and are ignored"
+        return text
+
+
+@dataclass
+class Catalog:
+    """Images ready to use: `meta` (one row per image) row-aligned with `labels` (N×14, NIH order)."""
+
+    meta: pd.DataFrame
+    labels: np.ndarray
+    source: ImageSource
+
+    def __post_init__(self) -> None:
+        if len(self.meta) != len(self.labels) or self.labels.shape[1:] != (len(FINDINGS),):
+            raise ValueError(f"labels {self.labels.shape} do not match metadata rows {len(self.meta)}")
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def subset(self, rows: np.ndarray | list[int]) -> Catalog:
+        """The catalog restricted to the given row positions, order kept as given."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Catalog(self.meta.iloc[rows].reset_index(drop=True), self.labels[rows], self.source)
+
+    def prevalence(self) -> pd.Series:
+        """Fraction of images positive for each finding."""
+        values = self.labels.mean(axis=0) if len(self) else np.zeros(len(FINDINGS))
+        return pd.Series(values, index=list(FINDINGS), name="prevalence")
+
+
+def load_catalog(root: str | Path, metadata: str | Path | None = None) -> tuple[Catalog, IngestReport]:
+    """Match the root's metadata with the images it holds; raise only if nothing at all is usable."""
+    source = open_source(root)
+    metadata_path = metadata or _locate_metadata(root)
+    table, labels = read_metadata(_local_copy(metadata_path))
+    available = set(source.list_images())
+    present = table["image_id"].isin(available).to_numpy()
+    listed = set(table["image_id"])
+    unlisted = sorted(available - listed)
+    missing = table.loc[~present, "image_id"]
+    report = IngestReport(
+        root=str(root),
+        metadata_file=str(metadata_path),
+        metadata_rows=len(table),
+        images_in_source=len(available),
+        matched=int(present.sum()),
+        missing_images=int((~present).sum()),
+        unlisted_images=len(unlisted),
+        missing_examples=missing.head(5).tolist(),
+        unlisted_examples=unlisted[:5],
+    )
+    log.info(report.summary())
+    if report.matched == 0:
+        raise MetadataError(f"no image in {root} matches a row of {metadata_path}: {report.summary()}")
+    rows = np.flatnonzero(present)
+    catalog = Catalog(table.iloc[rows].reset_index(drop=True), labels[rows], source)
+    return catalog, report
+
+
+def _locate_metadata(root: str | Path) -> str | Path:
+    if not str(root).startswith("s3://"):
+        return find_metadata_file(root)
+    bucket, prefix = split_s3_uri(str(root))
+    client = s3_client()
+    for name in METADATA_NAMES:
+        response = client.list_objects_v2(Bucket=bucket, Prefix=prefix + name, MaxKeys=1)
+        if response.get("KeyCount", 0):
+            return f"s3://{bucket}/{prefix}{name}"
+    raise MetadataError(f"no NIH metadata file under {root}; expected one of: {', '.join(METADATA_NAMES)}")
+
+
+def _local_copy(path: str | Path) -> str | Path | io.BytesIO:
+    """Metadata on S3 is read into memory (pandas infers compression from the name for files only)."""
+    if not str(path).startswith("s3://"):
+        return path
+    bucket, key = split_s3_uri(str(path))
+    body = s3_client().get_object(Bucket=bucket, Key=key.rstrip("/"))["Body"].read()
+    if str(path).endswith(".gz"):
+        import gzip
+
+        body = gzip.decompress(body)
+    return io.BytesIO(body)

@@ -1,0 +1,227 @@
+"""Where image bytes come from: an NIH directory tree, the NIH `.tar.gz` archives, or an `s3://` prefix.
+
+Every source maps image file names (NIH `Image Index`, e.g. ``00000001_000.png``) to bytes, and reads many
+images in one pass with `iter_bytes`, which is the fast path for each backend: sequential file reads, one
+streaming pass over an archive (no extraction), or concurrent S3 GETs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ARCHIVE_PATTERN = re.compile(r"^images_\d{3}\.tar(\.gz)?$")
+
+ReadResult = tuple[str, bytes | None, str | None]
+"""(image id, bytes or None, reason it could not be read or None)."""
+
+
+class SourceError(ValueError):
+    """The data root does not exist or holds no images in a known layout."""
+
+
+class ImageSource(Protocol):
+    """A place that holds NIH images by file name."""
+
+    uri: str
+
+    def list_images(self) -> list[str]:
+        """All image ids the source holds, sorted."""
+        ...
+
+    def iter_bytes(self, image_ids: Iterable[str]) -> Iterator[ReadResult]:
+        """Read the given images; unreadable ones come back with a reason instead of bytes."""
+        ...
+
+    def shard_groups(self, image_ids: list[str]) -> list[list[str]]:
+        """Partition ids into groups that are cheap to read together (e.g. one archive each)."""
+        ...
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+@dataclass
+class DirectorySource:
+    """Images under a directory: NIH's `images_XXX/images/*.png`, a single `images/`, or any subfolders."""
+
+    root: Path
+    _paths: dict[str, Path] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.uri = str(self.root)
+        for dirpath, _, filenames in os.walk(self.root):
+            for name in filenames:
+                if _is_image(name) and not name.startswith("."):
+                    self._paths.setdefault(name, Path(dirpath) / name)
+
+    def list_images(self) -> list[str]:
+        return sorted(self._paths)
+
+    def path(self, image_id: str) -> Path:
+        """The file that holds an image."""
+        return self._paths[image_id]
+
+    def iter_bytes(self, image_ids: Iterable[str]) -> Iterator[ReadResult]:
+        for image_id in image_ids:
+            path = self._paths.get(image_id)
+            if path is None:
+                yield image_id, None, "not in source"
+                continue
+            try:
+                yield image_id, path.read_bytes(), None
+            except OSError as error:
+                yield image_id, None, f"unreadable file: {error.strerror or error}"
+
+    def shard_groups(self, image_ids: list[str]) -> list[list[str]]:
+        return [list(image_ids)]
+
+
+@dataclass
+class ArchiveSource:
+    """Images inside NIH `images_XXX.tar.gz` archives, read by streaming (never extracted to disk)."""
+
+    archives: list[Path]
+    _members: dict[str, tuple[Path, str]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.archives = sorted(Path(a) for a in self.archives)
+        self.uri = ",".join(str(a) for a in self.archives)
+        for archive in self.archives:
+            for member in _stream_members(archive):
+                name = os.path.basename(member.name)
+                if member.isfile() and _is_image(name):
+                    self._members.setdefault(name, (archive, member.name))
+
+    def list_images(self) -> list[str]:
+        return sorted(self._members)
+
+    def shard_groups(self, image_ids: list[str]) -> list[list[str]]:
+        by_archive: dict[Path, list[str]] = {}
+        for image_id in image_ids:
+            archive = self._members[image_id][0] if image_id in self._members else self.archives[0]
+            by_archive.setdefault(archive, []).append(image_id)
+        return [by_archive[a] for a in sorted(by_archive)]
+
+    def iter_bytes(self, image_ids: Iterable[str]) -> Iterator[ReadResult]:
+        wanted = list(image_ids)
+        pending: dict[Path, set[str]] = {}
+        for image_id in wanted:
+            if image_id in self._members:
+                pending.setdefault(self._members[image_id][0], set()).add(image_id)
+        found: dict[str, ReadResult] = {}
+        for archive, names in pending.items():
+            found.update(_read_from_archive(archive, names))
+        for image_id in wanted:
+            yield found.get(image_id, (image_id, None, "not in source"))
+
+
+def _stream_members(archive: Path) -> Iterator[tarfile.TarInfo]:
+    try:
+        with tarfile.open(archive, mode="r|*") as tar:
+            yield from tar
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise SourceError(f"cannot read archive {archive}: {error}") from error
+
+
+def _read_from_archive(archive: Path, names: set[str]) -> dict[str, ReadResult]:
+    results: dict[str, ReadResult] = {}
+    try:
+        with tarfile.open(archive, mode="r|*") as tar:
+            for member in tar:
+                name = os.path.basename(member.name)
+                if name not in names or not member.isfile():
+                    continue
+                handle = tar.extractfile(member)
+                data = handle.read() if handle is not None else b""
+                results[name] = (name, data, None)
+                if len(results) == len(names):
+                    break
+    except (tarfile.TarError, OSError, EOFError) as error:
+        for name in names - results.keys():
+            results[name] = (name, None, f"archive {archive.name} truncated or corrupt: {error}")
+    return results
+
+
+@dataclass
+class S3Source:
+    """Images under an `s3://bucket/prefix`, listed once and fetched with concurrent GETs.
+
+    The client honours the usual AWS settings (credentials, region, `AWS_ENDPOINT_URL`).
+    """
+
+    uri: str
+    concurrency: int = 16
+    _keys: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.bucket, self.prefix = split_s3_uri(self.uri)
+        paginator = s3_client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for item in page.get("Contents", []):
+                name = os.path.basename(item["Key"])
+                if _is_image(name):
+                    self._keys.setdefault(name, item["Key"])
+
+    def list_images(self) -> list[str]:
+        return sorted(self._keys)
+
+    def shard_groups(self, image_ids: list[str]) -> list[list[str]]:
+        return [list(image_ids)]
+
+    def iter_bytes(self, image_ids: Iterable[str]) -> Iterator[ReadResult]:
+        client = s3_client()
+
+        def fetch(image_id: str) -> ReadResult:
+            key = self._keys.get(image_id)
+            if key is None:
+                return image_id, None, "not in source"
+            try:
+                body = client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            except Exception as error:  # botocore raises many unrelated types; keep the reason
+                return image_id, None, f"S3 GET s3://{self.bucket}/{key} failed: {error}"
+            return image_id, body, None
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            yield from pool.map(fetch, image_ids)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` → ("bucket", "some/prefix/")."""
+    if not uri.startswith("s3://"):
+        raise SourceError(f"not an s3:// URI: {uri}")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise SourceError(f"no bucket in {uri}")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return bucket, prefix
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client configured from the environment (credentials, region, AWS_ENDPOINT_URL)."""
+    import boto3
+
+    return boto3.client("s3")
+
+
+def open_source(root: str | Path) -> ImageSource:
+    """Pick the source for a data root: `s3://…`, a folder of NIH archives, or a directory of images."""
+    if str(root).startswith("s3://"):
+        return S3Source(str(root))
+    path = Path(root)
+    if not path.is_dir():
+        raise SourceError(f"data root {root} does not exist or is not a directory")
+    archives = [p for p in path.iterdir() if ARCHIVE_PATTERN.match(p.name)]
+    if archives and not any(p.is_dir() and p.name.startswith("images") for p in path.iterdir()):
+        return ArchiveSource(archives)
+    return DirectorySource(path)

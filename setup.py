@@ -1,0 +1,48 @@
+"""Packaging for cxr: NIH ChestX-ray14 to a monitored chest X-ray classifier in production."""
+
+from setuptools import find_packages, setup
+
+# Versions are pinned to releases that install on a CPU-only machine from the package registries;
+# torch 2.13.0 and torchvision 0.28.0 are the matching pair.
+INSTALL_REQUIRES = [
+    "metaflow==2.19.39",  # pipeline orchestration, artifact versioning, cards
+    "torch==2.13.0",  # model and training
+    "torchvision==0.28.0",  # DenseNet121 and its ImageNet weights
+    "numpy>=2.0,<3",  # arrays and memory-mapped shards
+    "pandas>=2.2,<4",  # NIH metadata tables
+    "scikit-learn>=1.5,<2",  # metrics (AUROC, AUPRC, calibration)
+    "opencv-python-headless==5.0.0.93",  # fast PNG decode, resize and augmentation warps
+    "pillow>=10",  # image writing for the synthetic demo set and plots
+    "tqdm>=4.66",  # progress bars on long work
+    "pyyaml>=6",  # config/ files
+    "boto3>=1.34",  # s3:// image sources and cache stores
+]
+
+EXTRAS_REQUIRE = {
+    "aws": ["boto3>=1.34", "moto[server]==5.2.1"],
+    "dev": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "moto[server]==5.2.1",  # the S3 API on loopback for tests
+        "ruff==0.17.6",
+        "mypy==2.4.1",
+        "bandit==1.9.4",
+        "types-PyYAML",
+        "types-tqdm",
+    ],
+}
+
+setup(
+    name="cxr",
+    version="0.1.0",
+    description="NIH ChestX-ray14 to a monitored chest X-ray classifier in production",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cxr", "cxr.*"]),
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["cxr=cxr.cli:main"]},
+)
