@@ -1,0 +1,127 @@
+"""Training and evaluation loaders over a shard cache: no PNG is decoded per epoch.
+
+Each item is a uint8 [1, crop, crop] tensor plus its float32 [14] label row. Training augmentation (random
+crop, horizontal flip, small rotation/scale/shift) is composed into one affine matrix and applied with a
+single OpenCV warp per image. Normalisation to float and the 3-channel expansion ImageNet backbones expect
+happen on the training device (`cxr.model`), which keeps the loader's memory traffic at one byte a pixel.
+Augmentation randomness comes from (seed, epoch, index), so it does not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cxr.data.cache import ShardCache
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random geometric augmentation applied on top of a random crop."""
+
+    flip: bool = True
+    max_rotation_deg: float = 7.0
+    scale: tuple[float, float] = (0.95, 1.05)
+    max_shift: float = 0.03  # fraction of the crop size
+
+
+NO_AUGMENTATION = Augmentation(flip=False, max_rotation_deg=0.0, scale=(1.0, 1.0), max_shift=0.0)
+
+
+class ShardDataset(Dataset):
+    """Images of a `ShardCache` (optionally a subset of rows), cropped to `crop`×`crop`."""
+
+    def __init__(
+        self,
+        cache: ShardCache,
+        rows: np.ndarray | None = None,
+        crop: int = 224,
+        train: bool = False,
+        augmentation: Augmentation = Augmentation(),  # noqa: B008 - frozen dataclass
+        seed: int = 0,
+    ):
+        if crop > cache.size:
+            raise ValueError(f"crop {crop} is larger than the cached image size {cache.size}")
+        self.cache = cache
+        self.rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.crop, self.train, self.augmentation, self.seed = crop, train, augmentation, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the augmentation stream (call once per epoch, before iterating)."""
+        self.epoch = epoch
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Label rows of this dataset, in item order."""
+        return self.cache.labels[self.rows]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = int(self.rows[index])
+        image = self.cache.image(row)
+        if self.train:
+            rng = np.random.default_rng((self.seed, self.epoch, row))
+            pixels = augment(image, self.crop, self.augmentation, rng)
+        else:
+            pixels = center_crop(image, self.crop)
+        return torch.from_numpy(pixels).unsqueeze(0), torch.from_numpy(self.cache.labels[row])
+
+
+def center_crop(image: np.ndarray, crop: int) -> np.ndarray:
+    """The central crop×crop window, copied out of the memory map."""
+    top, left = (image.shape[0] - crop) // 2, (image.shape[1] - crop) // 2
+    return np.ascontiguousarray(image[top : top + crop, left : left + crop])
+
+
+def augment(image: np.ndarray, crop: int, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
+    """Random crop + flip + rotation/scale/shift as one affine warp into a crop×crop output."""
+    size = image.shape[0]
+    top, left = rng.integers(0, size - crop + 1, size=2)
+    angle = math.radians(rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg))
+    scale = rng.uniform(*aug.scale)
+    shift = rng.uniform(-aug.max_shift, aug.max_shift, size=2) * crop
+    flip = -1.0 if aug.flip and rng.random() < 0.5 else 1.0
+    # Output pixel p maps to input: center_in + R·S·F·(p - center_out) + offset, written as one 2×3 matrix.
+    c, s = math.cos(angle) / scale, math.sin(angle) / scale
+    linear = np.array([[c * flip, -s], [s * flip, c]])
+    center_out = np.array([(crop - 1) / 2, (crop - 1) / 2])
+    center_in = np.array([left + (crop - 1) / 2, top + (crop - 1) / 2]) + shift
+    matrix = np.hstack([linear, (center_in - linear @ center_out)[:, None]])
+    return cv2.warpAffine(
+        np.asarray(image),
+        matrix,
+        (crop, crop),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REFLECT_101,
+    )
+
+
+def make_loader(
+    dataset: ShardDataset,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    workers: int = 0,
+    seed: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over a shard dataset with sensible worker settings."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        generator=generator,
+        drop_last=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,43 @@
+"""The data stages as the pipeline runs them: resolve the data root, then split a catalog as configured."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from cxr.config import cxr_home
+from cxr.data.catalog import Catalog
+from cxr.data.metadata import read_split_list
+from cxr.data.split import Split, official_split, patient_split
+from cxr.data.synthetic import make_demo_dataset
+
+log = logging.getLogger(__name__)
+
+DEMO = "demo"
+TEST_LIST = "test_list.txt"
+
+
+def resolve_data_root(data: dict[str, Any], progress: bool = True) -> str:
+    """The NIH root to read: the configured root, or the synthetic demo set (generated once) for "demo"."""
+    root = str(data.get("root") or DEMO)
+    if root != DEMO:
+        return root
+    demo = {"n_patients": 600, "max_images_per_patient": 6, "size": 256, "seed": 0, **data.get("demo", {})}
+    directory = cxr_home() / "demo" / "p{n_patients}-m{max_images_per_patient}-s{size}-r{seed}".format(**demo)
+    return str(make_demo_dataset(directory, **demo, progress=progress))
+
+
+def split_catalog(catalog: Catalog, root: str, split: dict[str, Any]) -> tuple[Split, str]:
+    """Split by patient as configured; NIH's official test list is used when present. Returns (split, method)."""
+    ratios = tuple(split.get("ratios", (0.7, 0.1, 0.2)))
+    seed = int(split.get("seed", 0))
+    patients = catalog.meta["patient_id"].to_numpy()
+    test_list = Path(root) / TEST_LIST
+    if split.get("use_official", True) and not root.startswith("s3://") and test_list.is_file():
+        val_share = ratios[1] / max(ratios[0] + ratios[1], 1e-9)
+        official = official_split(
+            catalog.meta["image_id"], patients, catalog.labels, read_split_list(test_list), val_share, seed
+        )
+        return official, "official test list, train/val by patient"
+    return patient_split(patients, catalog.labels, ratios, seed), "stratified by patient"
