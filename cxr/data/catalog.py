@@ -108,9 +108,10 @@ def _locate_metadata(root: str | Path) -> str | Path:
         return find_metadata_file(root)
     bucket, prefix = split_s3_uri(str(root))
     client = s3_client()
+    response = client.list_objects_v2(Bucket=bucket, Prefix=prefix, Delimiter="/")
+    keys = {item["Key"] for item in response.get("Contents", [])}
     for name in METADATA_NAMES:
-        response = client.list_objects_v2(Bucket=bucket, Prefix=prefix + name, MaxKeys=1)
-        if response.get("KeyCount", 0):
+        if prefix + name in keys:
             return f"s3://{bucket}/{prefix}{name}"
     raise MetadataError(f"no NIH metadata file under {root}; expected one of: {', '.join(METADATA_NAMES)}")
 

@@ -1,7 +1,8 @@
 """Patient-level train/val/test split, stratified so that rare findings land in every split.
 
 No patient appears in two splits. Stratification is iterative (Sechidis et al., 2011) over patients:
-patients carrying the rarest finding are placed first, each into the split that most lacks that finding;
+patients carrying the rarest finding are placed first: the first ones into splits that have none of it
+(so a finding with at least three patients reaches every split), then each into the split that most lacks it;
 images count by number, so a patient with many follow-ups weighs accordingly. When the official NIH
 `test_list.txt` is given it defines the test split, and train/val are split by patient inside the rest.
 """
@@ -123,6 +124,7 @@ def _iterative_stratify(
     want_label[closed] = -np.inf
     want_total[closed] = -np.inf
     assigned = np.full(n_patients, -1, dtype=np.int64)
+    have = np.zeros((len(ratios), n_labels), dtype=np.int64)  # patients per split carrying each finding
     has = patient_labels[order] > 0
     for _ in range(n_labels):
         remaining = (patient_labels[order][assigned[order] < 0] > 0).sum(axis=0)
@@ -130,12 +132,15 @@ def _iterative_stratify(
             break
         label = int(np.argmin(np.where(remaining > 0, remaining, np.iinfo(np.int64).max)))
         for patient in order[has[:, label] & (assigned[order] < 0)]:
-            deficit = want_label[:, label]
-            best = np.flatnonzero(np.isclose(deficit, deficit.max()))
+            # An open split still without this finding comes first, so rare findings reach every split.
+            lacking = (have[:, label] == 0) & ~closed
+            deficit = np.where(lacking, np.inf, want_label[:, label]) if lacking.any() else want_label[:, label]
+            best = np.flatnonzero(deficit == deficit.max())
             choice = best[np.argmax(want_total[best])] if len(best) > 1 else best[0]
             assigned[patient] = choice
             want_label[choice] -= patient_labels[patient]
             want_total[choice] -= images[patient]
+            have[choice] += patient_labels[patient] > 0
     for patient in order[assigned[order] < 0]:
         choice = int(np.argmax(want_total))
         assigned[patient] = choice

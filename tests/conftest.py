@@ -1,0 +1,67 @@
+"""Shared fixtures: the real NIH data beside the checkout, an isolated CXR_HOME, an S3 API on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+NIH = Path(os.environ.get("CXR_TEST_NIH", REPO.parent / "shared" / "nih"))
+METADATA = NIH / "Data_Entry_2017_v2020.csv.gz"
+IMAGES = NIH / "images_001" / "images"
+
+
+@pytest.fixture(scope="session")
+def nih_root() -> Path:
+    """The real partial NIH download (full metadata, 120 images)."""
+    if not METADATA.is_file():
+        pytest.fail(f"real NIH test data not found at {NIH} (set CXR_TEST_NIH)")
+    return NIH
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own CXR_HOME; Metaflow gets a user name."""
+    home = tmp_path_factory.mktemp("cxr_home")
+    monkeypatch.setenv("CXR_HOME", str(home))
+    monkeypatch.setenv("METAFLOW_USER", "tester")
+    return home
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 for the whole session; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch):
+    """A boto3 S3 client against the loopback server, with the environment pointing cxr at it."""
+    import boto3
+
+    for name, value in {
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    return boto3.client("s3")
