@@ -29,7 +29,9 @@ def _preprocess(args: argparse.Namespace) -> int:
 
     catalog, report = load_catalog(args.data)
     print(report.summary())
-    cache = build_cache(catalog, PreprocessSettings(args.size, args.shard_size), args.cache_root, args.workers)
+    cache = build_cache(
+        catalog, PreprocessSettings(args.size, args.shard_size), args.cache_root, args.workers
+    )
     print(f"cache {cache.key}: {len(cache):,} images at {cache.directory}")
     for failure in cache.failures:
         print(f"  could not use {failure['image_id']}: {failure['reason']}")
@@ -72,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     down = commands.add_parser("download", help="download the official NIH archives (resumable, MD5-checked)")
     down.add_argument("--dest", required=True, help="directory to download into")
-    down.add_argument("--archives", type=int, nargs="+", default=list(range(1, 13)), help="archive numbers 1-12")
+    down.add_argument(
+        "--archives", type=int, nargs="+", default=list(range(1, 13)), help="archive numbers 1-12"
+    )
     down.add_argument("--no-metadata", action="store_true", help="skip the metadata and split files")
     down.set_defaults(func=_download)
 

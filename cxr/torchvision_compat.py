@@ -44,13 +44,15 @@ def _declare_missing_schemas() -> None:
 
 
 def import_torchvision() -> types.ModuleType:
-    """Return the `torchvision` module, declaring missing operator schemas only if that exact failure occurs."""
+    """Return `torchvision`, declaring missing operator schemas only if that exact failure occurs."""
     try:
         return importlib.import_module("torchvision")
     except RuntimeError as error:
         if _MISSING_OP_ERROR not in str(error):
             raise
-        log.info("torchvision's compiled ops do not match torch %s; declaring their schemas", torch.__version__)
+        log.info(
+            "torchvision's compiled ops do not match torch %s; declaring their schemas", torch.__version__
+        )
         _forget_partial_import()
         _declare_missing_schemas()
         return importlib.import_module("torchvision")

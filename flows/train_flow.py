@@ -1,8 +1,8 @@
 """Train a chest X-ray classifier on NIH ChestX-ray14 (or the synthetic demo set) with Metaflow.
 
-    python flows/train_flow.py run                          # synthetic demo data, local, CPU
-    python flows/train_flow.py run --data ../shared/nih     # an NIH root (partial downloads are fine)
-    python flows/train_flow.py resume                       # continue a failed run
+python flows/train_flow.py run                          # synthetic demo data, local, CPU
+python flows/train_flow.py run --data ../shared/nih     # an NIH root (partial downloads are fine)
+python flows/train_flow.py resume                       # continue a failed run
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ class CXRTrainFlow(FlowSpec):
     def split(self):
         """Split by patient, stratified on the 14 findings; record per-split counts and prevalence."""
         self.split_rows, self.split_method = split_catalog(self.catalog, self.data_root, self.config["split"])
-        summary = split_summary(self.split_rows, self.catalog.meta["patient_id"].to_numpy(), self.catalog.labels)
+        summary = split_summary(
+            self.split_rows, self.catalog.meta["patient_id"].to_numpy(), self.catalog.labels
+        )
         self.split_summary = summary.reset_index().to_dict(orient="records")
         current.card.append(Markdown(f"## Split ({self.split_method})"))
         current.card.append(Table.from_dataframe(summary.reset_index().round(4)))
@@ -78,20 +80,23 @@ class CXRTrainFlow(FlowSpec):
         settings = PreprocessSettings(**self.config["preprocess"])
         self.cache_plan = plan_cache(self.catalog, settings)
         self.data_cache_key = self.cache_plan.key
-        self.shard_indices = [] if self.cache_plan.complete else list(range(len(self.cache_plan.shards)))
-        print(f"cache {self.data_cache_key}: {len(self.cache_plan.shards)} shards, reuse={self.cache_plan.complete}")
+        self.shard_indices = list(range(len(self.cache_plan.shards)))  # built shards are reused, not redone
+        plan = self.cache_plan
+        print(f"cache {plan.key}: {len(plan.shards)} shards, already complete: {plan.complete}")
         self.next(self.preprocess, foreach="shard_indices")
 
     @step
     def preprocess(self):
-        """Build one shard (skipped when an earlier run already wrote it)."""
+        """Build one shard (reused when an earlier or interrupted run already wrote it)."""
         self.shard_result = build_shard(self.cache_plan, self.input, self.catalog.source)
         self.next(self.join_preprocess)
 
     @step
     def join_preprocess(self, inputs):
         """Finalize the cache: table, labels and manifest over all shards."""
-        self.merge_artifacts(inputs, include=["cache_plan", "catalog", "config", "data_cache_key", "split_rows"])
+        self.merge_artifacts(
+            inputs, include=["cache_plan", "catalog", "config", "data_cache_key", "split_rows"]
+        )
         plan = self.cache_plan
         if plan.complete:
             self.cache_dir = str(plan.directory)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("USER", "tester")  # Metaflow needs a user name; CI environments may lack one
+
 REPO = Path(__file__).resolve().parent.parent
 NIH = Path(os.environ.get("CXR_TEST_NIH", REPO.parent / "shared" / "nih"))
 METADATA = NIH / "Data_Entry_2017_v2020.csv.gz"

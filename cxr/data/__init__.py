@@ -3,4 +3,12 @@
 from cxr.data.catalog import Catalog, IngestReport, load_catalog
 from cxr.data.findings import FINDINGS, NO_FINDING, decode_findings, encode_findings
 
-__all__ = ["FINDINGS", "NO_FINDING", "Catalog", "IngestReport", "decode_findings", "encode_findings", "load_catalog"]
+__all__ = [
+    "FINDINGS",
+    "NO_FINDING",
+    "Catalog",
+    "IngestReport",
+    "decode_findings",
+    "encode_findings",
+    "load_catalog",
+]

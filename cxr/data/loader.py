@@ -42,7 +42,7 @@ class ShardDataset(Dataset):
         rows: np.ndarray | None = None,
         crop: int = 224,
         train: bool = False,
-        augmentation: Augmentation = Augmentation(),  # noqa: B008 - frozen dataclass
+        augmentation: Augmentation = Augmentation(),
         seed: int = 0,
     ):
         if crop > cache.size:

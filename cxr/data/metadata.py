@@ -79,7 +79,9 @@ def _clean_ages(ages: pd.Series, path: object) -> pd.Series:
     years = pd.to_numeric(ages.astype(str).str.rstrip("YyMmDd"), errors="coerce")
     implausible = years > MAX_PLAUSIBLE_AGE
     if implausible.any():
-        log.warning("%s: %d implausible ages (> %d) set to missing", path, implausible.sum(), MAX_PLAUSIBLE_AGE)
+        log.warning(
+            "%s: %d implausible ages (> %d) set to missing", path, implausible.sum(), MAX_PLAUSIBLE_AGE
+        )
     return years.where(~implausible).astype("Int64")
 
 

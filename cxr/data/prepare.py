@@ -29,7 +29,7 @@ def resolve_data_root(data: dict[str, Any], progress: bool = True) -> str:
 
 
 def split_catalog(catalog: Catalog, root: str, split: dict[str, Any]) -> tuple[Split, str]:
-    """Split by patient as configured; NIH's official test list is used when present. Returns (split, method)."""
+    """Split by patient as configured (NIH's official test list when present); returns (split, method)."""
     ratios = tuple(split.get("ratios", (0.7, 0.1, 0.2)))
     seed = int(split.get("seed", 0))
     patients = catalog.meta["patient_id"].to_numpy()

@@ -71,7 +71,9 @@ def official_split(
     patients = np.asarray(patient_ids)
     leaked = set(patients[is_test]) & set(patients[~is_test])
     if leaked:
-        raise SplitError(f"official test list shares {len(leaked)} patients with train/val, e.g. {min(leaked)}")
+        raise SplitError(
+            f"official test list shares {len(leaked)} patients with train/val, e.g. {min(leaked)}"
+        )
     rest = np.flatnonzero(~is_test)
     if len(rest) == 0:
         raise SplitError("every image is in the official test list; nothing left to train on")
@@ -134,7 +136,9 @@ def _iterative_stratify(
         for patient in order[has[:, label] & (assigned[order] < 0)]:
             # An open split still without this finding comes first, so rare findings reach every split.
             lacking = (have[:, label] == 0) & ~closed
-            deficit = np.where(lacking, np.inf, want_label[:, label]) if lacking.any() else want_label[:, label]
+            deficit = (
+                np.where(lacking, np.inf, want_label[:, label]) if lacking.any() else want_label[:, label]
+            )
             best = np.flatnonzero(deficit == deficit.max())
             choice = best[np.argmax(want_total[best])] if len(best) > 1 else best[0]
             assigned[patient] = choice

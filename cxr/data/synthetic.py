@@ -74,7 +74,9 @@ def demo_prevalence() -> np.ndarray:
     return np.maximum(NIH_PREVALENCE, DEMO_MIN_PREVALENCE)
 
 
-def _demo_metadata(n_patients: int, max_images: int, rng: np.random.Generator) -> tuple[pd.DataFrame, np.ndarray]:
+def _demo_metadata(
+    n_patients: int, max_images: int, rng: np.random.Generator
+) -> tuple[pd.DataFrame, np.ndarray]:
     prevalence = demo_prevalence()
     rows, labels = [], []
     for patient in range(1, n_patients + 1):
@@ -131,7 +133,9 @@ def _blob(grid: Grid, cy: float, cx: float, radius: float) -> np.ndarray:
     return np.exp(-(((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * radius**2))).astype(np.float32)
 
 
-def render_xray(grid: Grid, anatomy: dict[str, float], label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def render_xray(
+    grid: Grid, anatomy: dict[str, float], label: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """Draw one uint8 image: body, lungs, heart and spine, then the trace of each present finding."""
     ys, xs = grid
     a = dict(anatomy)
@@ -139,7 +143,7 @@ def render_xray(grid: Grid, anatomy: dict[str, float], label: np.ndarray, rng: n
         a["lung_w"], a["lung_h"] = a["lung_w"] * 1.15, a["lung_h"] * 1.12
     cx = 0.5 + a["shift"] + rng.normal(0, 0.01)
     left, right = (cx - 0.2, 0.45), (cx + 0.2, 0.45)
-    image = a["body"] * _ellipse(grid, 0.5, cx, 0.62, 0.42)
+    image: np.ndarray = a["body"] * _ellipse(grid, 0.5, cx, 0.62, 0.42)
     lungs = [_ellipse(grid, cy, x, a["lung_h"], a["lung_w"]) for x, cy in (left, right)]
     lung_mask = np.clip(lungs[0] + lungs[1], 0, 1)
     lung_level = 0.22 if label[FINDINGS.index("Emphysema")] else 0.35
@@ -163,14 +167,14 @@ def _side(rng: np.random.Generator, centers: tuple, lungs: list) -> tuple[tuple[
 
 
 def _atelectasis(img, grid, mask, lungs, centers, a, rng):
-    (x, cy), lung = _side(rng, centers, lungs)
+    (_x, cy), lung = _side(rng, centers, lungs)
     ys, _ = grid
     band = (np.abs(ys - (cy + 0.12)) < 0.018) * lung
     return np.maximum(img, 0.8 * band)
 
 
 def _effusion(img, grid, mask, lungs, centers, a, rng):
-    (x, cy), lung = _side(rng, centers, lungs)
+    (_x, cy), lung = _side(rng, centers, lungs)
     ys, _ = grid
     return np.maximum(img, 0.75 * (ys > cy + a["lung_h"] * 0.45) * lung)
 
@@ -217,7 +221,7 @@ def _consolidation(img, grid, mask, lungs, centers, a, rng):
 
 
 def _edema(img, grid, mask, lungs, centers, a, rng):
-    ys, xs = grid
+    _ys, _xs = grid
     haze = _blob(grid, 0.48, centers[0][0] + 0.08, 0.07) + _blob(grid, 0.48, centers[1][0] - 0.08, 0.07)
     return img + 0.3 * haze * mask
 

@@ -1,0 +1,23 @@
+import subprocess
+import sys
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "cxr.cli", *args], capture_output=True, text=True)
+
+
+def test_ingest_reports_partial_download_and_split(nih_root):
+    result = run_cli("ingest", "--data", str(nih_root))
+    assert result.returncode == 0, result.stderr
+    assert "112,000 rows have no image" in result.stdout and "Hernia" in result.stdout
+
+
+def test_preprocess_builds_the_cache(nih_root, tmp_path):
+    result = run_cli("preprocess", "--data", str(nih_root), "--size", "32", "--cache-root", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "120 images" in result.stdout and len(list(tmp_path.glob("*/manifest.json"))) == 1
+
+
+def test_bad_root_is_a_clear_error(tmp_path):
+    result = run_cli("ingest", "--data", str(tmp_path / "missing"))
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
