@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 from metaflow import Runner
 
+from cxr.data import cache_store
+from cxr.data.cache import ShardCache
+
 REPO = Path(__file__).resolve().parent.parent
 FLOW = REPO / "flows" / "train_flow.py"
 
@@ -20,9 +23,9 @@ preprocess: {size: 48, shard_size: 30}
 """
 
 
-def run_flow(tmp_path, **params):
+def run_flow(tmp_path, extra_config="", **params):
     config = tmp_path / "tiny.yaml"
-    config.write_text(TINY)
+    config.write_text(TINY + extra_config)
     env = {
         **os.environ,
         "METAFLOW_DEFAULT_DATASTORE": "local",
@@ -39,7 +42,7 @@ def run_flow(tmp_path, **params):
 def test_data_stages_on_demo_data(tmp_path):
     run = run_flow(tmp_path)
     end = run["end"].task
-    config, cache_dir = end["config"].data, Path(end["cache_dir"].data)
+    config, cache_dir = end["config"].data, Path(end["data_cache"].data["local_dir"])
     assert config["preprocess"]["size"] == 48
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert manifest["key"] == end["data_cache_key"].data and manifest["settings"]["size"] == 48
@@ -54,7 +57,8 @@ def test_data_stages_on_demo_data(tmp_path):
 
     again = run_flow(tmp_path)
     assert again["end"].task["data_cache_key"].data == manifest["key"]
-    assert all(task["shard_result"].data.reused for task in again["preprocess"])  # nothing rebuilt
+    assert again["plan_preprocess"].task["cache_complete"].data  # the cache is reused, nothing rebuilt
+    assert all(task["shard_result"].data is None for task in again["preprocess"])
 
 
 @pytest.mark.slow
@@ -62,5 +66,24 @@ def test_real_nih_partial_download(tmp_path, nih_root):
     run = run_flow(tmp_path, data=str(nih_root))
     report = run["ingest"].task["ingest_report"].data
     assert report["matched"] == 120 and report["missing_images"] == 112_000
-    manifest = json.loads((Path(run["end"].task["cache_dir"].data) / "manifest.json").read_text())
+    manifest = json.loads(
+        (Path(run["end"].task["data_cache"].data["local_dir"]) / "manifest.json").read_text()
+    )
     assert manifest["images"] == 120 and manifest["failures"] == []
+
+
+@pytest.mark.slow
+def test_cache_is_shared_through_s3(tmp_path, s3):
+    s3.create_bucket(Bucket="cxr-flow")
+    run = run_flow(
+        tmp_path, extra_config="preprocess: {size: 48, shard_size: 30, remote: s3://cxr-flow/cache}\n"
+    )
+    data_cache = run["end"].task["data_cache"].data
+    assert data_cache["uri"] == f"s3://cxr-flow/cache/{data_cache['key']}"
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="cxr-flow")["Contents"]}
+    assert f"cache/{data_cache['key']}/manifest.json" in keys
+    fetched = cache_store.fetch(data_cache["uri"], root=tmp_path / "elsewhere")
+    local = ShardCache(data_cache["local_dir"])
+    assert len(fetched) == len(local) and np.array_equal(
+        fetched.image(len(local) - 1), local.image(len(local) - 1)
+    )

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TABLE_FILES = ("meta.csv", "labels.npy", MANIFEST)
 
 
 class CacheError(RuntimeError):
@@ -158,6 +159,7 @@ def finalize_cache(plan: CachePlan, catalog: Catalog, results: list[ShardResult]
     meta = pd.concat(frames, ignore_index=True)
     labels = catalog.labels[meta.pop("_row").to_numpy()]
     failures = [{"image_id": i, "reason": r} for res in results for i, r in res.failures]
+    plan.directory.mkdir(parents=True, exist_ok=True)
     manifest = {
         "key": plan.key,
         "format": FORMAT_VERSION,
@@ -168,7 +170,7 @@ def finalize_cache(plan: CachePlan, catalog: Catalog, results: list[ShardResult]
         "findings": list(FINDINGS),
         "failures": failures,
     }
-    _atomic_write(plan.directory / "meta.csv", lambda f: meta.to_csv(f, index=False))
+    _atomic_write(plan.directory / "meta.csv", lambda f: meta.to_csv(f, index=False))  # TABLE_FILES
     _atomic_write(plan.directory / "labels.npy", lambda f: np.save(f, labels))
     _atomic_write(plan.directory / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     if failures:
