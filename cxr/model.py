@@ -1,4 +1,4 @@
-"""The classifier: DenseNet121 (ImageNet) → global average pooling → FC 1024→512 + ReLU + Dropout(0.3) → FC 512→14.
+"""The classifier: DenseNet121 (ImageNet) → GAP → FC 1024→512 + ReLU + Dropout(0.3) → FC 512→14.
 
 The network returns logits (train with BCE-with-logits; apply a sigmoid at inference). It accepts the
 loader's uint8 grayscale batches `[B, 1, H, W]` directly and normalises them on the device it runs on
@@ -46,6 +46,9 @@ def densenet121_backbone(pretrained: bool = True) -> nn.Module:
 
 class CXRNet(nn.Module):
     """DenseNet121 → GAP → FC 1024→512 + ReLU + Dropout → FC 512→num_classes (logits)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, num_classes: int = NUM_FINDINGS, pretrained: bool = True, dropout: float = 0.3):
         super().__init__()
