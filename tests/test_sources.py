@@ -6,7 +6,7 @@ import pytest
 
 from cxr.data.catalog import load_catalog
 from cxr.data.metadata import MetadataError
-from cxr.data.sources import ArchiveSource, DirectorySource, SourceError, open_source
+from cxr.data.sources import ArchiveSource, CombinedSource, DirectorySource, SourceError, open_source
 
 
 def real_images(nih_root, n=None):
@@ -92,3 +92,19 @@ def test_s3_prefix_on_loopback(s3, nih_root):
     line = next(row for row in raw.splitlines() if row.startswith(first["image_id"]))
     assert line.split(",")[3] == str(first["patient_id"])
     assert np.isfinite(catalog.labels).all()
+
+
+def test_extracted_and_packed_archives_together(tmp_path, nih_root):
+    root = nih_like_root(tmp_path, nih_root)
+    paths = real_images(nih_root, 6)
+    (root / "images_001" / "images").mkdir(parents=True)
+    for path in paths[:3]:
+        (root / "images_001" / "images" / path.name).write_bytes(path.read_bytes())
+    with tarfile.open(root / "images_002.tar.gz", "w:gz") as tar:
+        for path in paths[3:]:
+            tar.add(path, arcname=f"images/{path.name}")
+    catalog, report = load_catalog(root)
+    assert isinstance(catalog.source, CombinedSource) and report.matched == 6
+    got = {i: b for i, b, _ in catalog.source.iter_bytes([p.name for p in reversed(paths)])}
+    assert all(got[p.name] == p.read_bytes() for p in paths)
+    assert sorted(len(g) for g in catalog.source.shard_groups([p.name for p in paths])) == [3, 3]

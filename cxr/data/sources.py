@@ -1,8 +1,9 @@
 """Where image bytes come from: an NIH directory tree, the NIH `.tar.gz` archives, or an `s3://` prefix.
 
 Every source maps image file names (NIH `Image Index`, e.g. ``00000001_000.png``) to bytes, and reads many
-images in one pass with `iter_bytes`, which is the fast path for each backend: sequential file reads, one
-streaming pass over an archive (no extraction), or concurrent S3 GETs.
+images in one pass with `iter_bytes`, the fast path for each backend: sequential file reads, one streaming
+pass over an archive (no extraction), or concurrent S3 GETs. A root with some archives extracted and
+others still packed reads from both.
 """
 
 from __future__ import annotations
@@ -195,6 +196,46 @@ class S3Source:
             yield from pool.map(fetch, image_ids)
 
 
+@dataclass
+class CombinedSource:
+    """Several sources as one, e.g. some archives already extracted and the rest still packed."""
+
+    sources: list[ImageSource]
+
+    def __post_init__(self) -> None:
+        self.uri = " + ".join(s.uri for s in self.sources)
+        self._owner: dict[str, int] = {}
+        for number, source in enumerate(self.sources):
+            for image_id in source.list_images():
+                self._owner.setdefault(image_id, number)
+
+    def list_images(self) -> list[str]:
+        return sorted(self._owner)
+
+    def _by_source(self, image_ids: Iterable[str]) -> dict[int, list[str]]:
+        groups: dict[int, list[str]] = {}
+        for image_id in image_ids:
+            groups.setdefault(self._owner.get(image_id, 0), []).append(image_id)
+        return groups
+
+    def shard_groups(self, image_ids: list[str]) -> list[list[str]]:
+        return [
+            g
+            for n, ids in sorted(self._by_source(image_ids).items())
+            for g in self.sources[n].shard_groups(ids)
+        ]
+
+    def iter_bytes(self, image_ids: Iterable[str]) -> Iterator[ReadResult]:
+        wanted = list(image_ids)
+        found = {
+            result[0]: result
+            for n, ids in self._by_source(wanted).items()
+            for result in self.sources[n].iter_bytes(ids)
+        }
+        for image_id in wanted:
+            yield found[image_id]
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/some/prefix` → ("bucket", "some/prefix/")."""
     if not uri.startswith("s3://"):
@@ -222,6 +263,8 @@ def open_source(root: str | Path) -> ImageSource:
     if not path.is_dir():
         raise SourceError(f"data root {root} does not exist or is not a directory")
     archives = [p for p in path.iterdir() if ARCHIVE_PATTERN.match(p.name)]
-    if archives and not any(p.is_dir() and p.name.startswith("images") for p in path.iterdir()):
+    if not archives:
+        return DirectorySource(path)
+    if not any(p.is_dir() and p.name.startswith("images") for p in path.iterdir()):
         return ArchiveSource(archives)
-    return DirectorySource(path)
+    return CombinedSource([DirectorySource(path), ArchiveSource(archives)])
