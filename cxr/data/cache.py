@@ -33,6 +33,7 @@ from cxr.data.catalog import Catalog
 from cxr.data.findings import FINDINGS
 from cxr.data.images import ImageDecodeError, decode_xray, resize_square
 from cxr.data.sources import ImageSource
+from cxr.data.split import Split
 
 log = logging.getLogger(__name__)
 
@@ -272,3 +273,9 @@ class ShardCache:
         state = dict(self.__dict__)
         state["_arrays"] = {}  # memory maps are reopened in each process
         return state
+
+
+def cache_rows(cache: ShardCache, image_ids: pd.Series, split: Split) -> dict[str, np.ndarray]:
+    """Map a split of catalog rows (whose ids are `image_ids`) to cache rows; failed images drop out."""
+    ids = np.asarray(image_ids)
+    return {name: cache.rows_for(list(ids[rows])) for name, rows in split.items()}

@@ -1,0 +1,336 @@
+"""Training: BCE-with-logits on the 14 findings; per-epoch checkpoints, resume, early stopping on val AUROC.
+
+`train(...)` is the one entry point. It runs locally, inside a Metaflow step, on AWS Batch, or inside a
+SageMaker training container (`python -m cxr.train`, which reads the SM_* environment and checkpoints to
+/opt/ml/checkpoints). Every epoch writes `last.pt` (model, optimizer, scheduler, epoch, history, RNG
+state) atomically; a restarted run with the same checkpoint directory continues from the epoch after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from tqdm import tqdm
+
+from cxr.data.cache import ShardCache
+from cxr.data.loader import ShardDataset, make_loader
+from cxr.model import CXRNet
+
+log = logging.getLogger(__name__)
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters and runtime settings of one training run."""
+
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | plateau | none
+    warmup_epochs: float = 0.0
+    pos_weight: bool = False  # weight positives by negatives/positives per finding
+    grad_clip: float = 1.0
+    patience: int = 3  # early stopping on val mean AUROC
+    crop: int = 224
+    pretrained: bool = True
+    dropout: float = 0.3
+    amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = True
+    compile: bool = False
+    workers: int = 2
+    seed: int = 0
+    max_batches_per_epoch: int | None = None  # for quick runs
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> TrainConfig:
+        """Build from a config mapping, rejecting unknown keys with a clear message."""
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown train settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
+class TrainResult:
+    """What training produced."""
+
+    best_state: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_auroc: float
+    resumed_from_epoch: int | None
+    device: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def pick_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch for this process (loaders derive their own seeds from it)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
+    """The network on `device`, channels-last when asked."""
+    model = CXRNet(pretrained=config.pretrained, dropout=config.dropout).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model
+
+
+def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; use 'adamw' or 'sgd'")
+
+
+def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
+    if config.schedule == "cosine":
+        total = max(1, config.epochs * steps_per_epoch)
+        warmup = int(config.warmup_epochs * steps_per_epoch)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if config.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=1)
+    if config.schedule == "none":
+        return None
+    raise ValueError(f"unknown schedule {config.schedule!r}; use 'cosine', 'plateau' or 'none'")
+
+
+def mean_auroc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean AUROC over findings that have both classes present (NaN if none)."""
+    scores = [
+        roc_auc_score(labels[:, k], probs[:, k])
+        for k in range(labels.shape[1])
+        if 0 < labels[:, k].sum() < len(labels)
+    ]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, dataset: ShardDataset, batch_size: int = 64, workers: int = 0, progress: bool = False
+) -> np.ndarray:
+    """Sigmoid probabilities [N, 14] for a dataset, in its order."""
+    device = next(model.parameters()).device
+    model.eval()
+    loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
+    outputs = []
+    for images, _ in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
+        images = images.to(device, non_blocking=True)
+        with _autocast(device, enabled=True):
+            outputs.append(torch.sigmoid(model(images).float()).cpu())
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 14), dtype=np.float32)
+
+
+def _autocast(device: torch.device, enabled: bool) -> Any:
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
+    )
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_atomic(payload: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
+    """The last checkpoint in a directory, or None."""
+    path = Path(directory) / LAST
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)  # nosec B614 - our own checkpoint file
+
+
+def train(
+    cache: ShardCache,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    config: TrainConfig,
+    checkpoint_dir: str | Path,
+    progress: bool = True,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train on cache rows `train_rows`, select on val mean AUROC; checkpoint every epoch and resume."""
+    device = device or pick_device()
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    train_set = ShardDataset(cache, train_rows, crop=config.crop, train=True, seed=config.seed)
+    val_set = ShardDataset(cache, val_rows, crop=config.crop, train=False)
+    loader = make_loader(
+        train_set,
+        config.batch_size,
+        shuffle=True,
+        workers=config.workers,
+        seed=config.seed,
+        pin_memory=device.type == "cuda",
+    )
+    steps = min(len(loader), config.max_batches_per_epoch or len(loader))
+    model = build_model(config, device)
+    optimizer = _optimizer(config, model)
+    scheduler = _scheduler(config, optimizer, steps)
+    criterion = nn.BCEWithLogitsLoss(
+        pos_weight=_pos_weight(train_set.labels, device) if config.pos_weight else None
+    )
+    step_model: Any = torch.compile(model) if config.compile else model
+
+    history: list[dict[str, float]] = []
+    best = {"auroc": -math.inf, "epoch": -1}
+    start_epoch, resumed_from = 0, None
+    checkpoint = load_checkpoint(checkpoint_dir)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None and checkpoint.get("scheduler"):
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        history, best = checkpoint["history"], checkpoint["best"]
+        start_epoch = resumed_from = checkpoint["epoch"] + 1
+        _set_rng_state(checkpoint["rng"])
+        log.info("resuming from %s after epoch %d", checkpoint_dir / LAST, checkpoint["epoch"])
+
+    for epoch in range(start_epoch, config.epochs):
+        if epoch - best["epoch"] > config.patience and best["epoch"] >= 0:
+            log.info("early stopping: no val AUROC gain for %d epochs", config.patience)
+            break
+        train_set.set_epoch(epoch)
+        loader.generator.manual_seed(config.seed * 1000 + epoch)  # shuffling order depends on the epoch only
+        loss, rate = _train_epoch(
+            step_model, loader, steps, optimizer, scheduler, criterion, config, device, epoch, progress
+        )
+        val_probs = predict(model, val_set, workers=0)
+        val_auroc = mean_auroc(val_set.labels, val_probs)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val_auroc)
+        record = {
+            "epoch": epoch,
+            "train_loss": loss,
+            "val_mean_auroc": val_auroc,
+            "img_per_s": rate,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        history.append(record)
+        log.info("epoch %d: loss %.4f, val mean AUROC %.4f, %.1f img/s", epoch, loss, val_auroc, rate)
+        if val_auroc > best["auroc"] or best["epoch"] < 0:
+            best = {"auroc": val_auroc, "epoch": epoch}
+            _save_atomic(
+                {"model": model.state_dict(), "epoch": epoch, "val_mean_auroc": val_auroc},
+                checkpoint_dir / BEST,
+            )
+        _save_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "epoch": epoch,
+                "history": history,
+                "best": best,
+                "rng": _rng_state(),
+                "config": asdict(config),
+            },
+            checkpoint_dir / LAST,
+        )
+    best_state = torch.load(checkpoint_dir / BEST, map_location="cpu", weights_only=True)["model"]  # nosec B614
+    return TrainResult(
+        best_state,
+        history,
+        int(best["epoch"]),
+        float(best["auroc"]),
+        resumed_from,
+        str(device),
+        asdict(config),
+    )
+
+
+def _pos_weight(labels: np.ndarray, device: torch.device) -> torch.Tensor:
+    positives = labels.sum(axis=0)
+    weights = (len(labels) - positives) / np.maximum(positives, 1.0)
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def _train_epoch(
+    model: Any,
+    loader: Any,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    criterion: nn.Module,
+    config: TrainConfig,
+    device: torch.device,
+    epoch: int,
+    progress: bool,
+) -> tuple[float, float]:
+    model.train()
+    total, seen, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
+    for step, (images, labels) in enumerate(loader):
+        if step >= steps:
+            break
+        images = images.to(device, non_blocking=True)
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with _autocast(device, config.amp):
+            loss = criterion(model(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step()
+        total += float(loss.detach()) * len(images)
+        seen += len(images)
+        bar.set_postfix(loss=f"{total / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+        bar.update()
+    bar.close()
+    return total / max(seen, 1), seen / max(time.perf_counter() - start, 1e-9)
