@@ -187,7 +187,7 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / LAST
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)  # nosec B614 - our own checkpoint file
+    return torch.load(path, map_location="cpu", weights_only=False)  # nosec B614
 
 
 def train(
@@ -279,7 +279,7 @@ def train(
             },
             checkpoint_dir / LAST,
         )
-    best_state = torch.load(checkpoint_dir / BEST, map_location="cpu", weights_only=True)["model"]  # nosec B614
+    best_state = torch.load(checkpoint_dir / BEST, map_location="cpu", weights_only=True)["model"]
     return TrainResult(
         best_state,
         history,

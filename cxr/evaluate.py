@@ -1,0 +1,330 @@
+"""Clinical-grade evaluation of 14-finding predictions.
+
+Per finding: AUROC with a 95% bootstrap CI (patient-agnostic image resampling), AUPRC, an operating
+threshold chosen on validation (Youden's J) and reported on test as sensitivity, specificity and PPV, and
+calibration (expected calibration error). Overall: mean AUROC with its CI, a pooled reliability curve, and
+AUROC by subgroup (sex, age band, view position) with the largest gap. The same report is computed for any
+predictions file by `cxr evaluate`, so any model can be compared on equal terms.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from cxr.data.findings import FINDINGS
+
+AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 200, "80+"))
+CALIBRATION_BINS = 15
+MIN_SUBGROUP = 20  # smallest subgroup (images) for which AUROC is reported
+
+
+class EvaluationError(ValueError):
+    """Predictions and labels cannot be evaluated together."""
+
+
+@dataclass
+class EvaluationReport:
+    """All figures of one evaluation; `to_dict()` is JSON-ready."""
+
+    per_class: pd.DataFrame
+    mean_auroc: float
+    mean_auroc_ci: tuple[float, float]
+    ece: float
+    reliability: pd.DataFrame
+    subgroups: pd.DataFrame
+    largest_gap: dict[str, Any]
+    roc_curves: dict[str, dict[str, list[float]]] = field(repr=False, default_factory=dict)
+    n_images: int = 0
+    thresholds_from: str = "validation"
+
+    @property
+    def auroc(self) -> dict[str, float]:
+        """Per-finding AUROC."""
+        return {k: float(v) for k, v in self.per_class["auroc"].items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as plain JSON types."""
+        return {
+            "n_images": self.n_images,
+            "mean_auroc": self.mean_auroc,
+            "mean_auroc_ci": list(self.mean_auroc_ci),
+            "ece": self.ece,
+            "thresholds_from": self.thresholds_from,
+            "auroc": self.auroc,
+            "per_class": json.loads(self.per_class.reset_index().to_json(orient="records")),
+            "reliability": json.loads(self.reliability.to_json(orient="records")),
+            "subgroups": json.loads(self.subgroups.to_json(orient="records")),
+            "largest_gap": self.largest_gap,
+            "roc_curves": self.roc_curves,
+        }
+
+    def table(self) -> str:
+        """A readable per-finding table plus the summary lines."""
+        view = self.per_class[
+            ["n_pos", "auroc", "auroc_lo", "auroc_hi", "auprc", "sensitivity", "specificity", "ppv"]
+        ]
+        lines = [
+            view.to_string(float_format=lambda v: f"{v:.3f}"),
+            f"mean AUROC {self.mean_auroc:.4f}"
+            f" (95% CI {self.mean_auroc_ci[0]:.4f}-{self.mean_auroc_ci[1]:.4f}),"
+            f" ECE {self.ece:.4f}, {self.n_images} images, thresholds from {self.thresholds_from}",
+        ]
+        if self.largest_gap:
+            gap = self.largest_gap
+            lines.append(
+                f"largest subgroup gap: {gap['gap']:.3f} mean AUROC by {gap['dimension']}"
+                f" ({gap['best']} vs {gap['worst']})"
+            )
+        return "\n".join(lines)
+
+    def write(self, directory: str | Path) -> dict[str, Path]:
+        """Write report.json, per_class.csv and subgroups.csv into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "json": directory / "report.json",
+            "per_class": directory / "per_class.csv",
+            "subgroups": directory / "subgroups.csv",
+        }
+        paths["json"].write_text(json.dumps(self.to_dict(), indent=1))
+        self.per_class.to_csv(paths["per_class"])
+        self.subgroups.to_csv(paths["subgroups"], index=False)
+        return paths
+
+
+def _has_both(y: np.ndarray) -> bool:
+    return 0 < y.sum() < len(y)
+
+
+def auroc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
+    """AUROC, or NaN when only one class is present."""
+    return float(roc_auc_score(y, p)) if _has_both(y) else float("nan")
+
+
+def bootstrap_aurocs(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, K] AUROCs over image resamples (NaN where one lacks a class); rank-based, vectorised."""
+    rng = np.random.default_rng(seed)
+    n, k = y.shape
+    out = np.full((n_boot, k), np.nan)
+    for start in range(0, n_boot, 50):  # chunks keep memory at 50×N per finding
+        idx = rng.integers(0, n, size=(min(50, n_boot - start), n))
+        for c in range(k):
+            yy, pp = y[idx, c], p[idx, c]
+            ranks = rankdata(pp, axis=1)
+            pos = yy.sum(axis=1)
+            neg = n - pos
+            with np.errstate(invalid="ignore", divide="ignore"):
+                auc = ((ranks * yy).sum(axis=1) - pos * (pos + 1) / 2) / (pos * neg)
+            out[start : start + len(idx), c] = np.where((pos > 0) & (neg > 0), auc, np.nan)
+    return out
+
+
+def youden_thresholds(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Per finding, the threshold maximising sensitivity + specificity − 1 (0.5 when undefined)."""
+    thresholds = np.full(y.shape[1], 0.5)
+    for c in range(y.shape[1]):
+        if _has_both(y[:, c]):
+            fpr, tpr, cut = roc_curve(y[:, c], p[:, c])
+            best = int(np.argmax(tpr - fpr))
+            thresholds[c] = float(min(cut[best], 1.0))
+    return thresholds
+
+
+def operating_point(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    """Sensitivity, specificity and PPV of `p >= threshold`."""
+    pred = p >= threshold
+    tp, fp = float((pred & (y == 1)).sum()), float((pred & (y == 0)).sum())
+    fn, tn = float((~pred & (y == 1)).sum()), float((~pred & (y == 0)).sum())
+    nan = float("nan")
+    return {
+        "sensitivity": tp / (tp + fn) if tp + fn else nan,
+        "specificity": tn / (tn + fp) if tn + fp else nan,
+        "ppv": tp / (tp + fp) if tp + fp else nan,
+    }
+
+
+def calibration(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> tuple[float, pd.DataFrame]:
+    """Expected calibration error (equal-width bins) and its reliability table, for flattened inputs."""
+    y, p = np.asarray(y, dtype=float).ravel(), np.asarray(p, dtype=float).ravel()
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        if not mask.any():
+            continue
+        confidence, observed = float(p[mask].mean()), float(y[mask].mean())
+        ece += mask.mean() * abs(confidence - observed)
+        rows.append(
+            {
+                "bin": b,
+                "lower": edges[b],
+                "upper": edges[b + 1],
+                "mean_predicted": confidence,
+                "fraction_positive": observed,
+                "count": int(mask.sum()),
+            }
+        )
+    return float(ece), pd.DataFrame(rows)
+
+
+def age_band(ages: pd.Series) -> pd.Series:
+    """Age in years → band label ('<40', '40-59', '60-79', '80+'; 'unknown' when missing)."""
+    ages = pd.to_numeric(ages, errors="coerce")
+    bands = pd.Series("unknown", index=ages.index, dtype=object)
+    for low, high, name in AGE_BANDS:
+        bands[(ages >= low) & (ages < high)] = name
+    return bands
+
+
+def subgroup_aurocs(y: np.ndarray, p: np.ndarray, meta: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Mean and per-finding AUROC by sex, age band and view; the largest gap in mean AUROC."""
+    groups = {
+        "sex": meta["sex"].astype(str).to_numpy(),
+        "age_band": age_band(meta["age"]).to_numpy(),
+        "view": meta["view"].astype(str).to_numpy(),
+    }
+    rows = []
+    for dimension, values in groups.items():
+        for group in sorted(set(values)):
+            mask = values == group
+            if mask.sum() < MIN_SUBGROUP or group == "unknown":
+                continue
+            per = {f: auroc_or_nan(y[mask, c], p[mask, c]) for c, f in enumerate(FINDINGS)}
+            finite = [v for v in per.values() if np.isfinite(v)]
+            mean = float(np.mean(finite)) if finite else float("nan")
+            rows.append(
+                {"dimension": dimension, "group": group, "n": int(mask.sum()), "mean_auroc": mean, **per}
+            )
+    table = pd.DataFrame(rows)
+    gap: dict[str, Any] = {}
+    for dimension, part in table.groupby("dimension") if len(table) else []:
+        part = part.dropna(subset=["mean_auroc"])
+        if len(part) < 2:
+            continue
+        best, worst = part.loc[part["mean_auroc"].idxmax()], part.loc[part["mean_auroc"].idxmin()]
+        size = float(best["mean_auroc"] - worst["mean_auroc"])
+        if not gap or size > gap["gap"]:
+            gap = {"dimension": dimension, "best": best["group"], "worst": worst["group"], "gap": size}
+    return table, gap
+
+
+def evaluate(
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    meta: pd.DataFrame | None = None,
+    thresholds: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> EvaluationReport:
+    """Evaluate N×14 probabilities against N×14 labels; `thresholds` come from validation when given."""
+    y, p = np.asarray(y_true, dtype=np.float64), np.asarray(y_prob, dtype=np.float64)
+    if y.shape != p.shape or y.ndim != 2 or y.shape[1] != len(FINDINGS):
+        raise EvaluationError(f"labels {y.shape} and predictions {p.shape} must both be N×{len(FINDINGS)}")
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        raise EvaluationError("predictions must be probabilities in [0, 1] (apply a sigmoid to logits)")
+    source = "validation" if thresholds is not None else "this set (Youden; optimistic)"
+    thresholds = youden_thresholds(y, p) if thresholds is None else np.asarray(thresholds, dtype=float)
+    boots = bootstrap_aurocs(y, p, n_boot, seed) if n_boot else np.full((0, y.shape[1]), np.nan)
+    rows, curves = [], {}
+    for c, finding in enumerate(FINDINGS):
+        yc, pc = y[:, c], p[:, c]
+        defined = _has_both(yc)
+        finite = boots[:, c][np.isfinite(boots[:, c])]
+        lo, hi = np.percentile(finite, [2.5, 97.5]) if len(finite) else (np.nan, np.nan)
+        ece_c, _ = calibration(yc, pc)
+        rows.append(
+            {
+                "finding": finding,
+                "n_pos": int(yc.sum()),
+                "auroc": auroc_or_nan(yc, pc),
+                "auroc_lo": float(lo),
+                "auroc_hi": float(hi),
+                "auprc": float(average_precision_score(yc, pc)) if defined else float("nan"),
+                "threshold": float(thresholds[c]),
+                **operating_point(yc, pc, thresholds[c]),
+                "ece": ece_c,
+            }
+        )
+        if defined:
+            fpr, tpr, _ = roc_curve(yc, pc, drop_intermediate=True)
+            keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).astype(int))
+            curves[finding] = {"fpr": fpr[keep].round(4).tolist(), "tpr": tpr[keep].round(4).tolist()}
+    per_class = pd.DataFrame(rows).set_index("finding")
+    mean = float(np.nanmean(per_class["auroc"])) if per_class["auroc"].notna().any() else float("nan")
+    boot_means = np.nanmean(boots, axis=1) if len(boots) else np.array([])
+    boot_means = boot_means[np.isfinite(boot_means)]
+    ci = (
+        tuple(float(v) for v in np.percentile(boot_means, [2.5, 97.5]))
+        if len(boot_means)
+        else (np.nan, np.nan)
+    )
+    ece, reliability = calibration(y, p)
+    subgroups, gap = subgroup_aurocs(y, p, meta) if meta is not None else (pd.DataFrame(), {})
+    return EvaluationReport(
+        per_class,
+        mean,
+        (float(ci[0]), float(ci[1])),
+        ece,
+        reliability,
+        subgroups,
+        gap,
+        curves,
+        len(y),
+        source,
+    )
+
+
+def read_predictions(path: str | Path) -> pd.DataFrame:
+    """A predictions CSV keyed by `Image Index`, one column per finding named `Label` or `prob_Label`."""
+    table = pd.read_csv(path)
+    if "Image Index" not in table.columns:
+        raise EvaluationError(f"{path}: needs an 'Image Index' column")
+    columns = {}
+    for finding in FINDINGS:
+        for name in (finding, f"prob_{finding}"):
+            if name in table.columns:
+                columns[name] = finding
+                break
+        else:
+            raise EvaluationError(f"{path}: no column '{finding}' or 'prob_{finding}'")
+    out = table[["Image Index", *columns]].rename(columns=columns)
+    if out["Image Index"].duplicated().any():
+        raise EvaluationError(f"{path}: 'Image Index' has duplicates")
+    return out.set_index("Image Index")
+
+
+def evaluate_files(
+    predictions: str | Path,
+    labels: str | Path,
+    thresholds_from: str | Path | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> EvaluationReport:
+    """Evaluate a predictions CSV against an NIH Data_Entry file; thresholds from another CSV if given."""
+    from cxr.data.metadata import read_metadata
+
+    meta, label_array = read_metadata(labels)
+    preds = read_predictions(predictions)
+
+    def aligned(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+        rows = pd.Index(meta["image_id"]).get_indexer(frame.index)
+        if (rows < 0).any():
+            missing = frame.index[rows < 0][:5].tolist()
+            raise EvaluationError(f"{(rows < 0).sum()} predicted images are not in {labels}, e.g. {missing}")
+        return label_array[rows], frame[list(FINDINGS)].to_numpy(dtype=float), meta.iloc[rows]
+
+    y, p, sub = aligned(preds)
+    thresholds = None
+    if thresholds_from is not None:
+        yv, pv, _ = aligned(read_predictions(thresholds_from))
+        thresholds = youden_thresholds(yv, pv)
+    return evaluate(y, p, sub.reset_index(drop=True), thresholds, n_boot, seed)

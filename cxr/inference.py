@@ -1,0 +1,85 @@
+"""SageMaker inference handlers for a packaged cxr model (`model_fn`, `input_fn`, `predict_fn`, `output_fn`).
+
+The same preprocessing as evaluation: decode to 8-bit gray, resize to the cached size, center-crop.
+Accepts `image/png`, `image/jpeg` and `application/x-npy` (a 2-D uint8 array); answers `application/json`
+with one probability per finding.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxr.data.findings import FINDINGS
+from cxr.data.images import decode_xray, resize_square
+from cxr.data.loader import center_crop
+from cxr.model import CXRNet
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "application/x-image")
+NPY_TYPE = "application/x-npy"
+JSON_TYPE = "application/json"
+
+
+class UnsupportedContentType(ValueError):
+    """The request's content type is not one the model accepts (HTTP 415)."""
+
+    status_code = 415
+
+
+def load_model(model_dir: str | Path) -> tuple[CXRNet, dict[str, Any]]:
+    """Load `model.pt` + `metadata.json` from an unpacked package directory."""
+    model_dir = Path(model_dir)
+    payload = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
+    metadata = json.loads((model_dir / "metadata.json").read_text())
+    model = CXRNet(num_classes=len(metadata["findings"]), pretrained=False, dropout=metadata["dropout"])
+    model.load_state_dict(payload)
+    return model.eval(), metadata
+
+
+def model_fn(model_dir: str) -> dict[str, Any]:
+    """SageMaker: load the model once per worker."""
+    model, metadata = load_model(model_dir)
+    return {"model": model, "metadata": metadata}
+
+
+def input_fn(body: bytes, content_type: str) -> np.ndarray:
+    """SageMaker: request body → 2-D uint8 grayscale image."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind in IMAGE_TYPES:
+        return decode_xray(body)
+    if kind == NPY_TYPE:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+        if array.ndim != 2:
+            raise ValueError(f"expected a 2-D grayscale array, got shape {array.shape}")
+        return np.clip(array, 0, 255).astype(np.uint8)
+    raise UnsupportedContentType(
+        f"unsupported content type {content_type!r}; use {', '.join(IMAGE_TYPES)} or {NPY_TYPE}"
+    )
+
+
+def preprocess(image: np.ndarray, metadata: dict[str, Any]) -> torch.Tensor:
+    """Gray image → uint8 [1, 1, crop, crop] tensor, as in evaluation."""
+    pixels = center_crop(resize_square(image, metadata["image_size"]), metadata["crop"])
+    return torch.from_numpy(pixels)[None, None]
+
+
+@torch.no_grad()
+def predict_fn(image: np.ndarray, bundle: dict[str, Any]) -> dict[str, float]:
+    """SageMaker: probabilities per finding."""
+    probs = torch.sigmoid(bundle["model"](preprocess(image, bundle["metadata"])))[0].tolist()
+    return dict(zip(bundle["metadata"]["findings"], probs, strict=True))
+
+
+def output_fn(prediction: dict[str, float], accept: str = JSON_TYPE) -> tuple[str, str]:
+    """SageMaker: prediction → JSON body."""
+    if accept and accept not in (JSON_TYPE, "*/*"):
+        raise UnsupportedContentType(f"unsupported accept type {accept!r}; use {JSON_TYPE}")
+    return json.dumps({"predictions": prediction}), JSON_TYPE
+
+
+__all__ = ["FINDINGS", "input_fn", "load_model", "model_fn", "output_fn", "predict_fn"]

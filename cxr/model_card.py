@@ -1,0 +1,87 @@
+"""Model cards (Markdown) for registered models: lineage, metrics with CIs, subgroup gaps, calibration, use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+INTENDED_USE = """\
+Research and engineering use: triage-support experiments, benchmarking and MLOps development on chest
+X-rays (frontal PA/AP views) in the ChestX-ray14 label space. **Not a medical device**; not for
+diagnosis or treatment decisions without clinical validation under the applicable regulations."""
+
+LIMITS = """\
+- Labels of ChestX-ray14 were mined from radiology reports by NLP and are noisy (estimated >90%
+  accuracy for most findings, lower for some); AUROC against them is bounded by that noise.
+- One source hospital (NIH Clinical Center); performance on other sites, scanners and populations
+  must be measured before use. Subgroup gaps below show where performance differs.
+- Patient-level split: no patient is in two splits, but follow-up images of a patient share a split.
+- Probabilities are calibrated only as far as the ECE below says; thresholds were chosen on validation.
+- A model trained on the synthetic demo set says nothing about real chest X-rays."""
+
+
+def render_model_card(
+    version: int | str,
+    metrics: dict[str, Any],
+    lineage: dict[str, Any],
+    decision: str,
+    training: dict[str, Any] | None = None,
+) -> str:
+    """The model card text for one version, from an evaluation report dict and its lineage."""
+    ci = metrics.get("mean_auroc_ci", [float("nan")] * 2)
+    lines = [
+        f"# Model card: cxr chest X-ray classifier, version {version}",
+        "",
+        "DenseNet121 → global average pooling → FC 1024→512 + ReLU + Dropout → FC 512→14, sigmoid outputs for the "
+        "14 ChestX-ray14 findings.",
+        "",
+        "## Data lineage",
+        *(f"- **{key}**: `{value}`" for key, value in lineage.items()),
+        "",
+        "## Performance (test split)",
+        f"Mean AUROC **{metrics['mean_auroc']:.4f}** (95% bootstrap CI {ci[0]:.4f}–{ci[1]:.4f}) on "
+        f"{metrics.get('n_images', '?')} images; thresholds from {metrics.get('thresholds_from', 'validation')}.",
+        "",
+        "| finding | positives | AUROC (95% CI) | AUPRC | sensitivity | specificity | PPV | ECE |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in metrics.get("per_class", []):
+        lines.append(
+            f"| {row['finding']} | {row['n_pos']} | {_f(row['auroc'])} ({_f(row['auroc_lo'])}–{_f(row['auroc_hi'])})"
+            f" | {_f(row['auprc'])} | {_f(row['sensitivity'])} | {_f(row['specificity'])} | {_f(row['ppv'])}"
+            f" | {_f(row['ece'])} |"
+        )
+    lines += [
+        "",
+        "## Calibration",
+        f"Expected calibration error over all findings: **{_f(metrics.get('ece'))}**.",
+    ]
+    lines += ["", "## Subgroups", *_subgroup_lines(metrics)]
+    if training:
+        lines += ["", "## Training", *(f"- {key}: `{value}`" for key, value in training.items())]
+    lines += ["", "## Promotion decision", decision or "(none)", "", "## Intended use", INTENDED_USE]
+    lines += ["", "## Limits", LIMITS, ""]
+    return "\n".join(lines)
+
+
+def _f(value: Any) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return "n/a" if number != number else f"{number:.3f}"
+
+
+def _subgroup_lines(metrics: dict[str, Any]) -> list[str]:
+    rows = metrics.get("subgroups", [])
+    if not rows:
+        return ["No subgroup metadata was available."]
+    lines = ["| dimension | group | images | mean AUROC |", "|---|---|---|---|"]
+    lines += [f"| {r['dimension']} | {r['group']} | {r['n']} | {_f(r['mean_auroc'])} |" for r in rows]
+    gap = metrics.get("largest_gap") or {}
+    if gap:
+        lines += [
+            "",
+            f"Largest gap: **{gap['gap']:.3f}** mean AUROC by {gap['dimension']} "
+            f"({gap['best']} vs {gap['worst']}).",
+        ]
+    return lines
