@@ -1,4 +1,4 @@
-"""Model cards (Markdown) for registered models: lineage, metrics with CIs, subgroup gaps, calibration, use."""
+"""Model cards (Markdown) for registered models: lineage, metrics with CIs, subgroups, calibration, use."""
 
 from __future__ import annotations
 
@@ -31,22 +31,24 @@ def render_model_card(
     lines = [
         f"# Model card: cxr chest X-ray classifier, version {version}",
         "",
-        "DenseNet121 → global average pooling → FC 1024→512 + ReLU + Dropout → FC 512→14, sigmoid outputs for the "
-        "14 ChestX-ray14 findings.",
+        "DenseNet121 → global average pooling → FC 1024→512 + ReLU + Dropout → FC 512→14,"
+        " sigmoid outputs for the 14 ChestX-ray14 findings.",
         "",
         "## Data lineage",
         *(f"- **{key}**: `{value}`" for key, value in lineage.items()),
         "",
         "## Performance (test split)",
         f"Mean AUROC **{metrics['mean_auroc']:.4f}** (95% bootstrap CI {ci[0]:.4f}–{ci[1]:.4f}) on "
-        f"{metrics.get('n_images', '?')} images; thresholds from {metrics.get('thresholds_from', 'validation')}.",
+        f"{metrics.get('n_images', '?')} images;"
+        f" thresholds from {metrics.get('thresholds_from', 'validation')}.",
         "",
         "| finding | positives | AUROC (95% CI) | AUPRC | sensitivity | specificity | PPV | ECE |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in metrics.get("per_class", []):
         lines.append(
-            f"| {row['finding']} | {row['n_pos']} | {_f(row['auroc'])} ({_f(row['auroc_lo'])}–{_f(row['auroc_hi'])})"
+            f"| {row['finding']} | {row['n_pos']} | {_f(row['auroc'])}"
+            f" ({_f(row['auroc_lo'])}–{_f(row['auroc_hi'])})"
             f" | {_f(row['auprc'])} | {_f(row['sensitivity'])} | {_f(row['specificity'])} | {_f(row['ppv'])}"
             f" | {_f(row['ece'])} |"
         )
