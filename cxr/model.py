@@ -8,7 +8,6 @@ loader's uint8 grayscale batches `[B, 1, H, W]` directly and normalises them on 
 from __future__ import annotations
 
 import logging
-import warnings
 
 import torch
 from torch import nn
@@ -24,22 +23,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURES = 1024
 
 
-class PretrainedWeightsUnavailable(UserWarning):
-    """ImageNet weights could not be loaded; the backbone starts from random initialisation."""
-
-
 def densenet121_backbone(pretrained: bool = True) -> nn.Module:
-    """DenseNet121 features, with ImageNet weights when they can be loaded (else random init + warning)."""
+    """DenseNet121 features: ImageNet weights when loadable, else random init and one warning line."""
     models = import_torchvision().models
     if pretrained:
         try:
             return models.densenet121(weights=models.DenseNet121_Weights.IMAGENET1K_V1).features
         except (OSError, RuntimeError, ValueError) as error:  # offline (URLError is an OSError), bad cache
             reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
-            warnings.warn(
-                f"ImageNet weights for DenseNet121 unavailable ({reason}); using random initialisation",
-                PretrainedWeightsUnavailable,
-                stacklevel=2,
+            log.warning(
+                "ImageNet weights for DenseNet121 unavailable (%s); using random initialisation", reason
             )
     return models.densenet121(weights=None).features
 

@@ -73,3 +73,28 @@ def unpack(package: str | Path, directory: str | Path) -> Path:
     with tarfile.open(package, "r:gz") as tar:
         tar.extractall(directory, filter="data")  # "data" filter: no absolute paths or links
     return directory
+
+
+def score_package(package: str | Path, cache: Any, rows: Any, batch_size: int = 64) -> Any:
+    """Probabilities [N, 14] of a packaged model on cache rows, preprocessed as the package specifies."""
+    import numpy as np
+
+    from cxr.data.images import resize_square
+    from cxr.data.loader import NO_AUGMENTATION, ShardDataset
+    from cxr.inference import load_model
+    from cxr.train import predict
+
+    with tempfile.TemporaryDirectory() as directory:
+        model, metadata = load_model(unpack(package, directory))
+    if metadata["image_size"] == cache.size:
+        return predict(
+            model, ShardDataset(cache, rows, crop=metadata["crop"], augmentation=NO_AUGMENTATION), batch_size
+        )
+    # Cached at another size: resize each cached image to the package's size first, as serving would.
+    images = np.stack([resize_square(np.asarray(cache.image(int(r))), metadata["image_size"]) for r in rows])
+    top = (metadata["image_size"] - metadata["crop"]) // 2
+    crops = torch.from_numpy(
+        images[:, None, top : top + metadata["crop"], top : top + metadata["crop"]].copy()
+    )
+    with torch.no_grad():
+        return torch.cat([torch.sigmoid(model(b)) for b in crops.split(batch_size)]).numpy()

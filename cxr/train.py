@@ -23,6 +23,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
+from cxr.config import cxr_home
 from cxr.data.cache import ShardCache
 from cxr.data.loader import ShardDataset, make_loader
 from cxr.model import CXRNet
@@ -79,6 +80,14 @@ class TrainResult:
     resumed_from_epoch: int | None
     device: str
     config: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_dir(flow_name: str, run_id: str, step: str = "train") -> Path:
+    """Where a flow run's training checkpoints live: `$CXR_HOME/checkpoints/<flow>/<run>/<step>`.
+
+    Resumed runs pass their origin run id, so they find the checkpoints of the run they continue.
+    """
+    return cxr_home() / "checkpoints" / flow_name / str(run_id) / step
 
 
 def pick_device() -> torch.device:

@@ -1,4 +1,4 @@
-"""Train a chest X-ray classifier on NIH ChestX-ray14 (or the synthetic demo set) with Metaflow.
+"""Train, evaluate and register a chest X-ray classifier on NIH ChestX-ray14 (or the demo set).
 
 python flows/train_flow.py run                          # synthetic demo data, local, CPU
 python flows/train_flow.py run --data ../shared/nih     # an NIH root (partial downloads are fine)
@@ -7,25 +7,41 @@ python flows/train_flow.py resume                       # continue a failed run
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from pathlib import Path
 
-from metaflow import FlowSpec, IncludeFile, Parameter, card, current, step
-from metaflow.cards import Markdown, Table
+import pandas as pd
+from metaflow import FlowSpec, IncludeFile, Parameter, card, current, resources, retry, step
+from metaflow.cards import Markdown, Table, VegaChart
 
+from cxr import plots
 from cxr.config import parse_config
 from cxr.data import cache_store
 from cxr.data.cache import (
     TABLE_FILES,
     PreprocessSettings,
     build_shard,
+    cache_rows,
     finalize_cache,
     plan_cache,
     shard_path,
 )
 from cxr.data.catalog import load_catalog
+from cxr.data.findings import FINDINGS
+from cxr.data.loader import ShardDataset
 from cxr.data.prepare import resolve_data_root, split_catalog
 from cxr.data.split import split_summary
+from cxr.evaluate import auroc_or_nan, youden_thresholds
+from cxr.evaluate import evaluate as evaluate_predictions
+from cxr.gate import promotion_gate
+from cxr.model import CXRNet
+from cxr.model_card import render_model_card
+from cxr.package import build_package, score_package
+from cxr.registry import Registry
+from cxr.train import TrainConfig, checkpoint_dir, predict
+from cxr.train import train as train_model
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -58,7 +74,10 @@ class CXRTrainFlow(FlowSpec):
     4. plan_preprocess → preprocess (foreach over shards) → join_preprocess: decode and resize every
        image once into memory-mapped shards of a content-addressed cache, shared through S3 when the
        S3 datastore is configured.
-    5. end: print where to look next.
+    5. train: DenseNet121 classifier, checkpointed every epoch (`resume` continues mid-training).
+    6. evaluate: AUROC with CIs, AUPRC, operating points, calibration, subgroups; cards with plots.
+    7. register: package (SageMaker layout), gate against production on the same test split, register.
+    8. end: print where to look next.
     """
 
     config_file = IncludeFile(
@@ -96,6 +115,7 @@ class CXRTrainFlow(FlowSpec):
         )
         self.split_summary = summary.reset_index().to_dict(orient="records")
         current.card.append(Markdown(f"## Split ({self.split_method})"))
+        current.card.append(VegaChart(plots.prevalence_chart(self.split_summary, list(FINDINGS))))
         current.card.append(Table.from_dataframe(summary.reset_index().round(4)))
         self.next(self.plan_preprocess)
 
@@ -142,15 +162,127 @@ class CXRTrainFlow(FlowSpec):
             "local_dir": str(plan.directory),
             "uri": self.cache_uri,
         }
+        self.next(self.train)
+
+    @card(type="blank")
+    @resources(gpu=1, cpu=8, memory=32000)
+    @retry(times=1)
+    @step
+    def train(self):
+        """Train the classifier; checkpoints every epoch, so a failed or killed step resumes, not restarts."""
+        cache = cache_store.open_cache(self.data_cache["local_dir"], self.data_cache["uri"])
+        self.cache_rows = cache_rows(cache, self.catalog.meta["image_id"], self.split_rows)
+        settings = TrainConfig.from_dict(self.config["train"])
+        checkpoints = checkpoint_dir(current.flow_name, current.origin_run_id or current.run_id)
+        result = train_model(cache, self.cache_rows["train"], self.cache_rows["val"], settings, checkpoints)
+        self.model_state, self.history = result.best_state, result.history
+        self.best_epoch, self.best_val_auroc = result.best_epoch, result.best_val_auroc
+        self.resumed_from_epoch, self.train_device = result.resumed_from_epoch, result.device
+        current.card.append(Markdown(f"## Training on {result.device}: best epoch {result.best_epoch}"))
+        current.card.append(VegaChart(plots.training_curves(self.history)))
+        current.card.append(Table.from_dataframe(pd.DataFrame(self.history).round(4)))
+        self.next(self.evaluate)
+
+    @card(type="blank")
+    @step
+    def evaluate(self):
+        """Score val (to choose thresholds) and test; AUROC with CIs, AUPRC, operating points, calibration."""
+        cache = cache_store.open_cache(self.data_cache["local_dir"], self.data_cache["uri"])
+        model = CXRNet(pretrained=False, dropout=float(self.config["train"].get("dropout", 0.3)))
+        model.load_state_dict(self.model_state)
+        crop = int(self.config["train"]["crop"])
+        val, test = (ShardDataset(cache, self.cache_rows[s], crop=crop) for s in ("val", "test"))
+        thresholds = youden_thresholds(val.labels, predict(model, val))
+        test_probs = predict(model, test, progress=True)
+        test_meta = cache.meta.iloc[self.cache_rows["test"]].reset_index(drop=True)
+        report = evaluate_predictions(
+            test.labels, test_probs, test_meta, thresholds, int(self.config["evaluate"]["n_boot"])
+        )
+        self.metrics = report.to_dict()
+        self.test_predictions = pd.DataFrame(test_probs, columns=[f"prob_{f}" for f in FINDINGS])
+        self.test_predictions.insert(0, "Image Index", test_meta["image_id"])
+        print(report.table())
+        _metrics_card(report)
+        self.next(self.register)
+
+    @step
+    def register(self):
+        """Package the model, compare it with production on this test split, and register it (gated)."""
+        registry, rules = Registry(), self.config["registry"]
+        production = registry.production()
+        production_auroc = None
+        if production is not None:
+            cache = cache_store.open_cache(self.data_cache["local_dir"], self.data_cache["uri"])
+            probs = score_package(production.package, cache, self.cache_rows["test"])
+            labels = cache.labels[self.cache_rows["test"]]
+            production_auroc = {f: auroc_or_nan(labels[:, k], probs[:, k]) for k, f in enumerate(FINDINGS)}
+        self.production_auroc = production_auroc
+        decision = promotion_gate(
+            self.metrics["auroc"],
+            production_auroc,
+            float(rules["min_improvement"]),
+            float(rules["max_finding_drop"]),
+            bool(rules["manual_approval"]),
+        )
+        self.gate = decision.__dict__
+        lineage = {
+            "flow run": current.pathspec.rsplit("/", 2)[0],
+            "data root": self.data_root,
+            "data cache key": self.data_cache_key,
+            "split": self.split_method,
+            "config": json.dumps(self.config, sort_keys=True),
+        }
+        metadata = {
+            "image_size": int(self.config["preprocess"]["size"]),
+            "crop": int(self.config["train"]["crop"]),
+            "dropout": float(self.config["train"].get("dropout", 0.3)),
+            "lineage": lineage,
+        }
+        with tempfile.TemporaryDirectory() as work:
+            card_text = render_model_card("(pending)", self.metrics, lineage, decision.text())
+            package = build_package(self.model_state, metadata, Path(work) / "model.tar.gz", card_text)
+            version = registry.register(
+                {
+                    "model.tar.gz": package,
+                    "model_card.md": card_text.encode(),
+                    "metrics.json": json.dumps(self.metrics).encode(),
+                },
+                metrics={"mean_auroc": self.metrics["mean_auroc"], "auroc": self.metrics["auroc"]},
+                lineage=lineage,
+                status="production" if decision.promote else "candidate",
+                decision=decision.text(),
+            )
+        version.card.write_text(render_model_card(version.version, self.metrics, lineage, decision.text()))
+        self.model_version, self.model_status = version.version, registry.get(version.version).status
+        self.model_package = str(version.package)
+        print(f"model version {self.model_version}: {self.model_status} ({decision.text()})")
         self.next(self.end)
 
     @step
     def end(self):
         """Point to the results."""
-        print(
-            f"Data cache {self.data_cache_key} at {self.data_cache['local_dir']} ({self.data_cache['uri']})"
+        run = f"Flow('{current.flow_name}')['{current.run_id}']"
+        print(f"mean AUROC {self.metrics['mean_auroc']:.4f} on {self.metrics['n_images']} test images")
+        print(f"model version {self.model_version} ({self.model_status}): {self.model_package}")
+        print(f"metrics:  python -c \"from metaflow import Flow; print({run}['end'].task['metrics'].data)\"")
+        print(f"cards:    python {Path(__file__).name} card view evaluate   (or: card server)")
+        print("registry: cxr registry list")
+
+
+def _metrics_card(report) -> None:
+    """The evaluate step's card: metrics with CIs, ROC curves, reliability, subgroups."""
+    current.card.append(
+        Markdown(
+            f"## Test: mean AUROC {report.mean_auroc:.4f} "
+            f"(95% CI {report.mean_auroc_ci[0]:.4f}–{report.mean_auroc_ci[1]:.4f}), ECE {report.ece:.4f}"
         )
-        print(f"Inspect: from metaflow import Flow; Flow('{current.flow_name}')['{current.run_id}']")
+    )
+    current.card.append(Table.from_dataframe(report.per_class.reset_index().round(4)))
+    current.card.append(VegaChart(plots.roc_chart(report.roc_curves, report.auroc)))
+    current.card.append(VegaChart(plots.reliability_chart(report.reliability.to_dict("records"), report.ece)))
+    if len(report.subgroups):
+        current.card.append(Markdown(f"## Subgroups (largest gap: {report.largest_gap})"))
+        current.card.append(Table.from_dataframe(report.subgroups.round(4)))
 
 
 if __name__ == "__main__":
