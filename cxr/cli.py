@@ -1,4 +1,4 @@
-"""The `cxr` command line: data tools (more subcommands arrive with training, evaluation and serving)."""
+"""The `cxr` command line: data tools, evaluation of any predictions file, and the model registry."""
 
 from __future__ import annotations
 
@@ -53,6 +53,50 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from cxr.evaluate import evaluate_files
+
+    report = evaluate_files(args.predictions, args.labels, args.thresholds_from, args.bootstrap, args.seed)
+    print(report.table())
+    for kind, path in report.write(args.out).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _registry(args: argparse.Namespace) -> int:
+    from cxr.registry import Registry
+
+    registry = Registry(args.root)
+    if args.action == "list":
+        print(f"{'version':>7}  {'status':<10}  {'mean AUROC':>10}  created")
+        for v in registry.versions():
+            auroc = f"{v.mean_auroc:.4f}" if v.mean_auroc is not None else "n/a"
+            print(f"{v.version:>7}  {v.status:<10}  {auroc:>10}  {_when(v.created)}")
+        return 0
+    if args.version is None:
+        raise ValueError(f"'cxr registry {args.action}' needs a VERSION")
+    if args.action == "approve":
+        version = registry.approve(args.version)
+        print(f"version {version.version} is now {version.status}")
+    elif args.action == "archive":
+        print(f"version {registry.set_status(args.version, 'archived').version} archived")
+    elif args.action == "card":
+        print(registry.get(args.version).card.read_text())
+    else:
+        version = registry.get(args.version)
+        print(f"version {version.version}: {version.status}, mean AUROC {version.mean_auroc}")
+        print(f"package: {version.package}\ncard: {version.card}\ndecision: {version.decision}")
+        for key, value in version.lineage.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def _when(timestamp: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `cxr` command."""
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
@@ -79,6 +123,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     down.add_argument("--no-metadata", action="store_true", help="skip the metadata and split files")
     down.set_defaults(func=_download)
+
+    ev = commands.add_parser("evaluate", help="evaluate a predictions CSV against NIH labels")
+    ev.add_argument(
+        "--predictions", required=True, help="CSV: 'Image Index' + one column per finding (or prob_X)"
+    )
+    ev.add_argument("--labels", required=True, help="Data_Entry_2017[_v2020].csv[.gz]")
+    ev.add_argument(
+        "--thresholds-from", default=None, help="validation predictions CSV to choose thresholds on"
+    )
+    ev.add_argument(
+        "--out", default="evaluation", help="directory for report.json, per_class.csv, subgroups.csv"
+    )
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ev.set_defaults(func=_evaluate)
+
+    reg = commands.add_parser("registry", help="list, show, approve or archive registered models")
+    reg.add_argument("action", choices=["list", "show", "card", "approve", "archive"], help="what to do")
+    reg.add_argument("version", type=int, nargs="?", help="model version")
+    reg.add_argument("--root", default=None, help="registry root (default: $CXR_HOME/registry)")
+    reg.set_defaults(func=_registry)
 
     demo = commands.add_parser("demo-data", help="write the synthetic demo dataset in the NIH layout")
     demo.add_argument("--dest", default=str(cxr_home() / "demo" / "custom"), help="output directory")

@@ -8,6 +8,7 @@ state) atomically; a restarted run with the same checkpoint directory continues 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -343,3 +344,53 @@ def _train_epoch(
         bar.update()
     bar.close()
     return total / max(seen, 1), seen / max(time.perf_counter() - start, 1e-9)
+
+
+def sagemaker_main() -> int:
+    """Entry point inside a SageMaker training container: `python -m cxr.train`.
+
+    Reads the shard cache and `split.json` ({"train": rows, "val": rows}) from the `training` channel
+    (SM_CHANNEL_TRAINING), hyper-parameters from SM_HPS (TrainConfig fields), checkpoints to
+    /opt/ml/checkpoints (synced to S3 by SageMaker's CheckpointConfig, so spot interruptions resume), and
+    writes `model.pt` and `history.json` to SM_MODEL_DIR.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    channel = Path(os.environ.get("SM_CHANNEL_TRAINING", "/opt/ml/input/data/training"))
+    model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
+    checkpoints = Path(os.environ.get("CXR_CHECKPOINT_DIR", "/opt/ml/checkpoints"))
+    hyper = {k: _parse_hp(v) for k, v in json.loads(os.environ.get("SM_HPS", "{}")).items()}
+    split = json.loads((channel / "split.json").read_text())
+    result = train(
+        ShardCache(channel),
+        np.asarray(split["train"]),
+        np.asarray(split["val"]),
+        TrainConfig.from_dict(hyper),
+        checkpoints,
+        progress=False,
+    )
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(result.best_state, model_dir / "model.pt")
+    summary = {
+        "history": result.history,
+        "best_epoch": result.best_epoch,
+        "best_val_auroc": result.best_val_auroc,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "device": result.device,
+    }
+    (model_dir / "history.json").write_text(json.dumps(summary, indent=1))
+    print(f"best_val_auroc={result.best_val_auroc:.6f}")  # scraped by the training job's metric definitions
+    return 0
+
+
+def _parse_hp(value: Any) -> Any:
+    """SageMaker passes hyper-parameters as strings; decode JSON literals where possible."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+if __name__ == "__main__":
+    raise SystemExit(sagemaker_main())

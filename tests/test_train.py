@@ -1,0 +1,86 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cxr import train as train_module
+from cxr.data.cache import PreprocessSettings, build_cache, cache_rows
+from cxr.data.catalog import load_catalog
+from cxr.data.split import patient_split
+from cxr.data.synthetic import make_demo_dataset
+from cxr.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = make_demo_dataset(tmp_path_factory.mktemp("demo"), n_patients=40, max_images_per_patient=3, size=48,
+                             progress=False)  # fmt: skip
+    catalog, _ = load_catalog(root)
+    cache = build_cache(
+        catalog, PreprocessSettings(size=40), root=tmp_path_factory.mktemp("c"), progress=False
+    )
+    split = patient_split(catalog.meta["patient_id"].to_numpy(), catalog.labels, (0.6, 0.2, 0.2))
+    return cache, cache_rows(cache, catalog.meta["image_id"], split)
+
+
+CONFIG = dict(epochs=3, batch_size=16, crop=32, pretrained=False, workers=0, lr=3e-3, channels_last=False)
+
+
+def test_training_records_history_and_checkpoints(tiny, tmp_path):
+    cache, rows = tiny
+    result = train(cache, rows["train"], rows["val"], TrainConfig(**CONFIG), tmp_path, progress=False)
+    assert [h["epoch"] for h in result.history] == [0, 1, 2] and result.resumed_from_epoch is None
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.best_val_auroc == max(h["val_mean_auroc"] for h in result.history)
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
+
+
+def test_killed_run_resumes_from_last_epoch_and_matches_uninterrupted(tiny, tmp_path, monkeypatch):
+    cache, rows = tiny
+    config = TrainConfig(**CONFIG)
+    straight = train(cache, rows["train"], rows["val"], config, tmp_path / "a", progress=False)
+
+    real_epoch = train_module._train_epoch
+
+    def dies_in_epoch_two(*args, **kwargs):
+        if args[8] == 1:  # the epoch argument: 0-based, so this is the second epoch
+            raise KeyboardInterrupt("killed")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_epoch", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(cache, rows["train"], rows["val"], config, tmp_path / "b", progress=False)
+    monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
+    resumed = train(cache, rows["train"], rows["val"], config, tmp_path / "b", progress=False)
+    assert resumed.resumed_from_epoch == 1 and len(resumed.history) == 3
+    for key, value in straight.best_state.items():
+        assert torch.equal(value, resumed.best_state[key]), key
+    assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"])
+
+
+def test_unknown_setting_is_rejected():
+    with pytest.raises(ValueError, match="unknown train settings"):
+        TrainConfig.from_dict({"epochz": 3})
+
+
+def test_sagemaker_entry_point(tiny, tmp_path):
+    cache, rows = tiny
+    (cache.directory / "split.json").write_text(json.dumps({k: v.tolist() for k, v in rows.items()}))
+    env = {
+        **os.environ,
+        "SM_CHANNEL_TRAINING": str(cache.directory),
+        "SM_MODEL_DIR": str(tmp_path / "model"),
+        "CXR_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+        "SM_HPS": json.dumps({**{k: str(v) for k, v in CONFIG.items()}, "epochs": "1"}),
+    }
+    result = subprocess.run([sys.executable, "-m", "cxr.train"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "best_val_auroc=" in result.stdout
+    summary = json.loads((tmp_path / "model" / "history.json").read_text())
+    assert len(summary["history"]) == 1 and (tmp_path / "checkpoints" / "last.pt").is_file()
+    state = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
+    assert state["head.3.weight"].shape == (14, 512) and np.isfinite(summary["best_val_auroc"])
