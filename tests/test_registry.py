@@ -51,8 +51,11 @@ def test_gate_rules():
 def test_cli_lists_and_approves(tmp_path):
     registry = Registry(tmp_path)
     registry.register({"model_card.md": b"# card"}, {"mean_auroc": 0.7}, {"run": "x"})
-    run = lambda *a: subprocess.run([sys.executable, "-m", "cxr.cli", "registry", *a, "--root", str(tmp_path)],
-                                    capture_output=True, text=True)  # fmt: skip
+
+    def run(*args):
+        command = [sys.executable, "-m", "cxr.cli", "registry", *args, "--root", str(tmp_path)]
+        return subprocess.run(command, capture_output=True, text=True)
+
     listing = run("list")
     assert listing.returncode == 0 and "candidate" in listing.stdout and "0.7000" in listing.stdout
     assert run("approve", "1").stdout.strip() == "version 1 is now production"

@@ -17,8 +17,8 @@ from cxr.train import TrainConfig, train
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = make_demo_dataset(tmp_path_factory.mktemp("demo"), n_patients=40, max_images_per_patient=3, size=48,
-                             progress=False)  # fmt: skip
+    directory = tmp_path_factory.mktemp("demo")
+    root = make_demo_dataset(directory, n_patients=40, max_images_per_patient=3, size=48, progress=False)
     catalog, _ = load_catalog(root)
     cache = build_cache(
         catalog, PreprocessSettings(size=40), root=tmp_path_factory.mktemp("c"), progress=False
