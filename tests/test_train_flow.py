@@ -2,14 +2,22 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from metaflow import Runner
+from sklearn.metrics import roc_auc_score
 
 from cxr.data import cache_store
 from cxr.data.cache import ShardCache
+from cxr.data.findings import FINDINGS
+from cxr.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
 FLOW = REPO / "flows" / "train_flow.py"
@@ -19,46 +27,102 @@ data:
   root: demo
   demo: {n_patients: 40, max_images_per_patient: 4, size: 64, seed: 0}
 split: {ratios: [0.6, 0.2, 0.2], seed: 0, use_official: true}
-preprocess: {size: 48, shard_size: 30}
+preprocess: {size: 48, shard_size: 30, remote: %(remote)s}
+train: {epochs: %(epochs)s, batch_size: 16, crop: 40, pretrained: false, workers: 0, lr: 0.003}
+evaluate: {n_boot: 50}
+registry: {min_improvement: 0.0, max_finding_drop: 0.02, manual_approval: false}
 """
 
 
-def run_flow(tmp_path, extra_config="", **params):
+def write_config(tmp_path, remote="none", epochs=2, n_patients=40):
     config = tmp_path / "tiny.yaml"
-    config.write_text(TINY + extra_config)
-    env = {
+    text = TINY % {"remote": remote, "epochs": epochs}
+    config.write_text(text.replace("n_patients: 40", f"n_patients: {n_patients}"))
+    return config
+
+
+def flow_env(tmp_path):
+    return {
         **os.environ,
         "METAFLOW_DEFAULT_DATASTORE": "local",
         "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path),
     }
-    with Runner(str(FLOW), show_output=False, env=env, cwd=str(tmp_path)).run(
-        config_file=str(config), **params
-    ) as running:
+
+
+def run_flow(tmp_path, config=None, **params):
+    config = config or write_config(tmp_path)
+    runner = Runner(str(FLOW), show_output=False, env=flow_env(tmp_path), cwd=str(tmp_path))
+    with runner.run(config_file=str(config), **params) as running:
         assert running.status == "successful", running.stderr
         return running.run
 
 
 @pytest.mark.slow
-def test_data_stages_on_demo_data(tmp_path):
+def test_whole_pipeline_on_demo_data(tmp_path):
     run = run_flow(tmp_path)
     end = run["end"].task
-    config, cache_dir = end["config"].data, Path(end["data_cache"].data["local_dir"])
-    assert config["preprocess"]["size"] == 48
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
-    assert manifest["key"] == end["data_cache_key"].data and manifest["settings"]["size"] == 48
+    cache = ShardCache(end["data_cache"].data["local_dir"])
+    assert (
+        end["config"].data["preprocess"]["size"] == 48 and cache.manifest["key"] == end["data_cache_key"].data
+    )
     summary = {row["split"]: row for row in run["split"].task["split_summary"].data}
-    assert sum(row["images"] for row in summary.values()) == manifest["images"]
-    split = end["split_rows"].data
-    patients = run["ingest"].task["catalog"].data.meta["patient_id"].to_numpy()
+    assert sum(row["images"] for row in summary.values()) == len(cache)
+    split, patients = end["split_rows"].data, run["ingest"].task["catalog"].data.meta["patient_id"].to_numpy()
     assert not set(patients[split.train]) & set(patients[split.test])
-    assert len(list(run["preprocess"])) == len(manifest["shards"]) > 1
-    labels = np.load(cache_dir / "labels.npy")
-    assert labels.shape == (manifest["images"], 14)
+    assert len(list(run["preprocess"])) == len(cache.manifest["shards"]) > 1
 
-    again = run_flow(tmp_path)
-    assert again["end"].task["data_cache_key"].data == manifest["key"]
-    assert again["plan_preprocess"].task["cache_complete"].data  # the cache is reused, nothing rebuilt
+    assert [h["epoch"] for h in end["history"].data] == [0, 1]
+    metrics, predictions = end["metrics"].data, end["test_predictions"].data
+    labels = cache.labels[cache.rows_for(predictions["Image Index"])]
+    for k, finding in enumerate(FINDINGS):  # recomputed here from the stored predictions
+        column = predictions[f"prob_{finding}"].to_numpy()
+        if 0 < labels[:, k].sum() < len(labels):
+            assert metrics["auroc"][finding] == pytest.approx(roc_auc_score(labels[:, k], column))
+    assert metrics["mean_auroc"] == pytest.approx(np.nanmean(list(metrics["auroc"].values())))
+
+    version = Registry().get(end["model_version"].data)
+    assert version.status == "production" and Path(end["model_package"].data) == version.package
+    assert version.lineage["data cache key"] == cache.key and "Mean AUROC" in version.card.read_text()
+
+    again = run_flow(tmp_path)  # same data: the cache is reused and the gate compares with production
+    assert again["plan_preprocess"].task["cache_complete"].data
     assert all(task["shard_result"].data is None for task in again["preprocess"])
+    gate = again["register"].task["gate"].data
+    production_auroc = again["register"].task["production_auroc"].data
+    assert production_auroc["Atelectasis"] == pytest.approx(metrics["auroc"]["Atelectasis"])  # same model
+    assert gate["promote"] is False and "does not beat" in " ".join(gate["reasons"])  # identical, no gain
+    assert Registry().get(again["end"].task["model_version"].data).status == "candidate"
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_last_epoch(tmp_path):
+    config = write_config(tmp_path, epochs=3, n_patients=100)
+    command = [sys.executable, str(FLOW), "--no-pylint", "run", "--config_file", str(config)]
+    process = subprocess.Popen(command, env=flow_env(tmp_path), cwd=tmp_path, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    checkpoints = Path(os.environ["CXR_HOME"]) / "checkpoints" / "CXRTrainFlow"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            found = list(checkpoints.glob("*/train/last.pt"))
+            if found and torch.load(found[0], weights_only=False)["epoch"] == 0:
+                break  # epoch 1 is saved: training is now inside epoch 2
+            assert process.poll() is None, "the flow ended before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint within 300 s")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    origin = found[0].parents[1].name
+    runner = Runner(str(FLOW), show_output=False, env=flow_env(tmp_path), cwd=str(tmp_path))
+    with runner.resume(origin_run_id=origin) as running:
+        assert running.status == "successful", running.stderr
+        resumed = running.run
+    task = resumed["train"].task
+    assert task["resumed_from_epoch"].data == 1  # continued after the saved epoch, not from scratch
+    assert [h["epoch"] for h in task["history"].data] == [0, 1, 2]
+    assert np.isfinite(resumed["end"].task["metrics"].data["mean_auroc"])
 
 
 @pytest.mark.slow
@@ -66,24 +130,21 @@ def test_real_nih_partial_download(tmp_path, nih_root):
     run = run_flow(tmp_path, data=str(nih_root))
     report = run["ingest"].task["ingest_report"].data
     assert report["matched"] == 120 and report["missing_images"] == 112_000
-    manifest = json.loads(
-        (Path(run["end"].task["data_cache"].data["local_dir"]) / "manifest.json").read_text()
-    )
+    manifest = ShardCache(run["end"].task["data_cache"].data["local_dir"]).manifest
     assert manifest["images"] == 120 and manifest["failures"] == []
+    assert run["end"].task["metrics"].data["n_images"] == len(run["end"].task["split_rows"].data.test)
 
 
 @pytest.mark.slow
 def test_cache_is_shared_through_s3(tmp_path, s3):
     s3.create_bucket(Bucket="cxr-flow")
-    run = run_flow(
-        tmp_path, extra_config="preprocess: {size: 48, shard_size: 30, remote: s3://cxr-flow/cache}\n"
-    )
+    run = run_flow(tmp_path, write_config(tmp_path, remote="s3://cxr-flow/cache", epochs=1))
     data_cache = run["end"].task["data_cache"].data
     assert data_cache["uri"] == f"s3://cxr-flow/cache/{data_cache['key']}"
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="cxr-flow")["Contents"]}
     assert f"cache/{data_cache['key']}/manifest.json" in keys
     fetched = cache_store.fetch(data_cache["uri"], root=tmp_path / "elsewhere")
     local = ShardCache(data_cache["local_dir"])
-    assert len(fetched) == len(local) and np.array_equal(
-        fetched.image(len(local) - 1), local.image(len(local) - 1)
-    )
+    last = len(local) - 1
+    assert len(fetched) == len(local) and np.array_equal(fetched.image(last), local.image(last))
+    assert json.loads((local.directory / "manifest.json").read_text())["key"] == data_cache["key"]
