@@ -10,7 +10,8 @@ INSTALL_REQUIRES = [
     "torchvision==0.28.0",  # DenseNet121 and its ImageNet weights
     "numpy>=2.0,<3",  # arrays and memory-mapped shards
     "pandas>=2.2,<4",  # NIH metadata tables
-    "scikit-learn>=1.5,<2",  # metrics (AUROC, AUPRC, calibration)
+    "scikit-learn>=1.5,<2",  # metrics (AUROC, AUPRC, ROC curves)
+    "scipy>=1.11",  # vectorised rank statistics for bootstrap AUROC CIs
     "opencv-python-headless==5.0.0.93",  # fast PNG decode, resize and augmentation warps
     "pillow>=10",  # image writing for the synthetic demo set and plots
     "tqdm>=4.66",  # progress bars on long work

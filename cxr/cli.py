@@ -66,7 +66,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _registry(args: argparse.Namespace) -> int:
     from cxr.registry import Registry
 
-    registry = Registry(args.root)
+    registry = Registry(args.root, args.group)
     if args.action == "list":
         print(f"{'version':>7}  {'status':<10}  {'mean AUROC':>10}  created")
         for v in registry.versions():
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("action", choices=["list", "show", "card", "approve", "archive"], help="what to do")
     reg.add_argument("version", type=int, nargs="?", help="model version")
     reg.add_argument("--root", default=None, help="registry root (default: $CXR_HOME/registry)")
+    reg.add_argument("--group", default="chestx-ray14", help="model group (the demo run registers in 'demo')")
     reg.set_defaults(func=_registry)
 
     demo = commands.add_parser("demo-data", help="write the synthetic demo dataset in the NIH layout")

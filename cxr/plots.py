@@ -63,10 +63,11 @@ def roc_chart(curves: dict[str, dict[str, list[float]]], auroc: dict[str, float]
         "$schema": SCHEMA,
         "title": "ROC curves on test (AUROC in brackets)",
         "data": {"values": values},
-        "facet": {"field": "finding", "type": "nominal", "columns": 5},
+        "facet": {"field": "finding", "type": "nominal"},
+        "columns": 4,
         "spec": {
-            "width": 140,
-            "height": 140,
+            "width": 120,
+            "height": 120,
             "layer": [
                 {
                     "mark": {"type": "line", "interpolate": "step-after"},

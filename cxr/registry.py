@@ -1,7 +1,9 @@
 """A local model registry: versions with metrics, lineage, model card and status, in SQLite under $CXR_HOME.
 
-Layout: `<root>/registry.db` (one row per version) and `<root>/models/<version>/` (model.tar.gz, model
-card, metrics). Registration copies the files into a staging folder, renames it into place, then
+Models are kept in groups (like SageMaker model package groups): one per dataset or project, so a
+model trained on the demo set is never compared with one trained on NIH. Layout of a group:
+`<root>/<group>/registry.db` (one row per version) and `<root>/<group>/models/<version>/` (model.tar.gz,
+model card, metrics). Registration copies the files into a staging folder, renames it into place, then
 commits the row in one transaction, so a crash leaves either a complete version or none. Status moves
 candidate → approved → production → archived; at most one version is in production.
 """
@@ -22,6 +24,7 @@ from typing import Any
 from cxr.config import cxr_home
 
 STATUSES = ("candidate", "approved", "production", "archived")
+DEFAULT_GROUP = "chestx-ray14"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY,
@@ -69,10 +72,13 @@ def default_registry_root() -> Path:
 
 
 class Registry:
-    """The registry rooted at a directory (default `$CXR_HOME/registry`)."""
+    """One model group of the registry rooted at a directory (default `$CXR_HOME/registry`)."""
 
-    def __init__(self, root: str | Path | None = None):
-        self.root = Path(root or default_registry_root())
+    def __init__(self, root: str | Path | None = None, group: str = DEFAULT_GROUP):
+        if not group or not all(c.isalnum() or c in "-_." for c in group):
+            raise RegistryError(f"invalid model group name {group!r}: use letters, digits, '-', '_' or '.'")
+        self.group = group
+        self.root = Path(root or default_registry_root()) / group
         (self.root / "models").mkdir(parents=True, exist_ok=True)
         with self._db() as db:
             db.execute(_SCHEMA)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from cxr.gate import promotion_gate
 from cxr.model import CXRNet
 from cxr.model_card import render_model_card
 from cxr.package import build_package, score_package
-from cxr.registry import Registry
+from cxr.registry import DEFAULT_GROUP, Registry
 from cxr.train import TrainConfig, checkpoint_dir, predict
 from cxr.train import train as train_model
 
@@ -59,6 +60,13 @@ def remote_cache_prefix(setting: str | None) -> str | None:
         if DEFAULT_DATASTORE == "s3" and DATATOOLS_S3ROOT
         else None
     )
+
+
+def registry_group(setting: str, data: dict) -> str:
+    """The registry's model group: as configured, or "demo" for the demo set and "chestx-ray14" otherwise."""
+    if setting and setting != "auto":
+        return setting
+    return "demo" if (data.get("root") or "demo") == "demo" else DEFAULT_GROUP
 
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "config" / "default.yaml")
@@ -116,7 +124,8 @@ class CXRTrainFlow(FlowSpec):
         self.split_summary = summary.reset_index().to_dict(orient="records")
         current.card.append(Markdown(f"## Split ({self.split_method})"))
         current.card.append(VegaChart(plots.prevalence_chart(self.split_summary, list(FINDINGS))))
-        current.card.append(Table.from_dataframe(summary.reset_index().round(4)))
+        counts = [[name, int(r["images"]), int(r["patients"])] for name, r in summary.iterrows()]
+        current.card.append(Table(counts, headers=["split", "images", "patients"]))
         self.next(self.plan_preprocess)
 
     @step
@@ -208,7 +217,8 @@ class CXRTrainFlow(FlowSpec):
     @step
     def register(self):
         """Package the model, compare it with production on this test split, and register it (gated)."""
-        registry, rules = Registry(), self.config["registry"]
+        rules = self.config["registry"]
+        registry = Registry(group=registry_group(rules.get("group", "auto"), self.config["data"]))
         production = registry.production()
         production_auroc = None
         if production is not None:
@@ -254,6 +264,7 @@ class CXRTrainFlow(FlowSpec):
             )
         version.card.write_text(render_model_card(version.version, self.metrics, lineage, decision.text()))
         self.model_version, self.model_status = version.version, registry.get(version.version).status
+        self.model_group = registry.group
         self.model_package = str(version.package)
         print(f"model version {self.model_version}: {self.model_status} ({decision.text()})")
         self.next(self.end)
@@ -265,24 +276,41 @@ class CXRTrainFlow(FlowSpec):
         print(f"mean AUROC {self.metrics['mean_auroc']:.4f} on {self.metrics['n_images']} test images")
         print(f"model version {self.model_version} ({self.model_status}): {self.model_package}")
         print(f"metrics:  python -c \"from metaflow import Flow; print({run}['end'].task['metrics'].data)\"")
-        print(f"cards:    python {Path(__file__).name} card view evaluate   (or: card server)")
-        print("registry: cxr registry list")
+        flow_file = os.path.relpath(__file__)
+        print(f"cards:    python {flow_file} card view evaluate   (or: python {flow_file} card server)")
+        print(f"registry: cxr registry list --group {self.model_group}")
 
 
 def _metrics_card(report) -> None:
     """The evaluate step's card: metrics with CIs, ROC curves, reliability, subgroups."""
+    lo, hi = report.mean_auroc_ci
     current.card.append(
         Markdown(
-            f"## Test: mean AUROC {report.mean_auroc:.4f} "
-            f"(95% CI {report.mean_auroc_ci[0]:.4f}–{report.mean_auroc_ci[1]:.4f}), ECE {report.ece:.4f}"
+            f"## Test: mean AUROC {report.mean_auroc:.4f} (95% CI {lo:.4f}–{hi:.4f}), ECE {report.ece:.4f}"
         )
     )
-    current.card.append(Table.from_dataframe(report.per_class.reset_index().round(4)))
+    headers = ["finding", "positives", "AUROC (95% CI)", "AUPRC", "sensitivity", "specificity", "PPV", "ECE"]
+    rows = [
+        [name, int(r.n_pos), f"{r.auroc:.3f} ({r.auroc_lo:.3f}–{r.auroc_hi:.3f})"]
+        + [f"{v:.3f}" for v in (r.auprc, r.sensitivity, r.specificity, r.ppv, r.ece)]
+        for name, r in report.per_class.iterrows()
+    ]
+    current.card.append(Table(rows, headers=headers))
     current.card.append(VegaChart(plots.roc_chart(report.roc_curves, report.auroc)))
     current.card.append(VegaChart(plots.reliability_chart(report.reliability.to_dict("records"), report.ece)))
     if len(report.subgroups):
-        current.card.append(Markdown(f"## Subgroups (largest gap: {report.largest_gap})"))
-        current.card.append(Table.from_dataframe(report.subgroups.round(4)))
+        gap = report.largest_gap
+        text = (
+            f"largest gap {gap['gap']:.3f} by {gap['dimension']} ({gap['best']} vs {gap['worst']})"
+            if gap
+            else ""
+        )
+        current.card.append(Markdown(f"## Subgroup mean AUROC {text}"))
+        subgroup_rows = [
+            [r["dimension"], r["group"], int(r["n"]), f"{r['mean_auroc']:.3f}"]
+            for _, r in report.subgroups.iterrows()
+        ]
+        current.card.append(Table(subgroup_rows, headers=["dimension", "group", "images", "mean AUROC"]))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_failed_registration_leaves_nothing(tmp_path):
     registry = Registry(tmp_path)
     with pytest.raises(FileNotFoundError):
         registry.register({"model.tar.gz": tmp_path / "missing.tar.gz"}, {"mean_auroc": 0.8}, {})
-    assert registry.versions() == [] and [p.name for p in (tmp_path / "models").iterdir()] == []
+    assert registry.versions() == [] and [p.name for p in (registry.root / "models").iterdir()] == []
 
 
 def test_gate_rules():
@@ -46,6 +46,13 @@ def test_gate_rules():
     assert not dropped.promote and dropped.worst_finding == "Hernia" and "Hernia drops" in dropped.text()
     manual = promotion_gate(aurocs(0.99), aurocs(0.5), manual=True)
     assert not manual.promote and "cxr registry approve" in manual.text()
+
+
+def test_groups_are_separate(tmp_path):
+    Registry(tmp_path, "demo").register({"m": b"x"}, {"mean_auroc": 0.9}, {}, status="production")
+    assert Registry(tmp_path).production() is None and Registry(tmp_path, "demo").production().version == 1
+    with pytest.raises(RegistryError, match="invalid model group"):
+        Registry(tmp_path, "../escape")
 
 
 def test_cli_lists_and_approves(tmp_path):

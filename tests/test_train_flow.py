@@ -30,7 +30,7 @@ split: {ratios: [0.6, 0.2, 0.2], seed: 0, use_official: true}
 preprocess: {size: 48, shard_size: 30, remote: %(remote)s}
 train: {epochs: %(epochs)s, batch_size: 16, crop: 40, pretrained: false, workers: 0, lr: 0.003}
 evaluate: {n_boot: 50}
-registry: {min_improvement: 0.0, max_finding_drop: 0.02, manual_approval: false}
+registry: {group: auto, min_improvement: 0.0, max_finding_drop: 0.02, manual_approval: false}
 """
 
 
@@ -80,7 +80,7 @@ def test_whole_pipeline_on_demo_data(tmp_path):
             assert metrics["auroc"][finding] == pytest.approx(roc_auc_score(labels[:, k], column))
     assert metrics["mean_auroc"] == pytest.approx(np.nanmean(list(metrics["auroc"].values())))
 
-    version = Registry().get(end["model_version"].data)
+    version = Registry(group="demo").get(end["model_version"].data)
     assert version.status == "production" and Path(end["model_package"].data) == version.package
     assert version.lineage["data cache key"] == cache.key and "Mean AUROC" in version.card.read_text()
 
@@ -91,7 +91,7 @@ def test_whole_pipeline_on_demo_data(tmp_path):
     production_auroc = again["register"].task["production_auroc"].data
     assert production_auroc["Atelectasis"] == pytest.approx(metrics["auroc"]["Atelectasis"])  # same model
     assert gate["promote"] is False and "does not beat" in " ".join(gate["reasons"])  # identical, no gain
-    assert Registry().get(again["end"].task["model_version"].data).status == "candidate"
+    assert Registry(group="demo").get(again["end"].task["model_version"].data).status == "candidate"
 
 
 @pytest.mark.slow
