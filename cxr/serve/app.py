@@ -1,0 +1,367 @@
+"""The HTTP server: SageMaker's container contract plus metrics, A/B routing and capture.
+
+GET  /ping            200 when the models are loaded
+POST /invocations     image/png, image/jpeg, application/dicom, application/x-npy, application/json batch
+GET  /metrics         Prometheus text format
+GET  /models          the served variants
+GET|POST /admin/weights   read or change A/B weights without a restart
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from cxr.data.findings import FINDINGS
+from cxr.data.images import encode_png
+from cxr.features import image_stats, project_embedding
+from cxr.serve.batcher import DynamicBatcher, Scored
+from cxr.serve.capture import CaptureWriter, capture_record, new_event_id
+from cxr.serve.decoder import DICOM, JSON, DecodedImage, decode_request, media_type
+from cxr.serve.errors import NotAcceptable, PayloadTooLarge, RequestError
+from cxr.serve.metrics import ServerMetrics
+from cxr.serve.predictor import Predictor, load_predictor, prepare
+from cxr.serve.router import Router
+
+log = logging.getLogger(__name__)
+
+TARGET_VARIANT = "X-Amzn-SageMaker-Target-Variant"
+INVOKED_VARIANT = "X-Amzn-Invoked-Production-Variant"
+ROUTE_KEY = "X-Cxr-Route-Key"
+CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+EXPLAIN = "X-Cxr-Explain"
+
+
+@dataclass
+class ServerConfig:
+    """Everything the server needs; `models` maps variant name → unpacked model directory."""
+
+    models: dict[str, Path]
+    weights: dict[str, float] | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    capture: str | None = None
+    capture_sample_percent: float = 100.0
+    endpoint_name: str = "cxr-endpoint"
+    backend: str = "auto"
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    max_body_mb: float = 64.0
+    threads: int | None = None
+
+
+@dataclass
+class Variant:
+    """One served model."""
+
+    name: str
+    predictor: Predictor
+    batcher: DynamicBatcher | None = None
+    explainer: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Name, version and backend, as reported in responses."""
+        return {
+            "name": self.metadata.get("name", "cxr"),
+            "version": self.metadata.get("version"),
+            "variant": self.name,
+            "backend": self.predictor.backend,
+        }
+
+
+class Server:
+    """State of one running server (variants, router, capture, metrics)."""
+
+    def __init__(self, config: ServerConfig):
+        if not config.models:
+            raise ValueError("no model to serve")
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.variants = {
+            name: Variant(name, p, metadata=p.metadata)
+            for name, p in (
+                (n, load_predictor(d, config.backend, config.threads)) for n, d in config.models.items()
+            )
+        }
+        self.model_dirs = dict(config.models)
+        default = (
+            {"A": 0.9, "B": 0.1} if set(self.variants) == {"A", "B"} else {n: 1.0 for n in self.variants}
+        )
+        self.router = Router(config.weights or default)
+        self.capture = (
+            CaptureWriter(config.capture, config.endpoint_name, config.capture_sample_percent)
+            if config.capture
+            else None
+        )
+        self.cpu_pool = ThreadPoolExecutor(2, thread_name_prefix="decode")
+        self.served = 0
+        for variant in self.variants.values():
+            info = variant.info
+            self.metrics.model_info.labels(
+                variant.name, info["name"], str(info["version"]), info["backend"]
+            ).set(1)
+        self._publish_weights()
+
+    def _publish_weights(self) -> None:
+        for name, weight in self.router.weights.items():
+            self.metrics.weight.labels(name).set(weight)
+
+    async def start(self, _app: web.Application | None = None) -> None:
+        """Start one batcher per variant."""
+        for variant in self.variants.values():
+            histogram = self.metrics.batch_size.labels(variant.name)
+            variant.batcher = DynamicBatcher(
+                variant.predictor, self.config.max_batch, self.config.max_wait_ms, histogram.observe
+            )
+            variant.batcher.start()
+
+    async def stop(self, _app: web.Application | None = None) -> None:
+        """Drain batchers, flush capture (also on SIGTERM)."""
+        for variant in self.variants.values():
+            if variant.batcher is not None:
+                await variant.batcher.stop()
+        if self.capture is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
+        self.cpu_pool.shutdown(wait=True)
+
+    # -- handlers -------------------------------------------------------------------------------------------
+
+    async def ping(self, request: web.Request) -> web.Response:
+        """SageMaker health check."""
+        return web.json_response({"status": "healthy", "variants": sorted(self.variants)})
+
+    async def invocations(self, request: web.Request) -> web.Response:
+        """Score one image or a JSON batch; 4xx with a message for any bad input."""
+        start = time.perf_counter()
+        variant_name = "none"
+        try:
+            variant_name = self.router.choose(_route_key(request), request.headers.get(TARGET_VARIANT))
+            variant = self.variants[variant_name]
+            accept = media_type(request.headers.get("Accept"))
+            if accept not in ("", "*/*", JSON, "application/*"):
+                raise NotAcceptable(f"cannot produce {accept!r}; responses are {JSON}")
+            body = await _read_body(request)
+            loop = asyncio.get_running_loop()
+            images = await loop.run_in_executor(
+                self.cpu_pool, decode_request, body, request.headers.get("Content-Type")
+            )
+            explain = _explain_request(request)
+            crops = await loop.run_in_executor(self.cpu_pool, _prepare_all, images, variant.metadata)
+            assert variant.batcher is not None
+            scored = await asyncio.gather(*(variant.batcher.submit(crop) for crop in crops))
+            heatmaps = await loop.run_in_executor(self.cpu_pool, self._explain, variant, crops, explain)
+            event_id = new_event_id()
+            response = self._response(variant, scored, heatmaps, event_id, start)
+            text = json.dumps(response)
+            self._record(variant, 200, start, scored)
+            self._capture(variant, request, body, images, crops, scored, text, event_id)
+            self.served += 1
+            return web.Response(text=text, content_type=JSON, headers={INVOKED_VARIANT: variant.name})
+        except RequestError as error:
+            self._record_status(variant_name, error.status_code, start)
+            return web.json_response({"error": str(error)}, status=error.status_code)
+        except Exception:
+            log.exception("internal error while serving a request")
+            self._record_status(variant_name, 500, start)
+            return web.json_response({"error": "internal server error"}, status=500)
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        """Prometheus scrape target."""
+        return web.Response(
+            body=self.metrics.exposition(), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
+
+    async def models(self, request: web.Request) -> web.Response:
+        """The served variants with their metadata and weights."""
+        weights = self.router.weights
+        return web.json_response(
+            {name: {**v.info, "weight": weights[name], "image_size": v.metadata.get("image_size"),
+                    "crop": v.metadata.get("crop")} for name, v in self.variants.items()}
+        )  # fmt: skip
+
+    async def weights(self, request: web.Request) -> web.Response:
+        """GET the A/B weights, or POST {"A": 0.5, "B": 0.5} to change them now."""
+        if request.method == "POST":
+            try:
+                payload = json.loads(await request.read())
+                if not isinstance(payload, dict):
+                    raise RequestError("send a JSON object of variant → weight")
+                self.router.set_weights(payload)
+            except (ValueError, RequestError) as error:
+                status = getattr(error, "status_code", 400)
+                return web.json_response({"error": str(error)}, status=status)
+            self._publish_weights()
+        return web.json_response(self.router.weights)
+
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    def _response(
+        self,
+        variant: Variant,
+        scored: list[Scored],
+        heatmaps: list[dict[str, str]],
+        event_id: str,
+        start: float,
+    ) -> dict[str, Any]:
+        thresholds = variant.metadata.get("thresholds") or {}
+        predictions = []
+        for result, maps in zip(scored, heatmaps, strict=True):
+            probabilities = {
+                f: round(float(p), 6) for f, p in zip(FINDINGS, result.probabilities, strict=True)
+            }
+            decisions = {f: bool(probabilities[f] >= float(thresholds.get(f, 0.5))) for f in FINDINGS}
+            prediction: dict[str, Any] = {"probabilities": probabilities, "decisions": decisions}
+            if maps:
+                prediction["heatmaps"] = maps
+            predictions.append(prediction)
+        return {
+            "inference_id": event_id,
+            "model": variant.info,
+            "predictions": predictions,
+            "thresholds": {f: float(thresholds.get(f, 0.5)) for f in FINDINGS},
+            "latency_ms": round((time.perf_counter() - start) * 1000, 2),
+        }
+
+    def _explain(
+        self, variant: Variant, crops: list[np.ndarray], findings: list[str]
+    ) -> list[dict[str, str]]:
+        if not findings:
+            return [{} for _ in crops]
+        from cxr.inference import load_model
+        from cxr.serve.explain import grad_cam, overlay_png
+
+        if variant.explainer is None:
+            variant.explainer = load_model(self.model_dirs[variant.name])[0]
+        return [
+            {
+                f: base64.b64encode(overlay_png(crop[0], grad_cam(variant.explainer, crop, f))).decode()
+                for f in findings
+            }
+            for crop in crops
+        ]
+
+    def _record(self, variant: Variant, status: int, start: float, scored: list[Scored]) -> None:
+        self._record_status(variant.name, status, start)
+        for result in scored:
+            self.metrics.observe_probabilities(variant.name, [float(p) for p in result.probabilities])
+
+    def _record_status(self, variant: str, status: int, start: float) -> None:
+        self.metrics.requests.labels(variant, str(status)).inc()
+        self.metrics.latency.labels(variant).observe(time.perf_counter() - start)
+
+    def _capture(
+        self,
+        variant: Variant,
+        request: web.Request,
+        body: bytes,
+        images: list[DecodedImage],
+        crops: list[np.ndarray],
+        scored: list[Scored],
+        output: str,
+        event_id: str,
+    ) -> None:
+        if self.capture is None or not self.capture.sampled():
+            return
+        input_type, data = _capturable_input(request, body, images)
+        projections = project_embedding(np.stack([s.embedding for s in scored]))
+        features = [
+            {
+                "shape": list(image.original_shape),
+                "content_type": image.content_type,
+                "image_stats": image_stats(crop),
+                "embedding_projection": [round(float(v), 5) for v in projection],
+            }
+            for image, crop, projection in zip(images, crops, projections, strict=True)
+        ]
+        record = capture_record(
+            input_type, data, output, event_id, variant.name, variant.metadata.get("version"), features
+        )
+        self.capture.submit(record)
+        self.metrics.captured.inc()
+
+
+def _route_key(request: web.Request) -> str | None:
+    key = request.headers.get(ROUTE_KEY)
+    if key:
+        return key
+    attributes = request.headers.get(CUSTOM_ATTRIBUTES, "")
+    for part in attributes.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() in ("route_key", "session"):
+            return value.strip()
+    return None
+
+
+def _explain_request(request: web.Request) -> list[str]:
+    raw = request.query.get("explain") or request.headers.get(EXPLAIN) or ""
+    findings = [name.strip() for name in raw.split(",") if name.strip()]
+    unknown = [f for f in findings if f not in FINDINGS]
+    if unknown:
+        raise RequestError(f"cannot explain unknown findings {unknown}; one of {', '.join(FINDINGS)}")
+    return findings
+
+
+def _prepare_all(images: list[DecodedImage], metadata: dict[str, Any]) -> list[np.ndarray]:
+    return [prepare(image.pixels, metadata) for image in images]
+
+
+def _capturable_input(request: web.Request, body: bytes, images: list[DecodedImage]) -> tuple[str, bytes]:
+    """The request payload as it may be stored: DICOM (with its patient tags) becomes the decoded PNG."""
+    kind = media_type(request.headers.get("Content-Type"))
+    if kind == JSON:
+        if not any(image.content_type == DICOM for image in images):
+            return JSON, body
+        instances = [
+            {"b64": base64.b64encode(image.raw or encode_png(image.pixels)).decode(),
+             "content_type": "image/png" if image.content_type == DICOM else image.content_type}
+            for image in images
+        ]  # fmt: skip
+        return JSON, json.dumps({"instances": instances}).encode()
+    image = images[0]
+    if image.content_type == DICOM:
+        return "image/png", encode_png(image.pixels)
+    return kind, body
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as error:
+        raise PayloadTooLarge(f"request body exceeds {request.app['max_body_bytes']:,} bytes") from error
+
+
+def build_app(config: ServerConfig) -> web.Application:
+    """The aiohttp application for a configuration."""
+    server = Server(config)
+    max_bytes = int(config.max_body_mb * 1024 * 1024)
+    app = web.Application(client_max_size=max_bytes)
+    app["server"], app["max_body_bytes"] = server, max_bytes
+    app.router.add_get("/ping", server.ping)
+    app.router.add_post("/invocations", server.invocations)
+    app.router.add_get("/metrics", server.metrics_endpoint)
+    app.router.add_get("/models", server.models)
+    app.router.add_route("*", "/admin/weights", server.weights)
+    app.on_startup.append(server.start)
+    app.on_cleanup.append(server.stop)
+    return app
+
+
+def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM/SIGINT; capture is flushed on the way out."""
+    app = build_app(config)
+    log.info(
+        "serving %s on http://%s:%d", {k: str(v) for k, v in config.models.items()}, config.host, config.port
+    )
+    web.run_app(app, host=config.host, port=config.port, access_log=None, print=None, shutdown_timeout=30)

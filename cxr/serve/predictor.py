@@ -1,0 +1,137 @@
+"""Model backends for serving: eager PyTorch or ONNX Runtime, both returning probabilities and embeddings.
+
+Both consume uint8 [B, 1, crop, crop] batches prepared exactly as evaluation prepares them (resize to the
+cached size, center crop) and return (probabilities [B, 14], penultimate embeddings [B, 512]).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cxr.data.images import resize_square
+from cxr.data.loader import center_crop
+from cxr.inference import load_model
+from cxr.model import CXRNet
+
+log = logging.getLogger(__name__)
+ONNX_FILE = "model.onnx"
+
+
+class ServingNet(nn.Module):
+    """CXRNet returning (sigmoid probabilities, 512-d penultimate embedding); what ONNX export traces."""
+
+    def __init__(self, model: CXRNet):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [B,1,H,W] → (probabilities [B,14], embedding [B,512])."""
+        features = F.relu(self.model.features(self.model.prepare(images)))
+        pooled = F.adaptive_avg_pool2d(features, 1).flatten(1)
+        embedding = self.model.head[1](self.model.head[0](pooled))  # Linear + ReLU
+        logits = self.model.head[3](self.model.head[2](embedding))  # Dropout (identity in eval) + Linear
+        return torch.sigmoid(logits), embedding
+
+
+class Predictor(Protocol):
+    """A loaded model ready to score batches."""
+
+    backend: str
+    metadata: dict[str, Any]
+
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [B,1,crop,crop] → (probabilities [B,14], embeddings [B,512])."""
+        ...
+
+
+def prepare(pixels: np.ndarray, metadata: dict[str, Any]) -> np.ndarray:
+    """A decoded gray image → uint8 [1, crop, crop], identical to evaluation's preprocessing."""
+    return center_crop(resize_square(pixels, int(metadata["image_size"])), int(metadata["crop"]))[None]
+
+
+class TorchPredictor:
+    """Eager PyTorch on CPU (or CUDA when present)."""
+
+    backend = "torch"
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None):
+        model, self.metadata = load_model(model_dir)
+        self.model = model
+        self.net = ServingNet(model)
+        if threads:
+            torch.set_num_threads(threads)
+
+    @torch.inference_mode()
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs, embedding = self.net(torch.from_numpy(np.ascontiguousarray(batch)))
+        return probs.numpy(), embedding.numpy()
+
+
+class OnnxPredictor:
+    """ONNX Runtime on CPU, from the package's verified `model.onnx`."""
+
+    backend = "onnx"
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None):
+        import json
+
+        import onnxruntime as ort
+
+        self.metadata = json.loads((Path(model_dir) / "metadata.json").read_text())
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            str(Path(model_dir) / ONNX_FILE), options, providers=["CPUExecutionProvider"]
+        )
+
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs, embedding = self.session.run(None, {"images": np.ascontiguousarray(batch)})
+        return probs, embedding
+
+
+def load_predictor(model_dir: str | Path, backend: str = "auto", threads: int | None = None) -> Predictor:
+    """`onnx`, `torch`, or `auto` (ONNX when the package has an export and onnxruntime is installed)."""
+    if backend not in ("auto", "onnx", "torch"):
+        raise ValueError(f"unknown backend {backend!r}; use auto, onnx or torch")
+    has_onnx = (Path(model_dir) / ONNX_FILE).is_file()
+    if backend == "onnx" or (backend == "auto" and has_onnx):
+        try:
+            return OnnxPredictor(model_dir, threads)
+        except ImportError:
+            if backend == "onnx":
+                raise
+            log.warning("onnxruntime is not installed; serving with eager PyTorch")
+    return TorchPredictor(model_dir, threads)
+
+
+def export_onnx(model: CXRNet, crop: int, path: str | Path) -> Path:
+    """Export the serving graph (uint8 in; probabilities and embedding out; dynamic batch) to ONNX."""
+    net = ServingNet(model).eval()
+    example = torch.zeros(1, 1, crop, crop, dtype=torch.uint8)
+    with warnings.catch_warnings():  # the tracer's notes on the fixed 1-channel input are expected
+        warnings.simplefilter("ignore")
+        _export(net, example, path)
+    return Path(path)
+
+
+def _export(net: nn.Module, example: torch.Tensor, path: str | Path) -> None:
+    torch.onnx.export(
+        net,
+        (example,),
+        str(path),
+        input_names=["images"],
+        output_names=["probabilities", "embedding"],
+        dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}, "embedding": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
