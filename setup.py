@@ -17,11 +17,21 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",  # progress bars on long work
     "pyyaml>=6",  # config/ files
     "boto3>=1.34",  # s3:// image sources and cache stores
+    "onnx==1.23.2",  # exporting the serving graph at package time
+    "onnxruntime==1.32.0",  # verifying the export; the fast CPU serving backend
+]
+
+SERVE = [
+    "aiohttp==3.14.5",  # the HTTP server (SageMaker container contract)
+    "prometheus_client==0.26.0",  # /metrics
+    "pydicom==3.0.2",  # application/dicom requests
 ]
 
 EXTRAS_REQUIRE = {
+    "serve": SERVE,
     "aws": ["boto3>=1.34", "moto[server]==5.2.1"],
     "dev": [
+        *SERVE,
         "pytest>=8",
         "pytest-timeout>=2.3",
         "moto[server]==5.2.1",  # the S3 API on loopback for tests

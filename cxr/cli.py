@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from cxr.config import cxr_home
@@ -91,6 +92,72 @@ def _registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from cxr.serve.app import ServerConfig, serve
+    from cxr.serve.resolve import resolve_models
+
+    models = resolve_models(args.model, args.challenger, args.group, args.registry_root)
+    weights = _parse_weights(args.weights) if args.weights else None
+    config = ServerConfig(
+        models=models, weights=weights, host=args.host, port=args.port, capture=args.capture,
+        capture_sample_percent=args.capture_sample, endpoint_name=args.endpoint_name, backend=args.backend,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads,
+    )  # fmt: skip
+    print(f"serving {', '.join(f'{k}={v}' for k, v in models.items())} on http://{args.host}:{args.port}")
+    serve(config)
+    return 0
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    try:
+        return {name.strip(): float(value) for name, value in (part.split("=") for part in text.split(","))}
+    except ValueError as error:
+        raise ValueError(f"--weights must look like A=90,B=10, got {text!r}") from error
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from cxr.serve.decoder import decode_one, media_type
+    from cxr.serve.predictor import load_predictor, prepare
+    from cxr.serve.resolve import resolve_models
+
+    model_dir = resolve_models(args.model, None, args.group, args.registry_root)["A"]
+    predictor = load_predictor(model_dir, args.backend)
+    path = Path(args.file)
+    kind = media_type(args.content_type) if args.content_type else _guess_type(path)
+    crop = prepare(decode_one(path.read_bytes(), kind).pixels, predictor.metadata)
+    probabilities, _ = predictor.predict(crop[None])
+    thresholds = predictor.metadata.get("thresholds") or {}
+    result = {}
+    for finding, p in zip(predictor.metadata["findings"], probabilities[0], strict=True):
+        result[finding] = {
+            "probability": round(float(p), 4),
+            "positive": bool(p >= thresholds.get(finding, 0.5)),
+        }
+    model = {"model": predictor.metadata.get("name"), "version": predictor.metadata.get("version")}
+    print(json.dumps({"file": str(path), **model, "findings": result}, indent=1))
+    if args.heatmap:
+        from cxr.inference import load_model
+        from cxr.serve.explain import grad_cam, overlay_png
+
+        finding = args.finding or max(result, key=lambda f: result[f]["probability"])
+        heat = grad_cam(load_model(model_dir)[0], crop, finding)
+        Path(args.heatmap).write_bytes(overlay_png(crop[0], heat))
+        print(f"Grad-CAM for {finding} written to {args.heatmap}")
+    return 0
+
+
+def _guess_type(path: object) -> str:
+    suffix = str(path).lower().rsplit(".", 1)[-1]
+    types = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "dcm": "application/dicom",
+             "npy": "application/x-npy"}  # fmt: skip
+    if suffix not in types:
+        raise ValueError(f"cannot tell the type of {path}; pass --content-type")
+    return types[suffix]
+
+
 def _when(timestamp: float) -> str:
     import datetime
 
@@ -145,6 +212,42 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--root", default=None, help="registry root (default: $CXR_HOME/registry)")
     reg.add_argument("--group", default="chestx-ray14", help="model group (the demo run registers in 'demo')")
     reg.set_defaults(func=_registry)
+
+    srv = commands.add_parser("serve", help="serve the production model (SageMaker contract) with capture")
+    srv.add_argument(
+        "--model", default=None, help="package (.tar.gz or unpacked dir); default: registry production"
+    )
+    srv.add_argument("--challenger", default=None, help="variant B package; default: newest approved version")
+    srv.add_argument("--weights", default=None, help="A/B traffic weights, e.g. A=90,B=10")
+    srv.add_argument("--group", default="chestx-ray14", help="registry model group ('demo' for the demo run)")
+    srv.add_argument("--registry-root", default=None, help="registry root (default: $CXR_HOME/registry)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 inside a container)")
+    srv.add_argument(
+        "--port", type=int, default=int(os.environ.get("SAGEMAKER_BIND_TO_PORT", 8080)), help="port"
+    )
+    srv.add_argument(
+        "--capture", "--capture-dir", dest="capture", default=None, help="capture directory or s3:// prefix"
+    )
+    srv.add_argument("--capture-sample", type=float, default=100.0, help="percent of requests captured")
+    srv.add_argument("--endpoint-name", default="cxr-endpoint", help="endpoint name in the capture layout")
+    srv.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto", help="inference backend")
+    srv.add_argument("--max-batch", type=int, default=16, help="largest dynamic batch")
+    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    srv.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    srv.set_defaults(func=_serve)
+
+    pred = commands.add_parser("predict", help="score one image file (PNG, JPEG, DICOM, .npy)")
+    pred.add_argument("file", help="image file")
+    pred.add_argument("--model", default=None, help="package; default: registry production")
+    pred.add_argument("--group", default="chestx-ray14", help="registry model group")
+    pred.add_argument("--registry-root", default=None, help="registry root")
+    pred.add_argument(
+        "--backend", choices=["auto", "onnx", "torch"], default="auto", help="inference backend"
+    )
+    pred.add_argument("--content-type", default=None, help="override the type guessed from the file name")
+    pred.add_argument("--heatmap", default=None, help="write a Grad-CAM overlay PNG here")
+    pred.add_argument("--finding", default=None, help="finding to explain (default: the most likely)")
+    pred.set_defaults(func=_predict)
 
     demo = commands.add_parser("demo-data", help="write the synthetic demo dataset in the NIH layout")
     demo.add_argument("--dest", default=str(cxr_home() / "demo" / "custom"), help="output directory")

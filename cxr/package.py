@@ -1,7 +1,8 @@
 """The deployable package, in SageMaker's layout: `model.tar.gz` with
 
 model.pt            the network's state dict
-metadata.json       findings, image size, crop, dropout, version and lineage
+model.onnx          the serving graph for ONNX Runtime (when exported and verified)
+metadata.json       findings, image size, crop, dropout, thresholds, name, version, lineage, ONNX check
 model_card.md       the model card
 code/inference.py   SageMaker handlers (re-exported from cxr.inference)
 code/requirements.txt
@@ -25,7 +26,9 @@ from cxr.data.findings import FINDINGS
 INFERENCE_SHIM = '''"""SageMaker entry point: the handlers live in the bundled cxr library."""
 from cxr.inference import input_fn, model_fn, output_fn, predict_fn  # noqa: F401
 '''
-REQUIREMENTS = "opencv-python-headless>=4.8\nnumpy>=1.24\npandas>=2\npyyaml>=6\ntqdm>=4\n"
+REQUIREMENTS = "opencv-python-headless>=4.8\nnumpy>=1.24\npandas>=2\npyyaml>=6\ntqdm>=4\nonnxruntime>=1.17\n"
+ONNX_TOLERANCE = 1e-4  # max |probability difference| between ONNX Runtime and PyTorch
+ONNX_MAX_AUROC_DELTA = 0.002
 
 
 def build_package(
@@ -33,6 +36,7 @@ def build_package(
     metadata: dict[str, Any],
     out_path: str | Path,
     model_card: str = "",
+    onnx_path: str | Path | None = None,
 ) -> Path:
     """Write `model.tar.gz` (see module doc); `metadata` needs image_size, crop and dropout."""
     missing = {"image_size", "crop", "dropout"} - set(metadata)
@@ -49,6 +53,8 @@ def build_package(
         tarfile.open(fileobj=handle, mode="w:gz") as tar,
     ):
         _add(tar, "model.pt", weights.getvalue())
+        if onnx_path is not None:
+            tar.add(str(onnx_path), arcname="model.onnx")
         _add(tar, "metadata.json", json.dumps(metadata, indent=1).encode())
         _add(tar, "model_card.md", model_card.encode())
         _add(tar, "code/inference.py", INFERENCE_SHIM.encode())
@@ -98,3 +104,43 @@ def score_package(package: str | Path, cache: Any, rows: Any, batch_size: int = 
     )
     with torch.no_grad():
         return torch.cat([torch.sigmoid(model(b)) for b in crops.split(batch_size)]).numpy()
+
+
+def export_and_verify_onnx(
+    model: Any, crop: int, cache: Any, rows: Any, out_path: str | Path
+) -> dict[str, Any]:
+    """Export the serving graph and check it on cache rows: probabilities within 1e-4 of PyTorch and
+    mean AUROC within 0.002. Returns the check (`verified` says whether the export may be served)."""
+    import numpy as np
+
+    from cxr.data.loader import ShardDataset
+    from cxr.evaluate import auroc_or_nan
+    from cxr.serve.predictor import export_onnx
+    from cxr.train import predict
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"verified": False, "reason": "onnxruntime is not installed"}
+    model = model.eval()
+    export_onnx(model, crop, out_path)
+    dataset = ShardDataset(cache, rows, crop=crop)
+    reference = predict(model, dataset)
+    session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    starts = range(0, len(dataset), 32)
+    batches = [np.stack([dataset[i][0].numpy() for i in range(s, min(s + 32, len(dataset)))]) for s in starts]
+    onnx_probs = (
+        np.concatenate([session.run(None, {"images": b})[0] for b in batches]) if batches else reference
+    )
+    labels = dataset.labels
+    diff = float(np.abs(onnx_probs - reference).max()) if len(reference) else 0.0
+
+    def mean_auroc(probs: Any) -> float:
+        values = [auroc_or_nan(labels[:, k], probs[:, k]) for k in range(labels.shape[1])]
+        finite = [v for v in values if v == v]
+        return float(np.mean(finite)) if finite else float("nan")
+
+    delta = abs(mean_auroc(onnx_probs) - mean_auroc(reference)) if len(reference) else 0.0
+    delta = 0.0 if delta != delta else delta
+    verified = diff <= ONNX_TOLERANCE and delta <= ONNX_MAX_AUROC_DELTA
+    return {"verified": verified, "max_abs_diff": diff, "auroc_delta": delta, "images": len(reference)}

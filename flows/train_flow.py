@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -34,13 +33,12 @@ from cxr.data.findings import FINDINGS
 from cxr.data.loader import ShardDataset
 from cxr.data.prepare import resolve_data_root, split_catalog
 from cxr.data.split import split_summary
-from cxr.evaluate import auroc_or_nan, youden_thresholds
 from cxr.evaluate import evaluate as evaluate_predictions
+from cxr.evaluate import youden_thresholds
 from cxr.gate import promotion_gate
 from cxr.model import CXRNet
-from cxr.model_card import render_model_card
-from cxr.package import build_package, score_package
 from cxr.registry import DEFAULT_GROUP, Registry
+from cxr.release import production_auroc, release_model
 from cxr.train import TrainConfig, checkpoint_dir, predict
 from cxr.train import train as train_model
 
@@ -216,20 +214,14 @@ class CXRTrainFlow(FlowSpec):
 
     @step
     def register(self):
-        """Package the model, compare it with production on this test split, and register it (gated)."""
+        """Compare with production on this test split, package (verified ONNX export), register (gated)."""
         rules = self.config["registry"]
         registry = Registry(group=registry_group(rules.get("group", "auto"), self.config["data"]))
-        production = registry.production()
-        production_auroc = None
-        if production is not None:
-            cache = cache_store.open_cache(self.data_cache["local_dir"], self.data_cache["uri"])
-            probs = score_package(production.package, cache, self.cache_rows["test"])
-            labels = cache.labels[self.cache_rows["test"]]
-            production_auroc = {f: auroc_or_nan(labels[:, k], probs[:, k]) for k, f in enumerate(FINDINGS)}
-        self.production_auroc = production_auroc
+        cache = cache_store.open_cache(self.data_cache["local_dir"], self.data_cache["uri"])
+        self.production_auroc = production_auroc(registry, cache, self.cache_rows["test"])
         decision = promotion_gate(
             self.metrics["auroc"],
-            production_auroc,
+            self.production_auroc,
             float(rules["min_improvement"]),
             float(rules["max_finding_drop"]),
             bool(rules["manual_approval"]),
@@ -242,31 +234,24 @@ class CXRTrainFlow(FlowSpec):
             "split": self.split_method,
             "config": json.dumps(self.config, sort_keys=True),
         }
-        metadata = {
-            "image_size": int(self.config["preprocess"]["size"]),
-            "crop": int(self.config["train"]["crop"]),
-            "dropout": float(self.config["train"].get("dropout", 0.3)),
-            "lineage": lineage,
-        }
-        with tempfile.TemporaryDirectory() as work:
-            card_text = render_model_card("(pending)", self.metrics, lineage, decision.text())
-            package = build_package(self.model_state, metadata, Path(work) / "model.tar.gz", card_text)
-            version = registry.register(
-                {
-                    "model.tar.gz": package,
-                    "model_card.md": card_text.encode(),
-                    "metrics.json": json.dumps(self.metrics).encode(),
-                },
-                metrics={"mean_auroc": self.metrics["mean_auroc"], "auroc": self.metrics["auroc"]},
-                lineage=lineage,
-                status="production" if decision.promote else "candidate",
-                decision=decision.text(),
-            )
-        version.card.write_text(render_model_card(version.version, self.metrics, lineage, decision.text()))
-        self.model_version, self.model_status = version.version, registry.get(version.version).status
-        self.model_group = registry.group
-        self.model_package = str(version.package)
+        train = self.config["train"]
+        settings = {"image_size": int(self.config["preprocess"]["size"]), "crop": int(train["crop"]),
+                    "dropout": float(train.get("dropout", 0.3))}  # fmt: skip
+        release = release_model(
+            registry,
+            self.model_state,
+            settings,
+            self.metrics,
+            lineage,
+            decision,
+            cache,
+            self.cache_rows["test"],
+        )
+        self.onnx_check = release.onnx_check
+        self.model_version, self.model_status = release.version.version, release.version.status
+        self.model_group, self.model_package = registry.group, str(release.version.package)
         print(f"model version {self.model_version}: {self.model_status} ({decision.text()})")
+        print(f"ONNX export: {self.onnx_check}")
         self.next(self.end)
 
     @step

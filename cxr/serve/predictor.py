@@ -103,7 +103,12 @@ def load_predictor(model_dir: str | Path, backend: str = "auto", threads: int | 
     """`onnx`, `torch`, or `auto` (ONNX when the package has an export and onnxruntime is installed)."""
     if backend not in ("auto", "onnx", "torch"):
         raise ValueError(f"unknown backend {backend!r}; use auto, onnx or torch")
-    has_onnx = (Path(model_dir) / ONNX_FILE).is_file()
+    import json
+
+    metadata = json.loads((Path(model_dir) / "metadata.json").read_text())
+    has_onnx = (Path(model_dir) / ONNX_FILE).is_file() and bool(metadata.get("onnx", {}).get("verified"))
+    if backend == "onnx" and not has_onnx:
+        raise FileNotFoundError(f"{model_dir} has no verified ONNX export; serve with --backend torch")
     if backend == "onnx" or (backend == "auto" and has_onnx):
         try:
             return OnnxPredictor(model_dir, threads)
