@@ -102,6 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
         models=models, weights=weights, host=args.host, port=args.port, capture=args.capture,
         capture_sample_percent=args.capture_sample, endpoint_name=args.endpoint_name, backend=args.backend,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads,
+        max_body_mb=args.max_body_mb,
     )  # fmt: skip
     print(f"serving {', '.join(f'{k}={v}' for k, v in models.items())} on http://{args.host}:{args.port}")
     serve(config)
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=16, help="largest dynamic batch")
     srv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
     srv.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    srv.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted")
     srv.set_defaults(func=_serve)
 
     pred = commands.add_parser("predict", help="score one image file (PNG, JPEG, DICOM, .npy)")

@@ -84,7 +84,9 @@ def _check_image_header(body: bytes) -> None:
     try:
         with Image.open(io.BytesIO(body)) as probe:
             width, height = probe.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:
+        raise PayloadTooLarge(f"image exceeds the pixel limit: {error}") from error
+    except (OSError, SyntaxError, ValueError) as error:
         raise UnprocessableImage(f"not a readable image: {str(error)[:200]}") from error
     if width * height > MAX_PIXELS:
         raise PayloadTooLarge(f"image of {width}×{height} pixels exceeds the limit of {MAX_PIXELS:,}")
@@ -139,10 +141,27 @@ def decode_dicom(body: bytes) -> np.ndarray:
         values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset).astype(np.float64)
     except Exception as error:  # pydicom and its pixel handlers raise many types on corrupt data
         raise UnprocessableImage(f"cannot decode DICOM pixel data: {str(error)[:200]}") from error
-    image = _to_uint8(values)
+    if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
+        low, high = _voi_output_range(dataset)  # the window maps onto this range: keep its meaning
+        image = (np.clip((values - low) / max(high - low, 1e-12), 0, 1) * 255).round().astype(np.uint8)
+    else:
+        image = _to_uint8(values)  # no window in the file: stretch the image's own range
     if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         image = 255 - image
     return image
+
+
+def _voi_output_range(dataset: Any) -> tuple[float, float]:
+    """The value range a VOI LUT / window maps onto (as pydicom's apply_voi_lut uses it)."""
+    bits = int(dataset.get("BitsStored", 8))
+    if int(dataset.get("PixelRepresentation", 0)) == 0:
+        low, high = 0.0, float(2**bits - 1)
+    else:
+        low, high = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    slope, intercept = dataset.get("RescaleSlope"), dataset.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
+    return low, high
 
 
 def _decode_json_batch(body: bytes) -> list[DecodedImage]:
