@@ -146,7 +146,8 @@ def main() -> None:
     print(f"10 clients: {served:.1f} img/s served; in-process batched ceiling {ceiling:.1f} img/s")
     p99_ratio = p99["onnx"] / p99["eager"]
     print(
-        f"P3: {p50['onnx'] / p50['eager']:.2f}x eager-PyTorch p50 latency (p99 {p99_ratio:.2f}x) (target 0.5x)"
+        f"P3: {p50['onnx'] / p50['eager']:.2f}x eager-PyTorch p50 latency (p99 {p99_ratio:.2f}x)"
+        " (target 0.5x)"
     )
     print(f"P4: {served / ceiling:.2f}x batched in-process ceiling, 10 concurrent clients (target 0.9x)")
 
