@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -233,3 +236,41 @@ def test_ab_split_sticky_and_live_weight_change(packages, nih_root, tmp_path):
         live.stop()
     variants = {r["cxr"]["variant"] for r in capture_lines(tmp_path)}
     assert variants == {"A", "B"} and (tmp_path / "cxr-endpoint" / "B").is_dir()
+
+
+def test_capture_to_s3_on_loopback(packages, nih_root, s3):
+    s3.create_bucket(Bucket="cxr-capture")
+    env = {
+        k: os.environ[k]
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    live = LiveServer(
+        free_port(), "--model", str(packages[0][0]), "--capture", "s3://cxr-capture/datacapture", env=env
+    )
+    _, png = real_png(nih_root)
+    served = sum(live.post(png, "image/png")[0] == 200 for _ in range(6))
+    live.stop()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="cxr-capture", Prefix="datacapture/")["Contents"]]
+    assert keys and all(
+        re.fullmatch(r"datacapture/cxr-endpoint/A/\d{4}/\d{2}/\d{2}/\d{2}/[\w.-]+\.jsonl", k) for k in keys
+    )
+    lines = [
+        line for k in keys for line in s3.get_object(Bucket="cxr-capture", Key=k)["Body"].read().splitlines()
+    ]
+    assert len(lines) == served == 6
+    head = s3.head_object(Bucket="cxr-capture", Key=keys[0])
+    assert head["ServerSideEncryption"] == "AES256"
+
+
+def test_predict_cli_with_heatmap(packages, nih_root, tmp_path):
+    _, png = real_png(nih_root, 2)
+    image = tmp_path / "x.png"
+    image.write_bytes(png)
+    heatmap = tmp_path / "heat.png"
+    command = [sys.executable, "-m", "cxr.cli", "predict", str(image), "--model", str(packages[0][0]),
+               "--heatmap", str(heatmap), "--finding", "Mass"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert set(payload["findings"]) == set(FINDINGS) and payload["version"] == 1
+    assert cv2.imread(str(heatmap)).shape == (CROP, CROP, 3)
