@@ -159,8 +159,10 @@ class Server:
             )
             explain = _explain_request(request)
             crops = await loop.run_in_executor(self.cpu_pool, _prepare_all, images, variant.metadata)
-            assert variant.batcher is not None
-            scored = await asyncio.gather(*(variant.batcher.submit(crop) for crop in crops))
+            batcher = variant.batcher
+            if batcher is None:
+                raise RuntimeError("the server has not started its batchers")
+            scored = await asyncio.gather(*(batcher.submit(crop) for crop in crops))
             heatmaps = await loop.run_in_executor(self.cpu_pool, self._explain, variant, crops, explain)
             event_id = new_event_id()
             response = self._response(variant, scored, heatmaps, event_id, start)

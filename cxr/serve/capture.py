@@ -87,7 +87,7 @@ class CaptureWriter:
 
     def sampled(self) -> bool:
         """Whether the next request is captured, per the sampling percentage."""
-        return self.sample_percent >= 100 or random.random() * 100 < self.sample_percent  # noqa: S311
+        return self.sample_percent >= 100 or random.random() * 100 < self.sample_percent  # noqa: S311  # nosec B311
 
     def submit(self, record: dict[str, Any]) -> None:
         """Queue a record for writing."""

@@ -24,7 +24,8 @@ def grad_cam(model: CXRNet, crop: np.ndarray, finding: str) -> np.ndarray:
         activations.retain_grad()
         logits = model.head(F.adaptive_avg_pool2d(activations, 1).flatten(1))
         logits[0, FINDINGS.index(finding)].backward()
-    assert activations.grad is not None
+    if activations.grad is None:
+        raise RuntimeError("no gradient reached the feature maps")
     weights = activations.grad.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activations).sum(dim=1, keepdim=True)).detach()
     size = (int(crop.shape[-2]), int(crop.shape[-1]))

@@ -43,7 +43,7 @@ class Router:
             if target not in weights:
                 raise RequestError(f"unknown target variant {target!r}; served: {sorted(weights)}")
             return target
-        point = _unit_hash(key) if key else random.random()  # noqa: S311 - routing, not security
+        point = _unit_hash(key) if key else random.random()  # noqa: S311  # nosec B311
         cumulative = 0.0
         for name, weight in weights.items():
             cumulative += weight
