@@ -184,8 +184,11 @@ def test_capture_on_sigterm_matches_served_and_holds_no_patient_data(packages, n
     ] * 5:
         served += live.post(body, kind)[0] == 200
     live.stop()  # SIGTERM: the buffer must be flushed
-    records = capture_lines(tmp_path)
-    assert len(records) == served == 10
+    everything = capture_lines(tmp_path)
+    records = [r for r in everything if r["cxr"]["status"] == 200]
+    rejected = [r for r in everything if r["cxr"]["status"] != 200]
+    assert len(records) == served == 10 and len(rejected) == 5
+    assert all(r["cxr"]["status"] == 400 and not r["captureData"]["endpointInput"]["data"] for r in rejected)
     paths = [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.jsonl")]
     assert all(re.fullmatch(r"ep/A/\d{4}/\d{2}/\d{2}/\d{2}/[\w.-]+\.jsonl", p) for p in paths)
     record = records[0]

@@ -173,6 +173,7 @@ class Server:
             return web.Response(text=text, content_type=JSON, headers={INVOKED_VARIANT: variant.name})
         except RequestError as error:
             self._record_status(variant_name, error.status_code, start)
+            self._capture_rejection(request, variant_name, error)
             return web.json_response({"error": str(error)}, status=error.status_code)
         except Exception:
             log.exception("internal error while serving a request")
@@ -292,6 +293,18 @@ class Server:
         )
         self.capture.submit(record)
         self.metrics.captured.inc()
+
+    def _capture_rejection(self, request: web.Request, variant: str, error: RequestError) -> None:
+        """A rejected request is captured without its payload: status and message only."""
+        if self.capture is None or not self.capture.sampled():
+            return
+        version = self.variants[variant].metadata.get("version") if variant in self.variants else None
+        output = json.dumps({"error": str(error)[:500]})
+        kind = media_type(request.headers.get("Content-Type")) or "unknown"
+        record = capture_record(
+            kind, b"", output, new_event_id(), variant, version, [], status=error.status_code
+        )
+        self.capture.submit(record)
 
 
 def _route_key(request: web.Request) -> str | None:

@@ -5,7 +5,10 @@ One JSON line per request:
     {"captureData": {"endpointInput":  {"observedContentType", "mode": "INPUT",  "data", "encoding"},
                      "endpointOutput": {"observedContentType", "mode": "OUTPUT", "data", "encoding"}},
      "eventMetadata": {"eventId", "inferenceId", "inferenceTime"}, "eventVersion": "0",
-     "cxr": {"variant", "model_version", "features": [{"image_stats", "embedding_projection", "shape"}]}}
+     "cxr": {"variant", "model_version", "status", "features": [{"image_stats", "embedding_projection"}]}}
+
+Rejected requests (4xx) are captured too, without their payload and with the error as output, so the
+monitor can measure the share of rejected inputs.
 
 Files follow SageMaker's layout `<prefix>/<endpoint>/<variant>/yyyy/mm/dd/hh/<time>-<id>.jsonl`. DICOM
 inputs are captured as the decoded 8-bit PNG, so no DICOM tag (patient data) is ever written. `close()`
@@ -38,6 +41,7 @@ def capture_record(
     model_version: Any,
     features: list[dict[str, Any]],
     when: dt.datetime | None = None,
+    status: int = 200,
 ) -> dict[str, Any]:
     """One capture line in SageMaker Data Capture's schema plus cxr's monitoring features."""
     when = when or dt.datetime.now(dt.UTC)
@@ -62,7 +66,7 @@ def capture_record(
             "inferenceTime": when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z",
         },
         "eventVersion": "0",
-        "cxr": {"variant": variant, "model_version": model_version, "features": features},
+        "cxr": {"variant": variant, "model_version": model_version, "status": status, "features": features},
     }
 
 
