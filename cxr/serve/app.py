@@ -288,8 +288,10 @@ class Server:
             }
             for image, crop, projection in zip(images, crops, projections, strict=True)
         ]
+        attributes = request.headers.get(CUSTOM_ATTRIBUTES)
+        version = variant.metadata.get("version")
         record = capture_record(
-            input_type, data, output, event_id, variant.name, variant.metadata.get("version"), features
+            input_type, data, output, event_id, variant.name, version, features, custom_attributes=attributes
         )
         self.capture.submit(record)
         self.metrics.captured.inc()

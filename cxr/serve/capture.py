@@ -42,9 +42,17 @@ def capture_record(
     features: list[dict[str, Any]],
     when: dt.datetime | None = None,
     status: int = 200,
+    custom_attributes: str | None = None,
 ) -> dict[str, Any]:
     """One capture line in SageMaker Data Capture's schema plus cxr's monitoring features."""
     when = when or dt.datetime.now(dt.UTC)
+    metadata: dict[str, Any] = {
+        "eventId": event_id,
+        "inferenceId": event_id,
+        "inferenceTime": when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z",
+    }
+    if custom_attributes:
+        metadata["customAttributes"] = [custom_attributes[:1024]]
     return {
         "captureData": {
             "endpointInput": {
@@ -60,11 +68,7 @@ def capture_record(
                 "encoding": "JSON",
             },
         },
-        "eventMetadata": {
-            "eventId": event_id,
-            "inferenceId": event_id,
-            "inferenceTime": when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z",
-        },
+        "eventMetadata": metadata,
         "eventVersion": "0",
         "cxr": {"variant": variant, "model_version": model_version, "status": status, "features": features},
     }

@@ -1,0 +1,1 @@
+"""Monitoring: baselines from training, capture reading, drift and performance checks, reports, alerts."""

@@ -1,0 +1,265 @@
+"""Drift, performance and data-quality checks of a traffic window against a baseline.
+
+Every test yields a row: check, feature, statistic, threshold, p-value (where one applies), and whether it
+is a violation. Statistical families — input features (KS), embeddings (MMD permutation test),
+prediction scores (KS), positive rates (two-proportion z-test) — share the false-alarm budget `alpha`
+equally (Bonferroni across families, Holm within each), so a window of unchanged traffic raises any alarm
+with probability at most `alpha`. A significant result must also be large enough to matter (KS statistic,
+rate change) before it counts as a violation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from cxr.data.findings import FINDINGS
+from cxr.evaluate import auroc_or_nan, bootstrap_aurocs
+from cxr.monitor.baseline import IMAGE_FEATURES, Baseline
+from cxr.monitor.reader import Traffic
+
+FAMILIES = ("input_drift", "embedding_drift", "prediction_drift", "positive_rate_shift")
+
+
+@dataclass
+class MonitorConfig:
+    """Thresholds of the checks."""
+
+    alpha: float = 0.05  # probability of any false alarm on an unchanged window
+    min_ks: float = 0.1  # smallest KS statistic that counts as drift
+    min_rate_shift: float = 0.05  # smallest absolute change of a positive rate that counts
+    permutations: int = 999  # MMD permutation test
+    max_samples: int = 500  # per side, for the MMD test
+    min_images: int = 20  # below this the statistical checks are skipped (reported as such)
+    max_error_rate: float = 0.05  # share of rejected requests
+    max_missing_rate: float = 0.01  # share of served records without usable features
+    max_malformed_rate: float = 0.01  # share of unreadable capture lines
+    auroc_margin: float = 0.05  # performance: alarm when the window's AUROC CI lies below baseline − margin
+    bootstrap: int = 500
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> MonitorConfig:
+        """From a config mapping; unknown keys are an error."""
+        values = dict(values or {})
+        unknown = set(values) - set(asdict(cls()))
+        if unknown:
+            raise ValueError(f"unknown monitor settings {sorted(unknown)}")
+        return cls(**values)
+
+
+def holm(p_values: np.ndarray) -> np.ndarray:
+    """Holm–Bonferroni adjusted p-values."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p)
+    adjusted = np.empty_like(p)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
+    """Population stability index over the reference's quantile bins."""
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)))
+    if len(edges) < 3:
+        return 0.0
+    edges[0], edges[-1] = -np.inf, np.inf
+    ref = np.histogram(reference, edges)[0] / len(reference) + 1e-4
+    cur = np.histogram(current, edges)[0] / len(current) + 1e-4
+    return float(np.sum((cur - ref) * np.log(cur / ref)))
+
+
+def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int) -> tuple[float, float]:
+    """Squared MMD with an RBF kernel (median-heuristic bandwidth) and its permutation p-value."""
+    z = np.vstack([x, y])
+    squared = np.maximum((z**2).sum(1)[:, None] + (z**2).sum(1)[None, :] - 2 * z @ z.T, 0)
+    bandwidth = np.median(squared[np.triu_indices(len(z), 1)]) or 1.0
+    kernel = np.exp(-squared / bandwidth)
+    n, m = len(x), len(y)
+
+    def statistic(signs: np.ndarray) -> np.ndarray:  # rows of +1/n (first sample) and −1/m (second)
+        return np.einsum("bi,ij,bj->b", signs, kernel, signs, optimize=True)
+
+    observed = statistic(np.concatenate([np.full(n, 1 / n), np.full(m, -1 / m)])[None])[0]
+    rng = np.random.default_rng(seed)
+    base = np.concatenate([np.full(n, 1 / n), np.full(m, -1 / m)])
+    chunks = [min(200, permutations - s) for s in range(0, permutations, 200)]
+    null = np.concatenate([statistic(np.stack([rng.permutation(base) for _ in range(k)])) for k in chunks])
+    return float(observed), float((1 + (null >= observed).sum()) / (1 + len(null)))
+
+
+def _two_proportion(p1: float, n1: int, p2: float, n2: int) -> float:
+    pooled = (p1 * n1 + p2 * n2) / (n1 + n2)
+    se = np.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    return 1.0 if se == 0 else float(2 * stats.norm.sf(abs(p1 - p2) / se))
+
+
+def _row(
+    check: str, feature: str, statistic: float, threshold: float, p_value: float | None, **extra: Any
+) -> dict:
+    return {"check": check, "feature": feature, "statistic": float(statistic), "threshold": float(threshold),
+            "p_value": None if p_value is None else float(p_value), **extra}  # fmt: skip
+
+
+def statistical_checks(baseline: Baseline, traffic: Traffic, config: MonitorConfig) -> list[dict[str, Any]]:
+    """The four drift families, multiplicity-controlled."""
+    family_alpha = config.alpha / len(FAMILIES)
+    rows: list[dict[str, Any]] = []
+    n = len(traffic.image)
+    ks_rows = []
+    for i, name in enumerate(IMAGE_FEATURES):
+        result = stats.ks_2samp(baseline.image[:, i], traffic.image[:, i])
+        ks_rows.append(_row("input_drift", f"image.{name}", result.statistic, config.min_ks, result.pvalue,
+                            psi=psi(baseline.image[:, i], traffic.image[:, i])))  # fmt: skip
+    rows += _decide(ks_rows, family_alpha, config.min_ks)
+
+    rng = np.random.default_rng(config.seed)
+    x = _subsample(baseline.embedding, config.max_samples, rng)
+    y = _subsample(traffic.embedding, config.max_samples, rng)
+    mmd, p = mmd_test(x, y, config.permutations, config.seed)
+    rows += _decide([_row("embedding_drift", "embedding.projection", mmd, 0.0, p)], family_alpha, 0.0)
+
+    pred_rows = []
+    for i, finding in enumerate(FINDINGS):
+        result = stats.ks_2samp(baseline.probabilities[:, i], traffic.probabilities[:, i])
+        pred_rows.append(
+            _row("prediction_drift", f"probability.{finding}", result.statistic, config.min_ks, result.pvalue)
+        )
+    rows += _decide(pred_rows, family_alpha, config.min_ks)
+
+    cut = np.array([baseline.thresholds.get(f, 0.5) for f in FINDINGS])
+    window_rates = (traffic.probabilities >= cut).mean(axis=0)
+    rate_rows = []
+    for i, finding in enumerate(FINDINGS):
+        base_rate, rate = float(baseline.positive_rates[i]), float(window_rates[i])
+        p = _two_proportion(base_rate, len(baseline.probabilities), rate, n)
+        shift = abs(rate - base_rate)
+        name = f"positive_rate.{finding}"
+        extra = {"baseline_value": base_rate, "window_value": rate}
+        rate_rows.append(_row("positive_rate_shift", name, shift, config.min_rate_shift, p, **extra))
+    rows += _decide(rate_rows, family_alpha, config.min_rate_shift)
+    return rows
+
+
+def _subsample(values: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    return values if len(values) <= limit else values[rng.choice(len(values), limit, replace=False)]
+
+
+def _decide(rows: list[dict[str, Any]], family_alpha: float, min_effect: float) -> list[dict[str, Any]]:
+    adjusted = holm(np.array([r["p_value"] for r in rows]))
+    for row, p in zip(rows, adjusted, strict=True):
+        row["adjusted_p_value"] = float(p)
+        row["alpha"] = family_alpha
+        row["violation"] = bool(p < family_alpha and row["statistic"] >= min_effect)
+    return rows
+
+
+def quality_checks(traffic: Traffic, config: MonitorConfig) -> list[dict[str, Any]]:
+    """Error (rejected-input) rate, missing features and malformed capture lines."""
+    total = max(traffic.records, 1)
+    served = max(traffic.served, 1)
+    lines = max(traffic.records + traffic.malformed, 1)
+    checks = [
+        ("rejected_inputs", traffic.rejected / total, config.max_error_rate),
+        ("server_errors", sum(n for s, n in traffic.statuses.items() if s >= 500) / total, 0.0),
+        ("missing_features", traffic.missing_features / served, config.max_missing_rate),
+        ("malformed_records", traffic.malformed / lines, config.max_malformed_rate),
+    ]
+    return [{**_row("data_quality", name, value, limit, None), "violation": bool(value > limit)}
+            for name, value, limit in checks]  # fmt: skip
+
+
+def performance_checks(
+    baseline: Baseline, traffic: Traffic, labels: pd.DataFrame | None, config: MonitorConfig
+) -> list[dict[str, Any]]:
+    """Per-finding AUROC on the labelled part of the window against the baseline AUROC, with 95% CIs."""
+    if labels is None or not baseline.auroc:
+        return []
+    y, p = match_labels(traffic, labels)
+    if len(y) < config.min_images:
+        return [
+            {**_row("performance", "labelled_images", len(y), config.min_images, None), "violation": False}
+        ]
+    boots = bootstrap_aurocs(y, p, config.bootstrap, config.seed)
+    rows = []
+    for i, finding in enumerate(FINDINGS):
+        reference = baseline.auroc.get(finding)
+        value = auroc_or_nan(y[:, i], p[:, i])
+        finite = boots[:, i][np.isfinite(boots[:, i])]
+        if reference is None or not np.isfinite(value) or not len(finite):
+            continue
+        low, high = np.percentile(finite, [2.5, 97.5])
+        floor = reference - config.auroc_margin
+        p_value = float((finite >= floor).mean())  # one-sided bootstrap p for "AUROC fell below the floor"
+        extra = {"ci_low": float(low), "ci_high": float(high), "baseline_value": float(reference)}
+        rows.append(
+            {
+                **_row("performance", f"auroc.{finding}", value, floor, p_value),
+                **extra,
+                "violation": bool(high < floor),
+            }
+        )
+    return rows
+
+
+def match_labels(traffic: Traffic, labels: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth (keyed by `inference_id` or `image_id`) aligned with the window's predictions."""
+    key = "inference_id" if "inference_id" in labels.columns else "image_id"
+    ids = traffic.inference_ids if key == "inference_id" else traffic.image_ids
+    table = labels.drop_duplicates(key).set_index(key)
+    rows = [(i, table.index.get_loc(k)) for i, k in enumerate(ids) if k is not None and k in table.index]
+    if not rows:
+        return np.zeros((0, len(FINDINGS))), np.zeros((0, len(FINDINGS)))
+    mine, theirs = (np.array(r) for r in zip(*rows, strict=True))
+    return table[list(FINDINGS)].to_numpy(dtype=float)[theirs], traffic.probabilities[mine]
+
+
+def run_checks(
+    baseline: Baseline, traffic: Traffic, config: MonitorConfig, labels: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """All checks for one variant's window, one row each."""
+    rows = quality_checks(traffic, config)
+    if len(traffic.image) >= config.min_images:
+        rows += statistical_checks(baseline, traffic, config)
+    else:
+        rows.append(
+            {
+                **_row("volume", "served_images", len(traffic.image), config.min_images, None),
+                "violation": False,
+            }
+        )
+    rows += performance_checks(baseline, traffic, labels, config)
+    table = pd.DataFrame(rows)
+    table.insert(0, "variant", traffic.variant)
+    return table
+
+
+def violations(results: pd.DataFrame) -> list[dict[str, Any]]:
+    """The violated rows as dicts: check, feature, statistic, threshold, p_value, variant."""
+    if results.empty:
+        return []
+    keep = ["variant", "check", "feature", "statistic", "threshold", "p_value"]
+    return [
+        {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+        for row in results.loc[results["violation"], keep].to_dict(orient="records")
+    ]
+
+
+def constraint_violations(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """Model Monitor-shaped `constraint_violations.json`."""
+    entries = []
+    for v in found:
+        text = f"{v['check']} on {v['feature']} (variant {v['variant']}): statistic {v['statistic']:.4g}"
+        text += f" vs threshold {v['threshold']:.4g}"
+        if v.get("p_value") is not None:
+            text += f", p-value {v['p_value']:.3g}"
+        entries.append(
+            {"feature_name": v["feature"], "constraint_check_type": v["check"], "description": text}
+        )
+    return {"violations": entries}

@@ -1,0 +1,222 @@
+"""Read captured traffic for a time window: SageMaker's capture layout, in a directory or under `s3://`.
+
+Only the hour folders that overlap the window are listed. Files are parsed in parallel processes; lines
+that are not valid capture records are counted as malformed, never fatal. Each served image yields one
+row of features (image statistics, embedding projection) and its predicted probabilities.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr.data.findings import FINDINGS
+from cxr.monitor.baseline import IMAGE_FEATURES
+
+EMBEDDING_DIM = 32
+
+
+@dataclass
+class Traffic:
+    """Everything captured for one variant in the window."""
+
+    variant: str
+    records: int = 0
+    malformed: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    missing_features: int = 0
+    image: np.ndarray = field(default_factory=lambda: np.zeros((0, len(IMAGE_FEATURES))))
+    embedding: np.ndarray = field(default_factory=lambda: np.zeros((0, EMBEDDING_DIM)))
+    probabilities: np.ndarray = field(default_factory=lambda: np.zeros((0, len(FINDINGS))))
+    inference_ids: list[str] = field(default_factory=list)
+    image_ids: list[str | None] = field(default_factory=list)
+    times: list[str] = field(default_factory=list)
+    model_versions: Counter = field(default_factory=Counter)
+    files: int = 0
+
+    @property
+    def served(self) -> int:
+        """Requests answered with 200."""
+        return int(self.statuses.get(200, 0))
+
+    @property
+    def rejected(self) -> int:
+        """Requests answered with a 4xx."""
+        return int(sum(n for s, n in self.statuses.items() if 400 <= s < 500))
+
+
+def hours(start: dt.datetime, end: dt.datetime) -> list[str]:
+    """The `yyyy/mm/dd/hh` folders that overlap [start, end)."""
+    current = start.replace(minute=0, second=0, microsecond=0)
+    out = []
+    while current < end:
+        out.append(current.strftime("%Y/%m/%d/%H"))
+        current += dt.timedelta(hours=1)
+    return out
+
+
+def list_capture_files(
+    uri: str, endpoint: str, variant: str, start: dt.datetime, end: dt.datetime
+) -> list[str]:
+    """Capture files of one variant whose hour folder overlaps the window."""
+    files: list[str] = []
+    if uri.startswith("s3://"):
+        from cxr.data.sources import s3_client, split_s3_uri
+
+        bucket, prefix = split_s3_uri(uri)
+        paginator = s3_client().get_paginator("list_objects_v2")
+        for hour in hours(start, end):
+            for page in paginator.paginate(Bucket=bucket, Prefix=f"{prefix}{endpoint}/{variant}/{hour}/"):
+                files += [
+                    f"s3://{bucket}/{o['Key']}"
+                    for o in page.get("Contents", [])
+                    if o["Key"].endswith(".jsonl")
+                ]
+        return files
+    for hour in hours(start, end):
+        folder = Path(uri) / endpoint / variant / hour
+        if folder.is_dir():
+            files += sorted(str(p) for p in folder.glob("*.jsonl"))
+    return files
+
+
+def list_variants(uri: str, endpoint: str) -> list[str]:
+    """Variant folders under an endpoint's capture prefix."""
+    if uri.startswith("s3://"):
+        from cxr.data.sources import s3_client, split_s3_uri
+
+        bucket, prefix = split_s3_uri(uri)
+        response = s3_client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}{endpoint}/", Delimiter="/")
+        return sorted(p["Prefix"].rstrip("/").rsplit("/", 1)[-1] for p in response.get("CommonPrefixes", []))
+    root = Path(uri) / endpoint
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def _read(path: str) -> bytes:
+    if path.startswith("s3://"):
+        from cxr.data.sources import s3_client, split_s3_uri
+
+        bucket, key = split_s3_uri(path)
+        return bytes(s3_client().get_object(Bucket=bucket, Key=key.rstrip("/"))["Body"].read())
+    return Path(path).read_bytes()
+
+
+def _image_id(metadata: dict[str, Any]) -> str | None:
+    for attributes in metadata.get("customAttributes") or []:
+        for part in str(attributes).split(","):
+            name, _, value = part.partition("=")
+            if name.strip() == "image_id":
+                return value.strip()
+    return None
+
+
+def parse_file(path: str, start_text: str, end_text: str) -> dict[str, Any]:
+    """Parse one capture file into plain lists (picklable across processes)."""
+    out: dict[str, Any] = {"records": 0, "malformed": 0, "statuses": Counter(), "missing": 0, "image": [],
+                           "embedding": [], "probabilities": [], "ids": [], "image_ids": [], "times": [],
+                           "versions": Counter()}  # fmt: skip
+    for line in _read(path).splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            metadata = record["eventMetadata"]
+            when = metadata["inferenceTime"]
+            extra = record.get("cxr", {})
+            status = int(extra.get("status", 200))
+            event_id = str(metadata["eventId"])
+        except (ValueError, KeyError, TypeError):
+            out["malformed"] += 1
+            continue
+        if not (start_text <= when < end_text):
+            continue
+        out["records"] += 1
+        out["statuses"][status] += 1
+        if status != 200:
+            continue
+        out["versions"][str(extra.get("model_version"))] += 1
+        try:
+            output = json.loads(record["captureData"]["endpointOutput"]["data"])
+            predictions = output["predictions"]
+            features = extra["features"]
+            rows = [
+                (
+                    [float(f["image_stats"][k]) for k in IMAGE_FEATURES],
+                    [float(v) for v in f["embedding_projection"]],
+                    [float(p["probabilities"][name]) for name in FINDINGS],
+                )
+                for f, p in zip(features, predictions, strict=True)
+            ]
+        except (ValueError, KeyError, TypeError):
+            out["missing"] += 1
+            continue
+        image_id = _image_id(metadata)
+        for index, (image, embedding, probabilities) in enumerate(rows):
+            out["image"].append(image)
+            out["embedding"].append(embedding)
+            out["probabilities"].append(probabilities)
+            out["ids"].append(event_id if len(rows) == 1 else f"{event_id}#{index}")
+            out["image_ids"].append(image_id if len(rows) == 1 else None)
+            out["times"].append(when)
+    return out
+
+
+def _iso(moment: dt.datetime) -> str:
+    moment = moment.astimezone(dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def read_traffic(
+    uri: str,
+    endpoint: str,
+    start: dt.datetime,
+    end: dt.datetime,
+    variants: list[str] | None = None,
+    workers: int | None = None,
+) -> dict[str, Traffic]:
+    """Captured traffic per variant in [start, end)."""
+    variants = variants or list_variants(uri, endpoint)
+    result = {}
+    for variant in variants:
+        files = list_capture_files(uri, endpoint, variant, start, end)
+        traffic = Traffic(variant, files=len(files))
+        parts = _parse_all(files, _iso(start), _iso(end), workers)
+        _merge(traffic, parts)
+        result[variant] = traffic
+    return result
+
+
+def _parse_all(files: list[str], start: str, end: str, workers: int | None) -> list[dict[str, Any]]:
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(files) < 4:
+        return [parse_file(f, start, end) for f in files]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(parse_file, files, [start] * len(files), [end] * len(files), chunksize=4))
+
+
+def _merge(traffic: Traffic, parts: list[dict[str, Any]]) -> None:
+    images, embeddings, probabilities = [], [], []
+    for part in parts:
+        traffic.records += part["records"]
+        traffic.malformed += part["malformed"]
+        traffic.statuses.update(part["statuses"])
+        traffic.missing_features += part["missing"]
+        traffic.model_versions.update(part["versions"])
+        images += part["image"]
+        embeddings += part["embedding"]
+        probabilities += part["probabilities"]
+        traffic.inference_ids += part["ids"]
+        traffic.image_ids += part["image_ids"]
+        traffic.times += part["times"]
+    if images:
+        traffic.image = np.asarray(images, dtype=np.float64)
+        traffic.embedding = np.asarray(embeddings, dtype=np.float64)
+        traffic.probabilities = np.asarray(probabilities, dtype=np.float64)
