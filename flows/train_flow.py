@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from metaflow import FlowSpec, IncludeFile, Parameter, card, current, resources, retry, step
 from metaflow.cards import Markdown, Table, VegaChart
@@ -37,6 +38,7 @@ from cxr.evaluate import evaluate as evaluate_predictions
 from cxr.evaluate import youden_thresholds
 from cxr.gate import promotion_gate
 from cxr.model import CXRNet
+from cxr.monitor.baseline import compute_baseline
 from cxr.registry import DEFAULT_GROUP, Registry
 from cxr.release import production_auroc, release_model
 from cxr.train import TrainConfig, checkpoint_dir, predict
@@ -81,7 +83,8 @@ class CXRTrainFlow(FlowSpec):
        image once into memory-mapped shards of a content-addressed cache, shared through S3 when the
        S3 datastore is configured.
     5. train: DenseNet121 classifier, checkpointed every epoch (`resume` continues mid-training).
-    6. evaluate: AUROC with CIs, AUPRC, operating points, calibration, subgroups; cards with plots.
+    6. evaluate: AUROC with CIs, AUPRC, operating points, calibration, subgroups; cards with plots;
+       the monitoring baseline (input, embedding and prediction distributions of train/val images).
     7. register: package (SageMaker layout), gate against production on the same test split, register.
     8. end: print where to look next.
     """
@@ -208,6 +211,11 @@ class CXRTrainFlow(FlowSpec):
         self.metrics = report.to_dict()
         self.test_predictions = pd.DataFrame(test_probs, columns=[f"prob_{f}" for f in FINDINGS])
         self.test_predictions.insert(0, "Image Index", test_meta["image_id"])
+        reference_rows = np.concatenate([self.cache_rows["train"], self.cache_rows["val"]])
+        thresholds = {row["finding"]: row["threshold"] for row in self.metrics["per_class"]}
+        self.baseline = compute_baseline(
+            model, cache, reference_rows, crop, thresholds, self.metrics["auroc"]
+        )
         print(report.table())
         _metrics_card(report)
         self.next(self.register)
@@ -237,16 +245,11 @@ class CXRTrainFlow(FlowSpec):
         train = self.config["train"]
         settings = {"image_size": int(self.config["preprocess"]["size"]), "crop": int(train["crop"]),
                     "dropout": float(train.get("dropout", 0.3))}  # fmt: skip
+        test_rows = self.cache_rows["test"]
         release = release_model(
-            registry,
-            self.model_state,
-            settings,
-            self.metrics,
-            lineage,
-            decision,
-            cache,
-            self.cache_rows["test"],
+            registry, self.model_state, settings, self.metrics, lineage, decision, cache, test_rows
         )
+        self.baseline.save(release.version.directory)  # what MonitorFlow compares traffic with
         self.onnx_check = release.onnx_check
         self.model_version, self.model_status = release.version.version, release.version.status
         self.model_group, self.model_package = registry.group, str(release.version.package)

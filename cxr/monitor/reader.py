@@ -52,6 +52,19 @@ class Traffic:
         """Requests answered with a 4xx."""
         return int(sum(n for s, n in self.statuses.items() if 400 <= s < 500))
 
+    def summary(self) -> dict[str, Any]:
+        """Counts for reports and cards."""
+        return {
+            "variant": self.variant,
+            "files": self.files,
+            "records": self.records,
+            "served": self.served,
+            "rejected": self.rejected,
+            "malformed": self.malformed,
+            "images": len(self.image),
+            "model_versions": dict(self.model_versions),
+        }
+
 
 def hours(start: dt.datetime, end: dt.datetime) -> list[str]:
     """The `yyyy/mm/dd/hh` folders that overlap [start, end)."""

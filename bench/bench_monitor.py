@@ -1,0 +1,85 @@
+"""P6: MonitorFlow's core (read the capture window + run every check) on 100k capture records, 2 cores.
+
+Records are written exactly as the server writes them (SageMaker capture JSONL with a 64×64 PNG input,
+the JSON response and cxr's features), 1,000 per file in the hourly layout. The same work is timed on
+10k, 50k and 100k records to show how the cost grows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from common import IMAGES
+
+from cxr.data.findings import FINDINGS
+from cxr.features import image_stats
+from cxr.monitor.baseline import Baseline
+from cxr.monitor.checks import MonitorConfig, run_checks
+from cxr.monitor.reader import read_traffic
+from cxr.serve.capture import capture_record
+
+START = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+PER_FILE = 1000
+
+
+def write_records(root: Path, count: int) -> None:
+    rng = np.random.default_rng(0)
+    image = cv2.resize(
+        cv2.imread(str(IMAGES[0]), cv2.IMREAD_GRAYSCALE), (64, 64), interpolation=cv2.INTER_AREA
+    )
+    png = cv2.imencode(".png", image)[1].tobytes()
+    stats = image_stats(image)
+    for start in range(0, count, PER_FILE):
+        lines = []
+        for i in range(start, min(start + PER_FILE, count)):
+            when = START + dt.timedelta(seconds=i * 0.5)
+            probs = dict(zip(FINDINGS, rng.random(14).round(6).tolist(), strict=True))
+            output = json.dumps({"inference_id": str(i), "predictions": [{"probabilities": probs}]})
+            features = [
+                {"image_stats": stats, "embedding_projection": rng.normal(0, 1, 32).round(5).tolist()}
+            ]
+            record = capture_record("image/png", png, output, f"event-{i}", "A", 1, features, when=when)
+            lines.append(json.dumps(record, separators=(",", ":")))
+        hour = (START + dt.timedelta(seconds=start * 0.5)).strftime("%Y/%m/%d/%H")
+        folder = root / "ep" / "A" / hour
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{start:09d}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def timed(root: Path, baseline: Baseline, count: int) -> float:
+    end = START + dt.timedelta(seconds=count * 0.5 + 1)
+    begin = time.perf_counter()
+    traffic = read_traffic(str(root), "ep", START, end)["A"]
+    run_checks(baseline, traffic, MonitorConfig())
+    elapsed = time.perf_counter() - begin
+    assert traffic.served == count, (traffic.served, count)
+    return elapsed
+
+
+def main() -> None:
+    rng = np.random.default_rng(1)
+    baseline = Baseline(rng.normal(100, 10, (2000, 7)), rng.normal(0, 1, (2000, 32)), rng.random((2000, 14)))
+    times = {}
+    with tempfile.TemporaryDirectory() as work:
+        for count in (10_000, 50_000, 100_000):
+            root = Path(work) / str(count)
+            write_records(root, count)
+            size = sum(p.stat().st_size for p in root.rglob("*.jsonl")) / 1e6
+            times[count] = timed(root, baseline, count)
+            print(f"{count:>7,} records ({size:,.0f} MB): {times[count]:.1f} s")
+    print(
+        f"P6: {60.0 / times[100_000]:.2f}x faster than the 60 s budget for 100k records on 2 cores (target 1x)"
+    )
+    print(
+        f"P6: {times[100_000] / (10 * times[10_000]):.2f}x of linear cost from 10k to 100k records (target <=1.2x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
