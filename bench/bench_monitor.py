@@ -52,30 +52,40 @@ def write_records(root: Path, count: int) -> None:
         (folder / f"{start:09d}.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def timed(root: Path, baseline: Baseline, count: int) -> float:
+def timed(root: Path, baseline: Baseline, count: int) -> tuple[float, float]:
+    """(seconds reading the window, seconds running the checks), best of two."""
     end = START + dt.timedelta(seconds=count * 0.5 + 1)
-    begin = time.perf_counter()
-    traffic = read_traffic(str(root), "ep", START, end)["A"]
-    run_checks(baseline, traffic, MonitorConfig())
-    elapsed = time.perf_counter() - begin
-    assert traffic.served == count, (traffic.served, count)
-    return elapsed
+    best = (float("inf"), float("inf"))
+    for _ in range(2):
+        begin = time.perf_counter()
+        traffic = read_traffic(str(root), "ep", START, end)["A"]
+        read = time.perf_counter() - begin
+        run_checks(baseline, traffic, MonitorConfig())
+        best = (min(best[0], read), min(best[1], time.perf_counter() - begin - read))
+        assert traffic.served == count, (traffic.served, count)
+    return best
 
 
 def main() -> None:
     rng = np.random.default_rng(1)
     baseline = Baseline(rng.normal(100, 10, (2000, 7)), rng.normal(0, 1, (2000, 32)), rng.random((2000, 14)))
-    times = {}
+    times, reads = {}, {}
     with tempfile.TemporaryDirectory() as work:
+        write_records(Path(work) / "warmup", 2_000)
+        timed(Path(work) / "warmup", baseline, 2_000)  # imports and first-call costs stay out of the figures
         for count in (10_000, 50_000, 100_000):
             root = Path(work) / str(count)
             write_records(root, count)
             size = sum(p.stat().st_size for p in root.rglob("*.jsonl")) / 1e6
-            times[count] = timed(root, baseline, count)
-            print(f"{count:>7,} records ({size:,.0f} MB): {times[count]:.1f} s")
-    budget, growth = 60.0 / times[100_000], times[100_000] / (10 * times[10_000])
+            read, checks = timed(root, baseline, count)
+            times[count], reads[count] = read + checks, read
+            print(f"{count:>7,} records ({size:,.0f} MB): read {read:.2f} s + checks {checks:.2f} s")
+    budget = 60.0 / times[100_000]
+    growth = (reads[100_000] / 100_000) / (
+        reads[10_000] / 10_000
+    )  # the checks cost about the same at any size
     print(f"P6: {budget:.2f}x faster than the 60 s budget for 100k records on 2 cores (target 1x)")
-    print(f"P6: {growth:.2f}x of linear cost from 10k to 100k records (target <=1.2x)")
+    print(f"P6: {growth:.2f}x the per-record read cost at 100k vs 10k records; linear = 1 (target <=1.2x)")
 
 
 if __name__ == "__main__":
