@@ -67,7 +67,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _registry(args: argparse.Namespace) -> int:
     from cxr.registry import Registry
 
-    registry = Registry(args.root, args.group)
+    registry = Registry(args.registry_root, args.group)
     if args.action == "list":
         print(f"{'version':>7}  {'status':<10}  {'mean AUROC':>10}  created")
         for v in registry.versions():
@@ -165,6 +165,16 @@ def _when(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
 
 
+def _registry_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--group", default="chestx-ray14", help="registry model group ('demo' for the demo run)"
+    )
+    parser.add_argument(
+        "--registry-root", "--root", dest="registry_root", default=None,
+        help="registry root (default: $CXR_HOME/registry)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `cxr` command."""
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
@@ -210,8 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg = commands.add_parser("registry", help="list, show, approve or archive registered models")
     reg.add_argument("action", choices=["list", "show", "card", "approve", "archive"], help="what to do")
     reg.add_argument("version", type=int, nargs="?", help="model version")
-    reg.add_argument("--root", default=None, help="registry root (default: $CXR_HOME/registry)")
-    reg.add_argument("--group", default="chestx-ray14", help="model group (the demo run registers in 'demo')")
+    _registry_options(reg)
     reg.set_defaults(func=_registry)
 
     srv = commands.add_parser("serve", help="serve the production model (SageMaker contract) with capture")
@@ -220,8 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--challenger", default=None, help="variant B package; default: newest approved version")
     srv.add_argument("--weights", default=None, help="A/B traffic weights, e.g. A=90,B=10")
-    srv.add_argument("--group", default="chestx-ray14", help="registry model group ('demo' for the demo run)")
-    srv.add_argument("--registry-root", default=None, help="registry root (default: $CXR_HOME/registry)")
+    _registry_options(srv)
     srv.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 inside a container)")
     srv.add_argument(
         "--port", type=int, default=int(os.environ.get("SAGEMAKER_BIND_TO_PORT", 8080)), help="port"
@@ -241,8 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred = commands.add_parser("predict", help="score one image file (PNG, JPEG, DICOM, .npy)")
     pred.add_argument("file", help="image file")
     pred.add_argument("--model", default=None, help="package; default: registry production")
-    pred.add_argument("--group", default="chestx-ray14", help="registry model group")
-    pred.add_argument("--registry-root", default=None, help="registry root")
+    _registry_options(pred)
     pred.add_argument(
         "--backend", choices=["auto", "onnx", "torch"], default="auto", help="inference backend"
     )
