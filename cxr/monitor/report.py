@@ -52,24 +52,30 @@ def distribution_chart(baseline: Baseline, traffic: Traffic, features: list[str]
                 continue
             sample = column if len(column) <= limit else rng.choice(column, limit, replace=False)
             values += [{"feature": name, "source": source, "value": float(v)} for v in sample]
+    panels = [
+        {
+            "title": name,
+            "width": 150,
+            "height": 100,
+            "transform": [
+                {"filter": {"field": "feature", "equal": name}},
+                {"density": "value", "groupby": ["source"]},
+            ],
+            "mark": {"type": "area", "opacity": 0.5},
+            "encoding": {
+                "x": {"field": "value", "type": "quantitative", "title": None},
+                "y": {"field": "density", "type": "quantitative", "title": None, "stack": None},
+                "color": {"field": "source", "type": "nominal"},
+            },
+        }
+        for name in features
+    ]
     return {
         "$schema": SCHEMA,
         "title": f"Baseline vs window, variant {traffic.variant}",
         "data": {"values": values},
-        "facet": {"field": "feature", "type": "nominal"},
+        "concat": panels,
         "columns": 4,
-        "resolve": {"scale": {"x": "independent", "y": "independent"}},
-        "spec": {
-            "width": 150,
-            "height": 100,
-            "transform": [{"density": "value", "groupby": ["feature", "source"]}],
-            "mark": {"type": "area", "opacity": 0.5},
-            "encoding": {
-                "x": {"field": "value", "type": "quantitative", "title": None},
-                "y": {"field": "density", "type": "quantitative", "title": None},
-                "color": {"field": "source", "type": "nominal"},
-            },
-        },
     }
 
 
