@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,7 @@ def train(
     checkpoint_dir: str | Path,
     progress: bool = True,
     device: torch.device | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train on cache rows `train_rows`, select on val mean AUROC; checkpoint every epoch and resume."""
     device = device or pick_device()
@@ -289,6 +291,8 @@ def train(
             },
             checkpoint_dir / LAST,
         )
+        if on_checkpoint is not None:
+            on_checkpoint(checkpoint_dir)  # e.g. copy the checkpoints to S3, so another machine can resume
     best_state = torch.load(checkpoint_dir / BEST, map_location="cpu", weights_only=True)["model"]
     return TrainResult(
         best_state,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pandas as pd
 from metaflow import FlowSpec, IncludeFile, Parameter, card, current, resources, retry, step
 from metaflow.cards import Markdown, Table, VegaChart
 
-from cxr import plots
+from cxr import plots, s3sync
 from cxr.config import parse_config
 from cxr.data import cache_store
 from cxr.data.cache import (
@@ -41,14 +42,15 @@ from cxr.model import CXRNet
 from cxr.monitor.baseline import compute_baseline
 from cxr.registry import DEFAULT_GROUP, Registry
 from cxr.release import production_auroc, release_model
-from cxr.train import TrainConfig, checkpoint_dir, predict
+from cxr.train import BEST, LAST, TrainConfig, checkpoint_dir, predict
 from cxr.train import train as train_model
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
-def remote_cache_prefix(setting: str | None) -> str | None:
-    """S3 prefix for shared caches: explicit, or under Metaflow's S3 root when S3 is the datastore."""
+def remote_prefix(setting: str | None, name: str = "cxr-cache") -> str | None:
+    """S3 prefix for state shared between machines (caches, checkpoints): explicit, or `<name>` under
+    Metaflow's S3 root when S3 is the datastore; None keeps it local."""
     from metaflow.metaflow_config import DATATOOLS_S3ROOT, DEFAULT_DATASTORE
 
     if not setting or setting == "none":
@@ -56,9 +58,7 @@ def remote_cache_prefix(setting: str | None) -> str | None:
     if setting != "auto":
         return setting
     return (
-        f"{DATATOOLS_S3ROOT.rstrip('/')}/cxr-cache"
-        if DEFAULT_DATASTORE == "s3" and DATATOOLS_S3ROOT
-        else None
+        f"{DATATOOLS_S3ROOT.rstrip('/')}/{name}" if DEFAULT_DATASTORE == "s3" and DATATOOLS_S3ROOT else None
     )
 
 
@@ -136,7 +136,7 @@ class CXRTrainFlow(FlowSpec):
         settings = PreprocessSettings(size=int(pre["size"]), shard_size=int(pre["shard_size"]))
         self.cache_plan = plan_cache(self.catalog, settings)
         self.data_cache_key = self.cache_plan.key
-        remote = remote_cache_prefix(pre.get("remote", "auto"))
+        remote = remote_prefix(pre.get("remote", "auto"))
         self.cache_uri = cache_store.cache_uri(remote, self.data_cache_key) if remote else None
         self.cache_complete = self.cache_plan.complete or bool(
             self.cache_uri and cache_store.is_complete(self.cache_uri)
@@ -183,8 +183,16 @@ class CXRTrainFlow(FlowSpec):
         cache = cache_store.open_cache(self.data_cache["local_dir"], self.data_cache["uri"])
         self.cache_rows = cache_rows(cache, self.catalog.meta["image_id"], self.split_rows)
         settings = TrainConfig.from_dict(self.config["train"])
-        checkpoints = checkpoint_dir(current.flow_name, current.origin_run_id or current.run_id)
-        result = train_model(cache, self.cache_rows["train"], self.cache_rows["val"], settings, checkpoints)
+        run = current.origin_run_id or current.run_id
+        checkpoints = checkpoint_dir(current.flow_name, run)
+        remote = remote_prefix(self.config["preprocess"].get("remote", "auto"), "cxr-checkpoints")
+        sync = None
+        if remote:  # checkpoints also go to S3, so a retry or resume on another machine continues too
+            self.checkpoint_uri = f"{remote}/{current.flow_name}/{run}/train/"
+            s3sync.download(self.checkpoint_uri, checkpoints)
+            sync = partial(s3sync.upload, uri=self.checkpoint_uri, names=[LAST, BEST])
+        rows = self.cache_rows
+        result = train_model(cache, rows["train"], rows["val"], settings, checkpoints, on_checkpoint=sync)
         self.model_state, self.history = result.best_state, result.history
         self.best_epoch, self.best_val_auroc = result.best_epoch, result.best_val_auroc
         self.resumed_from_epoch, self.train_device = result.resumed_from_epoch, result.device
