@@ -18,6 +18,10 @@ from cxr.torchvision_compat import import_torchvision
 
 log = logging.getLogger(__name__)
 
+# Imported now, not at first use: Metaflow's vendored typing_extensions, once its S3 client has loaded it,
+# re-patches `typing` in a way that breaks importing torch._dynamo (which torchvision pulls in) later on.
+import_torchvision()
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURES = 1024

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import cxr.model  # noqa: F401 - torchvision before anything loads Metaflow's vendored typing_extensions
+
 os.environ.setdefault("USER", "tester")  # Metaflow needs a user name; CI environments may lack one
 
 REPO = Path(__file__).resolve().parent.parent
