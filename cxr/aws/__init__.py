@@ -1,0 +1,1 @@
+"""The AWS side of cxr: IAM policy documents generated from configuration."""

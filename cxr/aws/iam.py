@@ -1,0 +1,188 @@
+"""Least-privilege IAM policy documents for each role of the AWS path, generated from configuration.
+
+Roles: `flow` (a person or CI running flows and deploying them), `batch_job` (the container of a Batch
+step), `step_functions` (the state machine), `eventbridge` (the schedule), `sagemaker_execution`
+(training jobs and endpoints). S3 access is scoped to the project's prefixes; writes must use
+server-side encryption (SSE-S3, or SSE-KMS with the given key); nothing grants `*` actions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+VERSION = "2012-10-17"
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    """What the policies are scoped to."""
+
+    bucket: str
+    account: str
+    region: str = "us-east-1"
+    metaflow_prefix: str = "metaflow"
+    data_prefix: str = "data"
+    capture_prefix: str = "capture"
+    job_queue: str = "cxr-gpu-queue"
+    dynamodb_table: str = "cxr-metaflow-sfn-state"
+    kms_key_arn: str | None = None
+    project: str = "cxr"
+
+
+def _s3_statements(s: AwsSettings, prefixes: list[str], write: bool) -> list[dict[str, Any]]:
+    objects = [f"arn:aws:s3:::{s.bucket}/{p}/*" for p in prefixes]
+    statements: list[dict[str, Any]] = [
+        {
+            "Sid": "ListProjectPrefixes",
+            "Effect": "Allow",
+            "Action": ["s3:ListBucket"],
+            "Resource": f"arn:aws:s3:::{s.bucket}",
+            "Condition": {"StringLike": {"s3:prefix": [f"{p}/*" for p in prefixes]}},
+        },
+        {"Sid": "ReadProjectObjects", "Effect": "Allow", "Action": ["s3:GetObject"], "Resource": objects},
+    ]
+    if write:
+        encryption = "aws:kms" if s.kms_key_arn else "AES256"
+        statements.append(
+            {
+                "Sid": "WriteEncryptedObjects",
+                "Effect": "Allow",
+                "Action": ["s3:PutObject"],
+                "Resource": objects,
+                "Condition": {"StringEquals": {"s3:x-amz-server-side-encryption": encryption}},
+            }
+        )
+    if s.kms_key_arn:
+        statements.append(
+            {
+                "Sid": "UseProjectKey",
+                "Effect": "Allow",
+                "Action": ["kms:Decrypt", "kms:GenerateDataKey"],
+                "Resource": s.kms_key_arn,
+            }
+        )
+    return statements
+
+
+def _document(statements: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"Version": VERSION, "Statement": statements}
+
+
+def policies(s: AwsSettings) -> dict[str, dict[str, Any]]:
+    """Policy document per role."""
+    all_prefixes = [s.metaflow_prefix, s.data_prefix, s.capture_prefix]
+    queue = f"arn:aws:batch:{s.region}:{s.account}:job-queue/{s.job_queue}"
+    job_definitions = f"arn:aws:batch:{s.region}:{s.account}:job-definition/metaflow_*"
+    table = f"arn:aws:dynamodb:{s.region}:{s.account}:table/{s.dynamodb_table}"
+    machines = f"arn:aws:states:{s.region}:{s.account}:stateMachine:CXR*"
+    sagemaker = f"arn:aws:sagemaker:{s.region}:{s.account}"
+    logs = f"arn:aws:logs:{s.region}:{s.account}"
+    events = f"arn:aws:events:{s.region}:{s.account}"
+    batch_jobs = {
+        "Sid": "RunBatchJobs",
+        "Effect": "Allow",
+        "Action": ["batch:SubmitJob", "batch:DescribeJobs", "batch:TerminateJob"],
+        "Resource": [queue, job_definitions],
+    }
+    return {
+        "batch_job": _document(_s3_statements(s, [s.metaflow_prefix, s.data_prefix], write=True)),
+        "step_functions": _document(
+            [
+                batch_jobs,
+                {
+                    "Sid": "TrackBatchJobs",
+                    "Effect": "Allow",
+                    "Action": ["events:PutTargets", "events:PutRule", "events:DescribeRule"],
+                    "Resource": f"{events}:rule/StepFunctionsGetEventsForBatchJobsRule",
+                },
+                {
+                    "Sid": "ForeachState",
+                    "Effect": "Allow",
+                    "Action": ["dynamodb:PutItem", "dynamodb:GetItem", "dynamodb:UpdateItem"],
+                    "Resource": table,
+                },
+            ]
+        ),
+        "eventbridge": _document(
+            [
+                {
+                    "Sid": "StartScheduledFlows",
+                    "Effect": "Allow",
+                    "Action": ["states:StartExecution"],
+                    "Resource": machines,
+                }
+            ]
+        ),
+        "sagemaker_execution": _document(
+            [
+                *_s3_statements(s, [s.data_prefix, s.capture_prefix], write=True),
+                {
+                    "Sid": "Logs",
+                    "Effect": "Allow",
+                    "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+                    "Resource": f"{logs}:log-group:/aws/sagemaker/*",
+                },
+                {
+                    "Sid": "PullImages",
+                    "Effect": "Allow",
+                    "Action": [
+                        "ecr:GetAuthorizationToken",
+                        "ecr:BatchGetImage",
+                        "ecr:GetDownloadUrlForLayer",
+                    ],
+                    "Resource": f"arn:aws:ecr:{s.region}:{s.account}:repository/{s.project}*",
+                },
+            ]
+        ),
+        "flow": _document(
+            [
+                *_s3_statements(s, all_prefixes, write=True),
+                batch_jobs,
+                {
+                    "Sid": "DeployFlows",
+                    "Effect": "Allow",
+                    "Action": [
+                        "states:CreateStateMachine",
+                        "states:UpdateStateMachine",
+                        "states:DescribeStateMachine",
+                        "states:StartExecution",
+                    ],
+                    "Resource": machines,
+                },
+                {
+                    "Sid": "Schedules",
+                    "Effect": "Allow",
+                    "Action": ["events:PutRule", "events:PutTargets", "events:DescribeRule"],
+                    "Resource": f"{events}:rule/CXR*",
+                },
+                {
+                    "Sid": "RegisterJobDefinitions",
+                    "Effect": "Allow",
+                    "Action": ["batch:RegisterJobDefinition", "batch:DescribeJobDefinitions"],
+                    "Resource": "*",
+                },
+                {
+                    "Sid": "SageMakerProject",
+                    "Effect": "Allow",
+                    "Action": [
+                        "sagemaker:CreateTrainingJob",
+                        "sagemaker:DescribeTrainingJob",
+                        "sagemaker:CreateModel",
+                        "sagemaker:CreateEndpointConfig",
+                        "sagemaker:CreateEndpoint",
+                        "sagemaker:UpdateEndpoint",
+                        "sagemaker:DescribeEndpoint",
+                        "sagemaker:UpdateEndpointWeightsAndCapacities",
+                        "sagemaker:InvokeEndpoint",
+                    ],
+                    "Resource": [
+                        f"{sagemaker}:training-job/{s.project}-*",
+                        f"{sagemaker}:model/{s.project}-*",
+                        f"{sagemaker}:endpoint-config/{s.project}-*",
+                        f"{sagemaker}:endpoint/{s.project}-*",
+                    ],
+                },
+            ]
+        ),
+    }
