@@ -27,10 +27,11 @@ from common import IMAGES
 
 from cxr.data.cache import PreprocessSettings, build_cache
 from cxr.data.catalog import load_catalog
+from cxr.inference import prepare
 from cxr.model import CXRNet
 from cxr.package import build_package, export_and_verify_onnx, unpack
 from cxr.serve.decoder import decode_one
-from cxr.serve.predictor import load_predictor, prepare
+from cxr.serve.predictor import load_predictor
 
 CLIENTS = 10
 

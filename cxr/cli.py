@@ -120,8 +120,9 @@ def _predict(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from cxr.inference import prepare
     from cxr.serve.decoder import decode_one, media_type
-    from cxr.serve.predictor import load_predictor, prepare
+    from cxr.serve.predictor import load_predictor
     from cxr.serve.resolve import resolve_models
 
     model_dir = resolve_models(args.model, None, args.group, args.registry_root)["A"]

@@ -62,16 +62,16 @@ def input_fn(body: bytes, content_type: str) -> np.ndarray:
     )
 
 
-def preprocess(image: np.ndarray, metadata: dict[str, Any]) -> torch.Tensor:
-    """Gray image → uint8 [1, 1, crop, crop] tensor, as in evaluation."""
-    pixels = center_crop(resize_square(image, metadata["image_size"]), metadata["crop"])
-    return torch.from_numpy(pixels)[None, None]
+def prepare(pixels: np.ndarray, metadata: dict[str, Any]) -> np.ndarray:
+    """A decoded gray image → uint8 [1, crop, crop], identical to evaluation's preprocessing."""
+    return center_crop(resize_square(pixels, int(metadata["image_size"])), int(metadata["crop"]))[None]
 
 
 @torch.no_grad()
 def predict_fn(image: np.ndarray, bundle: dict[str, Any]) -> dict[str, float]:
     """SageMaker: probabilities per finding."""
-    probs = torch.sigmoid(bundle["model"](preprocess(image, bundle["metadata"])))[0].tolist()
+    batch = torch.from_numpy(prepare(image, bundle["metadata"]))[None]
+    probs = torch.sigmoid(bundle["model"](batch))[0].tolist()
     return dict(zip(bundle["metadata"]["findings"], probs, strict=True))
 
 

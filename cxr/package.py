@@ -85,9 +85,8 @@ def score_package(package: str | Path, cache: Any, rows: Any, batch_size: int = 
     """Probabilities [N, 14] of a packaged model on cache rows, preprocessed as the package specifies."""
     import numpy as np
 
-    from cxr.data.images import resize_square
     from cxr.data.loader import NO_AUGMENTATION, ShardDataset
-    from cxr.inference import load_model
+    from cxr.inference import load_model, prepare
     from cxr.train import predict
 
     with tempfile.TemporaryDirectory() as directory:
@@ -96,12 +95,8 @@ def score_package(package: str | Path, cache: Any, rows: Any, batch_size: int = 
         return predict(
             model, ShardDataset(cache, rows, crop=metadata["crop"], augmentation=NO_AUGMENTATION), batch_size
         )
-    # Cached at another size: resize each cached image to the package's size first, as serving would.
-    images = np.stack([resize_square(np.asarray(cache.image(int(r))), metadata["image_size"]) for r in rows])
-    top = (metadata["image_size"] - metadata["crop"]) // 2
-    crops = torch.from_numpy(
-        images[:, None, top : top + metadata["crop"], top : top + metadata["crop"]].copy()
-    )
+    # Cached at another size: prepare each cached image as serving would.
+    crops = torch.from_numpy(np.stack([prepare(np.asarray(cache.image(int(r))), metadata) for r in rows]))
     with torch.no_grad():
         return torch.cat([torch.sigmoid(model(b)) for b in crops.split(batch_size)]).numpy()
 
@@ -114,9 +109,8 @@ def export_and_verify_onnx(
     import numpy as np
 
     from cxr.data.loader import ShardDataset
-    from cxr.evaluate import auroc_or_nan
     from cxr.serve.predictor import export_onnx
-    from cxr.train import predict
+    from cxr.train import mean_auroc, predict
 
     try:
         import onnxruntime as ort
@@ -135,12 +129,7 @@ def export_and_verify_onnx(
     labels = dataset.labels
     diff = float(np.abs(onnx_probs - reference).max()) if len(reference) else 0.0
 
-    def mean_auroc(probs: Any) -> float:
-        values = [auroc_or_nan(labels[:, k], probs[:, k]) for k in range(labels.shape[1])]
-        finite = [v for v in values if v == v]
-        return float(np.mean(finite)) if finite else float("nan")
-
-    delta = abs(mean_auroc(onnx_probs) - mean_auroc(reference)) if len(reference) else 0.0
+    delta = abs(mean_auroc(labels, onnx_probs) - mean_auroc(labels, reference)) if len(reference) else 0.0
     delta = 0.0 if delta != delta else delta
     verified = diff <= ONNX_TOLERANCE and delta <= ONNX_MAX_AUROC_DELTA
     return {"verified": verified, "max_abs_diff": diff, "auroc_delta": delta, "images": len(reference)}

@@ -3,35 +3,46 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cxr.data.sources import s3_client, split_s3_uri
 
+CONCURRENCY = 8
+
 
 def upload(directory: str | Path, uri: str, names: Iterable[str]) -> list[str]:
-    """Upload the named files of `directory` under `uri`; missing files are skipped."""
+    """Upload the named files of `directory` under `uri`, concurrently; missing files are skipped."""
     bucket, prefix = split_s3_uri(uri)
     client = s3_client()
-    done = []
-    for name in names:
-        path = Path(directory) / name
-        if path.is_file():
-            client.upload_file(str(path), bucket, prefix + name, ExtraArgs={"ServerSideEncryption": "AES256"})
-            done.append(name)
-    return done
+    present = [name for name in names if (Path(directory) / name).is_file()]
+
+    def put(name: str) -> str:
+        path = str(Path(directory) / name)
+        client.upload_file(path, bucket, prefix + name, ExtraArgs={"ServerSideEncryption": "AES256"})
+        return name
+
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        return list(pool.map(put, present))
 
 
-def download(uri: str, directory: str | Path) -> list[str]:
-    """Download every object directly under `uri` into `directory` (created); returns the file names."""
+def list_names(uri: str) -> list[str]:
+    """Names of the objects directly under `uri`."""
+    bucket, prefix = split_s3_uri(uri)
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    names = [item["Key"][len(prefix) :] for page in pages for item in page.get("Contents", [])]
+    return [name for name in names if name and "/" not in name]
+
+
+def download(uri: str, directory: str | Path, names: Iterable[str] | None = None) -> list[str]:
+    """Download objects directly under `uri` (default: all) into `directory` (created), concurrently."""
     bucket, prefix = split_s3_uri(uri)
     client = s3_client()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    names = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for item in page.get("Contents", []):
-            name = item["Key"][len(prefix) :]
-            if name and "/" not in name:
-                client.download_file(bucket, item["Key"], str(directory / name))
-                names.append(name)
-    return names
+    chosen = list(names) if names is not None else list_names(uri)
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(
+            pool.map(lambda name: client.download_file(bucket, prefix + name, str(directory / name)), chosen)
+        )
+    return chosen

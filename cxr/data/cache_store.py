@@ -11,13 +11,11 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cxr import s3sync
 from cxr.data.cache import MANIFEST, CacheError, ShardCache, default_cache_root
 from cxr.data.sources import s3_client, split_s3_uri
-
-CONCURRENCY = 8
 
 
 def cache_uri(prefix: str, key: str) -> str:
@@ -31,21 +29,10 @@ def publish(directory: str | Path, uri: str, names: Iterable[str] | None = None)
     chosen = (
         sorted(names) if names is not None else sorted(p.name for p in directory.iterdir() if p.is_file())
     )
-    chosen = [n for n in chosen if not n.startswith(".")]
-    bucket, prefix = split_s3_uri(uri)
-    client = s3_client()
-
-    def upload(name: str) -> str:
-        client.upload_file(
-            str(directory / name), bucket, prefix + name, ExtraArgs={"ServerSideEncryption": "AES256"}
-        )
-        return name
-
-    body = [n for n in chosen if n != MANIFEST]
-    with ThreadPoolExecutor(CONCURRENCY) as pool:
-        done = list(pool.map(upload, body))
+    body = [n for n in chosen if not n.startswith(".") and n != MANIFEST]
+    done = s3sync.upload(directory, uri, body)
     if MANIFEST in chosen:
-        done.append(upload(MANIFEST))
+        done += s3sync.upload(directory, uri, [MANIFEST])
     return done
 
 
@@ -65,21 +52,18 @@ def open_cache(directory: str | Path, uri: str | None = None) -> ShardCache:
 
 def fetch(uri: str, root: str | Path | None = None) -> ShardCache:
     """Make a remote cache available locally (downloaded once into `<root>/<key>`) and open it."""
-    bucket, prefix = split_s3_uri(uri)
+    _, prefix = split_s3_uri(uri)
     key = prefix.rstrip("/").rsplit("/", 1)[-1]
     target = Path(root or default_cache_root()) / key
     if (target / MANIFEST).is_file():
         return ShardCache(target)
-    client = s3_client()
-    listing = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    keys = [item["Key"] for page in listing for item in page.get("Contents", [])]
-    if prefix + MANIFEST not in keys:
+    names = s3sync.list_names(uri)
+    if MANIFEST not in names:
         raise CacheError(f"{uri} holds no complete cache (no {MANIFEST})")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
     try:
-        with ThreadPoolExecutor(CONCURRENCY) as pool:
-            list(pool.map(lambda k: client.download_file(bucket, k, str(staging / k[len(prefix) :])), keys))
+        s3sync.download(uri, staging, names)
         if ShardCache(staging).key != key:
             raise CacheError(f"{uri}: manifest key does not match the prefix")
         os.replace(staging, target)

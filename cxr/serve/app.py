@@ -25,12 +25,13 @@ from aiohttp import web
 from cxr.data.findings import FINDINGS
 from cxr.data.images import encode_png
 from cxr.features import image_stats, project_embedding
+from cxr.inference import prepare
 from cxr.serve.batcher import DynamicBatcher, Scored
 from cxr.serve.capture import CaptureWriter, capture_record, new_event_id
 from cxr.serve.decoder import DICOM, JSON, DecodedImage, decode_request, media_type
 from cxr.serve.errors import NotAcceptable, PayloadTooLarge, RequestError
 from cxr.serve.metrics import ServerMetrics
-from cxr.serve.predictor import Predictor, load_predictor, prepare
+from cxr.serve.predictor import Predictor, load_predictor
 from cxr.serve.router import Router
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cxr.data.images import resize_square
-from cxr.data.loader import center_crop
 from cxr.inference import load_model
 from cxr.model import CXRNet
 
@@ -51,11 +49,6 @@ class Predictor(Protocol):
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [B,1,crop,crop] → (probabilities [B,14], embeddings [B,512])."""
         ...
-
-
-def prepare(pixels: np.ndarray, metadata: dict[str, Any]) -> np.ndarray:
-    """A decoded gray image → uint8 [1, crop, crop], identical to evaluation's preprocessing."""
-    return center_crop(resize_square(pixels, int(metadata["image_size"])), int(metadata["crop"]))[None]
 
 
 class TorchPredictor:
