@@ -353,17 +353,18 @@ def _train_epoch(
 def sagemaker_main() -> int:
     """Entry point inside a SageMaker training container: `python -m cxr.train`.
 
-    Reads the shard cache and `split.json` ({"train": rows, "val": rows}) from the `training` channel
-    (SM_CHANNEL_TRAINING), hyper-parameters from SM_HPS (TrainConfig fields), checkpoints to
-    /opt/ml/checkpoints (synced to S3 by SageMaker's CheckpointConfig, so spot interruptions resume), and
-    writes `model.pt` and `history.json` to SM_MODEL_DIR.
+    Reads the shard cache from the `training` channel (SM_CHANNEL_TRAINING) and `split.json`
+    ({"train": rows, "val": rows}) from the `split` channel (or the training channel), hyper-parameters
+    from SM_HPS (TrainConfig fields), checkpoints to /opt/ml/checkpoints (synced to S3 by SageMaker's
+    CheckpointConfig, so spot interruptions resume), and writes `model.pt` and `history.json` to SM_MODEL_DIR.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     channel = Path(os.environ.get("SM_CHANNEL_TRAINING", "/opt/ml/input/data/training"))
     model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
     checkpoints = Path(os.environ.get("CXR_CHECKPOINT_DIR", "/opt/ml/checkpoints"))
     hyper = {k: _parse_hp(v) for k, v in json.loads(os.environ.get("SM_HPS", "{}")).items()}
-    split = json.loads((channel / "split.json").read_text())
+    split_dir = Path(os.environ.get("SM_CHANNEL_SPLIT", channel))
+    split = json.loads((split_dir / "split.json").read_text())
     result = train(
         ShardCache(channel),
         np.asarray(split["train"]),
