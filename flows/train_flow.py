@@ -19,6 +19,7 @@ from metaflow import FlowSpec, IncludeFile, Parameter, card, current, resources,
 from metaflow.cards import Markdown, Table, VegaChart
 
 from cxr import plots, s3sync
+from cxr.aws.training_job import train_on_sagemaker
 from cxr.config import parse_config
 from cxr.data import cache_store
 from cxr.data.cache import (
@@ -42,7 +43,7 @@ from cxr.model import CXRNet
 from cxr.monitor.baseline import compute_baseline
 from cxr.registry import DEFAULT_GROUP, Registry
 from cxr.release import production_auroc, release_model
-from cxr.train import BEST, LAST, TrainConfig, checkpoint_dir, predict
+from cxr.train import BEST, LAST, TrainConfig, TrainResult, checkpoint_dir, predict
 from cxr.train import train as train_model
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -82,7 +83,8 @@ class CXRTrainFlow(FlowSpec):
     4. plan_preprocess → preprocess (foreach over shards) → join_preprocess: decode and resize every
        image once into memory-mapped shards of a content-addressed cache, shared through S3 when the
        S3 datastore is configured.
-    5. train: DenseNet121 classifier, checkpointed every epoch (`resume` continues mid-training).
+    5. train: DenseNet121 classifier, checkpointed every epoch (`resume` continues mid-training), in
+       the step itself (locally or on AWS Batch) or as a SageMaker managed spot training job.
     6. evaluate: AUROC with CIs, AUPRC, operating points, calibration, subgroups; cards with plots;
        the monitoring baseline (input, embedding and prediction distributions of train/val images).
     7. register: package (SageMaker layout), gate against production on the same test split, register.
@@ -179,11 +181,25 @@ class CXRTrainFlow(FlowSpec):
     @retry(times=1)
     @step
     def train(self):
-        """Train the classifier; checkpoints every epoch, so a failed or killed step resumes, not restarts."""
+        """Train the classifier here (or on Batch) or as a SageMaker managed spot job; both checkpoint every
+        epoch to S3 when it is configured, so a killed step, job or spot instance resumes, not restarts."""
         cache = cache_store.open_cache(self.data_cache["local_dir"], self.data_cache["uri"])
         self.cache_rows = cache_rows(cache, self.catalog.meta["image_id"], self.split_rows)
-        settings = TrainConfig.from_dict(self.config["train"])
         run = current.origin_run_id or current.run_id
+        if self.config.get("compute", {}).get("train", "local") == "sagemaker":
+            result = self._train_on_sagemaker(run)
+        else:
+            result = self._train_here(cache, run)
+        self.model_state, self.history = result.best_state, result.history
+        self.best_epoch, self.best_val_auroc = result.best_epoch, result.best_val_auroc
+        self.resumed_from_epoch, self.train_device = result.resumed_from_epoch, result.device
+        current.card.append(Markdown(f"## Training on {result.device}: best epoch {result.best_epoch}"))
+        current.card.append(VegaChart(plots.training_curves(self.history)))
+        current.card.append(Table.from_dataframe(pd.DataFrame(self.history).round(4)))
+        self.next(self.evaluate)
+
+    def _train_here(self, cache, run):
+        settings = TrainConfig.from_dict(self.config["train"])
         checkpoints = checkpoint_dir(current.flow_name, run)
         remote = remote_prefix(self.config["preprocess"].get("remote", "auto"), "cxr-checkpoints")
         sync = None
@@ -192,14 +208,31 @@ class CXRTrainFlow(FlowSpec):
             s3sync.download(self.checkpoint_uri, checkpoints)
             sync = partial(s3sync.upload, uri=self.checkpoint_uri, names=[LAST, BEST])
         rows = self.cache_rows
-        result = train_model(cache, rows["train"], rows["val"], settings, checkpoints, on_checkpoint=sync)
-        self.model_state, self.history = result.best_state, result.history
-        self.best_epoch, self.best_val_auroc = result.best_epoch, result.best_val_auroc
-        self.resumed_from_epoch, self.train_device = result.resumed_from_epoch, result.device
-        current.card.append(Markdown(f"## Training on {result.device}: best epoch {result.best_epoch}"))
-        current.card.append(VegaChart(plots.training_curves(self.history)))
-        current.card.append(Table.from_dataframe(pd.DataFrame(self.history).round(4)))
-        self.next(self.evaluate)
+        return train_model(cache, rows["train"], rows["val"], settings, checkpoints, on_checkpoint=sync)
+
+    def _train_on_sagemaker(self, run):
+        if not self.data_cache["uri"]:
+            raise ValueError(
+                "SageMaker training reads the shard cache from S3: use the S3 datastore or set "
+                "preprocess.remote to an s3:// prefix"
+            )
+        section = dict(self.config.get("sagemaker", {}))
+        section["output"] = remote_prefix(section.get("output", "auto"), "cxr-sagemaker")
+        split = {name: self.cache_rows[name].tolist() for name in ("train", "val")}
+        model = train_on_sagemaker(
+            section, self.data_cache["uri"], split, self.config["train"], current.flow_name, run
+        )
+        self.training_job = model["job"]
+        self.checkpoint_uri = model["job"]["checkpoints"]
+        print(f"training job {self.training_job['name']}: spot saving {self.training_job['saving_fraction']}")
+        return TrainResult(
+            model["state"],
+            model["history"],
+            model["best_epoch"],
+            model["best_val_auroc"],
+            model["resumed_from_epoch"],
+            f"sagemaker:{model['device']}",
+        )
 
     @card(type="blank")
     @step

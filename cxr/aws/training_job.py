@@ -278,3 +278,46 @@ def fetch_model(job: dict[str, Any], s3: Any = None) -> dict[str, Any]:
         state = torch.load(Path(work) / "model.pt", map_location="cpu", weights_only=True)
         summary = json.loads((Path(work) / "history.json").read_text())
     return {"state": state, **summary, "model_uri": uri}
+
+
+def train_on_sagemaker(
+    section: dict[str, Any],
+    cache_uri: str,
+    split: dict[str, list[int]],
+    hyperparameters: dict[str, Any],
+    flow_name: str,
+    run_id: str,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Stage inputs, launch (or attach to) this run's spot job, wait, and return its model and costs.
+
+    `section` is the config's `sagemaker:` mapping; with `local: true` the job runs on this machine
+    through the container contract instead (nothing is launched on AWS).
+    """
+    from cxr.aws.local_training import LocalTrainingJob
+
+    settings = SageMakerTraining.from_dict(section)
+    prefix = job_prefix(flow_name, run_id)
+    staged = stage_inputs(settings, prefix, split)
+
+    def request_for(name: str) -> dict[str, Any]:
+        return training_job_request(name, settings, cache_uri, staged, hyperparameters)
+
+    if section.get("local"):
+        with tempfile.TemporaryDirectory(prefix="cxr-sagemaker-") as work:
+            job = LocalTrainingJob(request_for(f"{prefix}-local"), work).run()
+    else:
+        import boto3
+
+        client = boto3.client("sagemaker", region_name=settings.region)
+        name = start_or_attach(client, prefix, request_for)
+        job = wait_for_job(client, name, settings.poll_seconds, progress)
+    model = fetch_model(job)
+    model["job"] = {
+        "name": job["TrainingJobName"],
+        "arn": job.get("TrainingJobArn"),
+        "checkpoints": staged["checkpoints"],
+        "metrics": {m["MetricName"]: m["Value"] for m in job.get("FinalMetricDataList", [])},
+        **spot_savings(job),
+    }
+    return model

@@ -1,0 +1,62 @@
+"""The train flow with the SageMaker backend, against the AWS APIs on loopback.
+
+The loopback server accepts and records training jobs but runs nothing, so the test plays SageMaker's
+compute: the first run launches the job and stops at train (no model yet), the recorded job is executed
+through the container contract, and `resume` attaches to the same job instead of launching another.
+"""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+from metaflow import Runner
+
+from cxr.aws.local_training import LocalTrainingJob
+
+from .test_aws_metaflow import s3_env
+from .test_train_flow import FLOW, write_config
+
+BUCKET = "cxr-metaflow"
+ROLE = "arn:aws:iam::123456789012:role/cxr-sagemaker-execution"
+REQUEST_FIELDS = ("TrainingJobName", "HyperParameters", "AlgorithmSpecification", "InputDataConfig",
+                  "OutputDataConfig", "CheckpointConfig")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_flow_trains_as_a_sagemaker_spot_job_and_resumes_onto_it(tmp_path, s3):
+    if BUCKET not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        s3.create_bucket(Bucket=BUCKET)
+    config = write_config(tmp_path, remote="auto", epochs=2)
+    config.write_text(
+        config.read_text()
+        + "compute: {train: sagemaker}\n"
+        + f"sagemaker: {{role_arn: '{ROLE}', output: auto, poll_seconds: 0,"
+        + " max_run_hours: 1, max_wait_hours: 2}\n"
+    )
+    runner = Runner(str(FLOW), show_output=False, env=s3_env(tmp_path), cwd=str(tmp_path))
+    with runner.run(config_file=str(config)) as running:
+        assert running.status == "failed"
+        origin = running.run.id
+        # the job "completed" on the server, but nothing ran it, so there is no model yet
+        assert "not readable" in running.run["train"].task.stderr
+    sagemaker = boto3.client("sagemaker")
+    jobs = sagemaker.list_training_jobs(NameContains=f"cxrtrain-{origin}")["TrainingJobSummaries"]
+    assert [j["TrainingJobName"] for j in jobs] == [f"cxrtrain-{origin}-1"]  # the retry attached to it
+    described = sagemaker.describe_training_job(TrainingJobName=jobs[0]["TrainingJobName"])
+    assert described["EnableManagedSpotTraining"] is True and described["RoleArn"] == ROLE
+    assert described["StoppingCondition"]["MaxWaitTimeInSeconds"] == 7200
+    request = {key: described[key] for key in REQUEST_FIELDS}
+    LocalTrainingJob(request, tmp_path / "sagemaker-compute").run()
+
+    with runner.resume(origin_run_id=origin) as running:
+        assert running.status == "successful", running.stderr
+        run = running.run
+    train = run["train"].task
+    job = train["training_job"].data
+    assert job["name"] == f"cxrtrain-{origin}-1" and job["spot"] is True
+    assert job["checkpoints"] == f"s3://{BUCKET}/data/cxr-sagemaker/cxrtrain-{origin}/checkpoints/"
+    assert "saving_fraction" in job  # None here: the loopback server reports no billable time
+    assert [h["epoch"] for h in train["history"].data] == [0, 1]
+    assert train["train_device"].data.startswith("sagemaker:")
+    assert len(sagemaker.list_training_jobs(NameContains=f"cxrtrain-{origin}")["TrainingJobSummaries"]) == 1
+    assert run["end"].task["metrics"].data["mean_auroc"] > 0
