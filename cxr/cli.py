@@ -116,6 +116,32 @@ def _parse_weights(text: str) -> dict[str, float]:
         raise ValueError(f"--weights must look like A=90,B=10, got {text!r}") from error
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    from cxr.serve.gateway import GatewayConfig, run_gateway
+
+    endpoints = _parse_endpoints(args.endpoint)
+    weights = _parse_weights(args.weights) if args.weights else None
+    config = GatewayConfig(
+        endpoints=endpoints, weights=weights, host=args.host, port=args.port, region=args.region,
+        max_body_mb=args.max_body_mb, read_timeout=args.read_timeout,
+    )  # fmt: skip
+    print(f"gateway {', '.join(f'{k}={v}' for k, v in endpoints.items())} on http://{args.host}:{args.port}")
+    run_gateway(config)
+    return 0
+
+
+def _parse_endpoints(specs: list[str]) -> dict[str, str]:
+    endpoints: dict[str, str] = {}
+    for spec in specs:
+        name, sep, endpoint = (part.strip() for part in spec.partition("="))
+        if not (sep and name and endpoint):
+            raise ValueError(f"--endpoint must look like A=cxr-a (variant=endpoint name), got {spec!r}")
+        if name in endpoints:
+            raise ValueError(f"--endpoint names variant {name!r} twice")
+        endpoints[name] = endpoint
+    return endpoints
+
+
 def _predict(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -246,6 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
     srv.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted")
     srv.set_defaults(func=_serve)
+
+    gw = commands.add_parser("gateway", help="A/B gateway in front of serverless SageMaker endpoints")
+    gw.add_argument(
+        "--endpoint", action="append", required=True, metavar="VARIANT=NAME",
+        help="a variant and its SageMaker endpoint, e.g. A=cxr-a (repeat per variant)",
+    )  # fmt: skip
+    gw.add_argument("--weights", default=None, help="traffic weights, e.g. A=0.9,B=0.1 (default as serve)")
+    gw.add_argument("--host", default="127.0.0.1", help="bind address")
+    gw.add_argument("--port", type=int, default=8080, help="port")
+    gw.add_argument("--region", default=None, help="AWS region of the endpoints (default: AWS config)")
+    gw.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted")
+    gw.add_argument("--read-timeout", type=float, default=70.0, help="seconds to wait for an endpoint")
+    gw.set_defaults(func=_gateway)
 
     pred = commands.add_parser("predict", help="score one image file (PNG, JPEG, DICOM, .npy)")
     pred.add_argument("file", help="image file")

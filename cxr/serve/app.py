@@ -30,16 +30,13 @@ from cxr.serve.batcher import DynamicBatcher, Scored
 from cxr.serve.capture import CaptureWriter, capture_record, new_event_id
 from cxr.serve.decoder import DICOM, JSON, DecodedImage, decode_request, media_type
 from cxr.serve.errors import NotAcceptable, PayloadTooLarge, RequestError
+from cxr.serve.headers import CUSTOM_ATTRIBUTES, INVOKED_VARIANT, TARGET_VARIANT, route_key
 from cxr.serve.metrics import ServerMetrics
 from cxr.serve.predictor import Predictor, load_predictor
 from cxr.serve.router import Router
 
 log = logging.getLogger(__name__)
 
-TARGET_VARIANT = "X-Amzn-SageMaker-Target-Variant"
-INVOKED_VARIANT = "X-Amzn-Invoked-Production-Variant"
-ROUTE_KEY = "X-Cxr-Route-Key"
-CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
 EXPLAIN = "X-Cxr-Explain"
 
 
@@ -148,7 +145,7 @@ class Server:
         start = time.perf_counter()
         variant_name = "none"
         try:
-            variant_name = self.router.choose(_route_key(request), request.headers.get(TARGET_VARIANT))
+            variant_name = self.router.choose(route_key(request.headers), request.headers.get(TARGET_VARIANT))
             variant = self.variants[variant_name]
             accept = media_type(request.headers.get("Accept"))
             if accept not in ("", "*/*", JSON, "application/*"):
@@ -308,18 +305,6 @@ class Server:
             kind, b"", output, new_event_id(), variant, version, [], status=error.status_code
         )
         self.capture.submit(record)
-
-
-def _route_key(request: web.Request) -> str | None:
-    key = request.headers.get(ROUTE_KEY)
-    if key:
-        return key
-    attributes = request.headers.get(CUSTOM_ATTRIBUTES, "")
-    for part in attributes.split(","):
-        name, _, value = part.partition("=")
-        if name.strip() in ("route_key", "session"):
-            return value.strip()
-    return None
 
 
 def _explain_request(request: web.Request) -> list[str]:
