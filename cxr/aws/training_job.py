@@ -220,11 +220,11 @@ def _jobs_named(client: Any, prefix: str) -> list[dict[str, Any]]:
 
 def wait_for_job(client: Any, name: str, poll_seconds: float = 30.0, progress: bool = True) -> dict[str, Any]:
     """Poll until the job ends, showing its status and latest metrics; raise if it did not complete."""
-    bar = tqdm(desc=name, unit="poll", disable=not progress, bar_format="{desc}: {postfix} [{elapsed}]")
+    bar = tqdm(desc=name, unit="poll", disable=not progress, bar_format="{desc} [{elapsed}]")
     try:
         while True:
             job = client.describe_training_job(TrainingJobName=name)
-            bar.set_postfix_str(_status_line(job))
+            bar.set_description_str(f"{name}: {_status_line(job)}")
             bar.update()
             if job["TrainingJobStatus"] not in ACTIVE:
                 break

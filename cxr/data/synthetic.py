@@ -263,3 +263,9 @@ _FINDING_TRACES: dict[str, Trace] = {
     "Pleural_Thickening": _pleural_thickening,
     "Hernia": _hernia,
 }
+
+
+def sample_xray(size: int = 256, seed: int = 0) -> np.ndarray:
+    """One synthetic chest X-ray without findings (uint8), e.g. for smoke-testing an endpoint."""
+    rng = np.random.default_rng(seed)
+    return render_xray(_grid(size), _anatomy(rng), np.zeros(len(FINDINGS), bool), rng)

@@ -1,0 +1,275 @@
+"""Releasing a registered model to SageMaker: staging → smoke test → approval or gate → production.
+
+Real-time endpoints carry A/B as production variants with weights (shifted live with
+`update_endpoint_weights_and_capacities`) and are updated blue/green with canary or linear traffic
+shifting and alarm-driven auto-rollback. Serverless endpoints support neither several variants nor Data
+Capture, so there A/B is two endpoints (`<name>` and `<name>-b`) behind `cxr gateway`, and each
+container captures its own traffic to S3. `rollback` returns an endpoint to the config it served before.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from cxr.aws import endpoints as ep
+from cxr.aws.smoke import SmokeResult, smoke_image, smoke_test
+from cxr.aws.training_job import encryption
+from cxr.data.sources import split_s3_uri
+from cxr.registry import ModelVersion
+
+APPROVED = ("approved", "production")
+_VERSION = re.compile(r"-v(\d+)-")
+
+
+@dataclass
+class Clients:
+    """The boto3 clients a deployment uses."""
+
+    sagemaker: Any
+    runtime: Any
+    autoscaling: Any
+    cloudwatch: Any
+    s3: Any
+
+    @classmethod
+    def create(cls, region: str | None = None) -> Clients:
+        """Clients from the environment (credentials, AWS_ENDPOINT_URL) for `region`."""
+        import boto3
+
+        def make(service: str) -> Any:
+            return boto3.client(service, region_name=region)
+
+        return cls(
+            make("sagemaker"), make("sagemaker-runtime"), make("application-autoscaling"),
+            make("cloudwatch"), make("s3"),
+        )  # fmt: skip
+
+
+@dataclass
+class Deployment:
+    """One endpoint after a deploy: what it serves and what the deploy did."""
+
+    endpoint: str
+    action: str  # created | updated | unchanged | rolled back
+    config: str
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    alarms: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReleaseReport:
+    """The whole release: staging, smoke tests, approval, production."""
+
+    version: int
+    staging: Deployment
+    smoke: SmokeResult
+    approved: bool
+    production: list[Deployment] = field(default_factory=list)
+    production_smoke: SmokeResult | None = None
+    message: str = ""
+
+
+def artifact_url(
+    version: ModelVersion, s3_prefix: str, group: str, s3: Any, kms_key_id: str | None = None
+) -> str:
+    """Where SageMaker reads the model.tar.gz: the registry's URL, or an upload of the local package."""
+    if version.model_data_url:
+        return version.model_data_url
+    uri = f"{s3_prefix.rstrip('/')}/models/{group}/{version.version}/model.tar.gz"
+    bucket, key = split_s3_uri(uri)
+    s3.upload_file(str(version.package), bucket, key.rstrip("/"), ExtraArgs=encryption(kms_key_id))
+    return uri
+
+
+def deploy(
+    clients: Clients,
+    settings: ep.EndpointSettings,
+    endpoint: str,
+    models: dict[str, tuple[str, str, float]],
+) -> list[Deployment]:
+    """Deploy variants (name → (label, model_data_url, weight)): one real-time endpoint with all of them,
+    or one serverless endpoint per variant (`endpoint`, then `endpoint-<variant>`)."""
+    if settings.mode == "realtime":
+        return [_deploy_endpoint(clients, settings, endpoint, models)]
+    names = [endpoint if i == 0 else f"{endpoint}-{v.lower()}" for i, v in enumerate(models)]
+    return [
+        _deploy_endpoint(clients, settings, n, {v: models[v]}) for n, v in zip(names, models, strict=True)
+    ]
+
+
+def plan(
+    settings: ep.EndpointSettings, endpoint: str, models: dict[str, tuple[str, str, float]]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The CreateModel requests and the CreateEndpointConfig request for one endpoint (no AWS call)."""
+    model_requests = [ep.model_request(settings, url, label, endpoint) for label, url, _ in models.values()]
+    specs = [
+        ep.production_variant(settings, variant, request["ModelName"], weight)
+        for (variant, (_, _, weight)), request in zip(models.items(), model_requests, strict=True)
+    ]
+    return model_requests, ep.endpoint_config_request(settings, endpoint, specs)
+
+
+def _deploy_endpoint(
+    clients: Clients, settings: ep.EndpointSettings, endpoint: str, models: dict[str, tuple[str, str, float]]
+) -> Deployment:
+    sm = clients.sagemaker
+    model_requests, request = plan(settings, endpoint, models)
+    variants = {
+        variant: {"model": model["ModelName"], "label": label, "weight": weight}
+        for (variant, (label, _, weight)), model in zip(models.items(), model_requests, strict=True)
+    }
+    config = request["EndpointConfigName"]
+    current = ep.describe(sm, endpoint)
+    if current and current["EndpointConfigName"] == config and current["EndpointStatus"] == "InService":
+        return Deployment(endpoint, "unchanged", config, variants)
+    for model in model_requests:
+        ep.ensure_model(sm, model)
+    ep.ensure_endpoint_config(sm, request)
+    alarms = ep.ensure_alarms(clients.cloudwatch, settings, endpoint, list(variants))
+    action = ep.apply_endpoint(sm, endpoint, config, ep.deployment_config(settings, alarms))
+    state = ep.wait_for_endpoint(sm, endpoint, config, settings.poll_seconds, settings.timeout_minutes)
+    if settings.mode == "realtime":
+        ep.configure_autoscaling(clients.autoscaling, settings, endpoint, list(variants))
+    ep.record_history(sm, state["EndpointArn"], config)
+    return Deployment(endpoint, action, config, variants, alarms)
+
+
+def _serving(
+    clients: Clients, settings: ep.EndpointSettings, models: dict[str, tuple[str, str, float]]
+) -> bool:
+    """Whether production already serves exactly these models with these settings."""
+    if settings.mode == "realtime":
+        wanted = [(settings.name, models)]
+    else:
+        names = [settings.name if i == 0 else f"{settings.name}-{v.lower()}" for i, v in enumerate(models)]
+        wanted = [(n, {v: models[v]}) for n, v in zip(names, models, strict=True)]
+    for endpoint, subset in wanted:
+        state = ep.describe(clients.sagemaker, endpoint)
+        config = plan(settings, endpoint, subset)[1]["EndpointConfigName"]
+        if state is None or state["EndpointConfigName"] != config or state["EndpointStatus"] != "InService":
+            return False
+    return True
+
+
+def release(
+    clients: Clients,
+    settings: ep.EndpointSettings,
+    registry: Any,
+    version: int,
+    s3_prefix: str,
+    approve: bool = False,
+    challenger: int | None = None,
+    weights: dict[str, float] | None = None,
+    image: bytes | None = None,
+    latency_budget_ms: float = 5000.0,
+    keep_staging: bool = False,
+) -> ReleaseReport:
+    """Staging → smoke test → approval (registry status, or `approve`) → production → smoke test.
+
+    A failed staging smoke test stops before production; a failed production smoke test rolls the
+    endpoint back. `challenger` adds a B variant (or a `-b` serverless endpoint) at `weights`.
+    """
+    chosen = registry.get(version)
+    image = image or smoke_image()
+    label = f"{registry.group}-v{chosen.version}"
+    url = artifact_url(chosen, s3_prefix, registry.group, clients.s3, settings.kms_key_id)
+    models = {"A": (label, url, (weights or {}).get("A", 1.0))}
+    if challenger is not None:
+        other = registry.get(challenger)
+        other_url = artifact_url(other, s3_prefix, registry.group, clients.s3, settings.kms_key_id)
+        models["B"] = (f"{registry.group}-v{other.version}", other_url, (weights or {}).get("B", 0.1))
+    if _serving(clients, settings, models):  # idempotent: the same release again changes nothing
+        production = deploy(clients, settings, settings.name, models)
+        unchanged = Deployment(f"{settings.name}-staging", "unchanged", "")
+        message = f"version {version} already serving on {settings.name}; nothing changed"
+        return ReleaseReport(
+            chosen.version, unchanged, SmokeResult("", 0.0), True, production, message=message
+        )
+    staging_settings = replace(settings, mode="serverless", capture=None)
+    staging_name = f"{settings.name}-staging"
+    staging = deploy(clients, staging_settings, staging_name, {"A": (label, url, 1.0)})[0]
+    smoke = smoke_test(clients.runtime, staging_name, image, latency_budget_ms)
+    report = ReleaseReport(chosen.version, staging, smoke, approve or chosen.status in APPROVED)
+    if not smoke.passed:
+        raise ep.DeployError(
+            f"version {version} failed its smoke test on {staging_name}: {smoke.problems}; "
+            "production unchanged"
+        )
+    if not report.approved:
+        report.message = (
+            f"version {version} passed staging but is {chosen.status}: approve it "
+            f"(`cxr registry approve {version}`, or deploy with --approve) to go to production"
+        )
+        return report
+    report.production = deploy(clients, settings, settings.name, models)
+    report.production_smoke = smoke_test(
+        clients.runtime, settings.name, image, latency_budget_ms, _first_variant(settings)
+    )
+    if not report.production_smoke.passed:
+        rollback(clients, settings, settings.name)
+        raise ep.DeployError(
+            f"production smoke test failed after deploying version {version}: "
+            f"{report.production_smoke.problems}; rolled back"
+        )
+    if chosen.status != "production":
+        registry.set_status(
+            chosen.version, "production", f"{chosen.decision}\nDeployed to {settings.name}.".strip()
+        )
+    if not keep_staging:
+        clients.sagemaker.delete_endpoint(EndpointName=staging_name)
+        if staging.alarms:
+            clients.cloudwatch.delete_alarms(AlarmNames=staging.alarms)
+    report.message = _summary(report, settings)
+    return report
+
+
+def _first_variant(settings: ep.EndpointSettings) -> str | None:
+    return "A" if settings.mode == "realtime" else None
+
+
+def _summary(report: ReleaseReport, settings: ep.EndpointSettings) -> str:
+    lines = [
+        f"version {report.version} in production: "
+        + ", ".join(f"{d.endpoint} {d.action}" for d in report.production)
+    ]
+    if settings.mode == "serverless" and len(report.production) > 1:
+        endpoints = " ".join(f"--endpoint {v}={d.endpoint}" for d in report.production for v in d.variants)
+        weights = ",".join(
+            f"{v}={spec['weight']}" for d in report.production for v, spec in d.variants.items()
+        )
+        lines.append(f"A/B on serverless: run `cxr gateway {endpoints} --weights {weights}`")
+    return "\n".join(lines)
+
+
+def rollback(
+    clients: Clients, settings: ep.EndpointSettings, endpoint: str, registry: Any = None
+) -> Deployment:
+    """Return `endpoint` to the config it served before the current one (all at once, then wait).
+
+    With a registry, the version served again becomes production there.
+    """
+    sm = clients.sagemaker
+    state = ep.describe(sm, endpoint)
+    if state is None:
+        raise ep.DeployError(f"no endpoint {endpoint}")
+    served = ep.history(sm, state["EndpointArn"])
+    if len(served) < 2 or served[-1] != state["EndpointConfigName"]:
+        raise ep.DeployError(
+            f"{endpoint} has no earlier deployment recorded to roll back to (history: {served})"
+        )
+    target = served[-2]
+    fast = ep.deployment_config(replace(settings, traffic="all_at_once", bake_seconds=0), [])
+    sm.update_endpoint(EndpointName=endpoint, EndpointConfigName=target, DeploymentConfig=fast)
+    ep.wait_for_endpoint(sm, endpoint, target, settings.poll_seconds, settings.timeout_minutes)
+    ep.write_history(sm, state["EndpointArn"], served[:-1])
+    config = sm.describe_endpoint_config(EndpointConfigName=target)
+    variants = {v["VariantName"]: {"model": v["ModelName"]} for v in config["ProductionVariants"]}
+    if registry is not None:
+        match = _VERSION.search(variants.get("A", next(iter(variants.values())))["model"])
+        if match:
+            registry.set_status(
+                int(match.group(1)), "production", f"Serving again on {endpoint} after a rollback."
+            )
+    return Deployment(endpoint, "rolled back", target, variants)
