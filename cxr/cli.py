@@ -7,7 +7,9 @@ import logging
 import os
 import sys
 
-from cxr.config import cxr_home
+from cxr.config import DEFAULT_CONFIG, cxr_home
+
+DEFAULT_DEPLOY = DEFAULT_CONFIG.parent / "deploy.yaml"
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -140,6 +142,59 @@ def _parse_endpoints(specs: list[str]) -> dict[str, str]:
             raise ValueError(f"--endpoint names variant {name!r} twice")
         endpoints[name] = endpoint
     return endpoints
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    import json
+
+    from cxr.aws import deploy as dp
+    from cxr.aws.endpoints import EndpointSettings, describe, history, set_weights
+    from cxr.config import load_config
+    from cxr.registry import open_registry
+
+    config = load_config(args.config)
+    settings = EndpointSettings.from_dict(config["endpoint"])
+    endpoint = args.endpoint or settings.name
+    clients = dp.Clients.create(settings.region)
+    reg = dict(config.get("registry") or {})
+    registry = open_registry(reg.pop("group", "chestx-ray14"), reg.pop("backend", "local"), **reg)
+    if args.action == "release":
+        smoke = config.get("smoke") or {}
+        report = dp.release(
+            clients, settings, registry, args.version, config["artifacts"], approve=args.approve,
+            challenger=args.challenger, weights=_parse_weights(args.weights) if args.weights else None,
+            image=dp.smoke_image(smoke.get("image")), keep_staging=args.keep_staging,
+            latency_budget_ms=float(smoke.get("latency_budget_ms", 5000)),
+            content_type=smoke.get("content_type", "image/png"),
+        )  # fmt: skip
+        print(
+            f"staging {report.staging.endpoint}: {report.staging.action}; smoke {report.smoke.latency_ms} ms"
+        )
+        print(report.message)
+    elif args.action == "rollback":
+        done = dp.rollback(clients, settings, endpoint, registry)
+        print(f"{endpoint} rolled back to {done.config}: {done.variants}")
+    elif args.action == "weights":
+        print(json.dumps(set_weights(clients.sagemaker, endpoint, _parse_weights(args.weights))))
+    else:
+        state = describe(clients.sagemaker, endpoint)
+        if state is None:
+            raise ValueError(f"no endpoint {endpoint}")
+        variants = [{k: v.get(k) for k in ("VariantName", "CurrentWeight", "CurrentInstanceCount")}
+                    for v in state.get("ProductionVariants", [])]  # fmt: skip
+        summary = {"endpoint": endpoint, "status": state["EndpointStatus"],
+                   "config": state["EndpointConfigName"], "variants": variants,
+                   "history": history(clients.sagemaker, state["EndpointArn"])}  # fmt: skip
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _deploy_checked(args: argparse.Namespace) -> int:
+    if args.action == "release" and args.version is None:
+        raise ValueError("release needs --version")
+    if args.action == "weights" and not args.weights:
+        raise ValueError("weights needs --weights, e.g. A=0.5,B=0.5")
+    return _deploy(args)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -285,6 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted")
     gw.add_argument("--read-timeout", type=float, default=70.0, help="seconds to wait for an endpoint")
     gw.set_defaults(func=_gateway)
+
+    dep = commands.add_parser("deploy", help="SageMaker endpoints: release, rollback, A/B weights, status")
+    dep.add_argument("action", choices=["release", "rollback", "weights", "status"], help="what to do")
+    dep.add_argument("--config", default=str(DEFAULT_DEPLOY), help="deployment settings (config/deploy.yaml)")
+    dep.add_argument("--version", type=int, default=None, help="release: registry version to deploy")
+    dep.add_argument("--challenger", type=int, default=None, help="release: version served as variant B")
+    dep.add_argument("--weights", default=None, help="A/B weights, e.g. A=0.9,B=0.1")
+    dep.add_argument("--approve", action="store_true", help="release: approve here (manual approval)")
+    dep.add_argument("--keep-staging", action="store_true", help="release: keep the staging endpoint")
+    dep.add_argument("--endpoint", default=None, help="endpoint (default: endpoint.name of the config)")
+    dep.set_defaults(func=_deploy_checked)
 
     pred = commands.add_parser("predict", help="score one image file (PNG, JPEG, DICOM, .npy)")
     pred.add_argument("file", help="image file")

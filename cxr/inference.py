@@ -7,6 +7,7 @@ with one probability per finding.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from pathlib import Path
@@ -52,14 +53,27 @@ def input_fn(body: bytes, content_type: str) -> np.ndarray:
     kind = (content_type or "").split(";")[0].strip().lower()
     if kind in IMAGE_TYPES:
         return decode_xray(body)
+    if kind == JSON_TYPE:
+        return decode_xray(_single_json_image(body))
     if kind == NPY_TYPE:
         array = np.load(io.BytesIO(body), allow_pickle=False)
         if array.ndim != 2:
             raise ValueError(f"expected a 2-D grayscale array, got shape {array.shape}")
         return np.clip(array, 0, 255).astype(np.uint8)
     raise UnsupportedContentType(
-        f"unsupported content type {content_type!r}; use {', '.join(IMAGE_TYPES)} or {NPY_TYPE}"
+        f"unsupported content type {content_type!r}; use {', '.join(IMAGE_TYPES)}, {NPY_TYPE} or {JSON_TYPE}"
     )
+
+
+def _single_json_image(body: bytes) -> bytes:
+    """`{"instances": [{"b64": ...}]}` (the server's JSON form) with one image → its bytes."""
+    try:
+        payload = json.loads(body)
+        items = payload["instances"] if isinstance(payload, dict) else payload
+        (item,) = items
+        return base64.b64decode(item["b64"] if isinstance(item, dict) else item, validate=True)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError('JSON body must be {"instances": [{"b64": "<one base64 image>"}]}') from error
 
 
 def prepare(pixels: np.ndarray, metadata: dict[str, Any]) -> np.ndarray:

@@ -8,7 +8,10 @@ Stubber, which checks every request and response against the real API model.
 import datetime as dt
 import io
 import json
+import subprocess
+import sys
 import time
+import urllib.request
 
 import boto3
 import pytest
@@ -107,6 +110,16 @@ def test_unapproved_or_failing_versions_never_reach_production(setup):
         with pytest.raises(ep.DeployError, match=r"smoke test .* outside \[0, 1\].*production unchanged"):
             dp.release(clients, settings(name), registry, 2, f"s3://{BUCKET}/deploy", approve=True)
     assert ep.describe(clients.sagemaker, name) is None and registry.get(2).status == "candidate"
+
+    with Stubber(
+        clients.runtime
+    ) as runtime:  # staging fine, production answers garbage: the new endpoint is removed
+        runtime.add_response("invoke_endpoint", answer(), None)
+        runtime.add_response("invoke_endpoint", answer(content_type="text/html"), None)
+        with pytest.raises(ep.DeployError, match=f"content type 'text/html'.*new endpoint {name} removed"):
+            dp.release(clients, settings(name), registry, 2, f"s3://{BUCKET}/deploy", approve=True)
+    assert ep.describe(clients.sagemaker, name) is None and registry.get(2).status == "candidate"
+    assert not clients.cloudwatch.describe_alarms(AlarmNamePrefix=f"{name}-A-")["MetricAlarms"]
 
 
 def test_realtime_ab_variants_scaling_alarms_capture_and_weights(setup):
@@ -290,3 +303,44 @@ def test_settings_are_validated():
         settings("cxr", memory=4096)
     name = ep.resource_name("cxr", "chestx-ray14-v12", digest_of={"a": 1})
     assert len(name) <= 63 and name.startswith("cxr-chestx-ray14-v12-")
+
+
+def test_cli_release_shift_weights_and_status(s3, s3_server, tmp_path):
+    """`cxr deploy` end to end on the loopback server; its scripted InvokeEndpoint answers the smoke tests."""
+    if BUCKET not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        s3.create_bucket(Bucket=BUCKET)
+    registry = Registry(group="demo")  # under $CXR_HOME, where the command looks
+    for n in (1, 2):
+        registry.register({"model.tar.gz": f"model {n}".encode()}, {"mean_auroc": 0.8}, {"run": n})
+    name = f"cxr-cli-{time.time_ns() % 10**9}"
+    config = tmp_path / "deploy.yaml"
+    config.write_text(
+        "registry: {backend: local, group: demo}\n"
+        f"artifacts: s3://{BUCKET}/deploy\n"
+        f"endpoint: {{name: {name}, mode: realtime, role_arn: '{ROLE}', poll_seconds: 0}}\n"
+        # JSON: the loopback server's InvokeEndpoint cannot take binary bodies
+        "smoke: {latency_budget_ms: 60000, content_type: application/json}\n"
+    )
+    body = json.loads(answer()["Body"].read())
+    result = {"Body": json.dumps(body), "ContentType": "application/json", "InvokedProductionVariant": "A",
+              "CustomAttributes": ""}  # fmt: skip
+    request = urllib.request.Request(
+        s3_server + "/moto-api/static/sagemaker/endpoint-results",
+        data=json.dumps({"results": [result, result]}).encode(), method="POST",  # staging, production
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 201
+
+    def cxr(*args):
+        done = subprocess.run([sys.executable, "-m", "cxr.cli", "deploy", *args, "--config", str(config)],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    out = cxr("release", "--version", "1", "--challenger", "2", "--weights", "A=0.9,B=0.1", "--approve")
+    assert f"version 1 in production: {name} created" in out
+    assert json.loads(cxr("weights", "--weights", "A=0.5,B=0.5")) == {"A": 0.5, "B": 0.5}
+    status = json.loads(cxr("status"))
+    assert status["status"] == "InService" and len(status["history"]) == 1
+    assert {v["VariantName"]: v["CurrentWeight"] for v in status["variants"]} == {"A": 0.5, "B": 0.5}
+    assert registry.production().version == 1

@@ -165,6 +165,7 @@ def release(
     image: bytes | None = None,
     latency_budget_ms: float = 5000.0,
     keep_staging: bool = False,
+    content_type: str = "image/png",
 ) -> ReleaseReport:
     """Staging → smoke test → approval (registry status, or `approve`) → production → smoke test.
 
@@ -190,12 +191,12 @@ def release(
     staging_settings = replace(settings, mode="serverless", capture=None)
     staging_name = f"{settings.name}-staging"
     staging = deploy(clients, staging_settings, staging_name, {"A": (label, url, 1.0)})[0]
-    smoke = smoke_test(clients.runtime, staging_name, image, latency_budget_ms)
+    smoke = smoke_test(clients.runtime, staging_name, image, latency_budget_ms, None, content_type)
     report = ReleaseReport(chosen.version, staging, smoke, approve or chosen.status in APPROVED)
     if not smoke.passed:
         raise ep.DeployError(
-            f"version {version} failed its smoke test on {staging_name}: {smoke.problems}; "
-            "production unchanged"
+            f"version {version} failed its smoke test on {staging_name} (kept for inspection): "
+            f"{smoke.problems}; production unchanged"
         )
     if not report.approved:
         report.message = (
@@ -205,13 +206,13 @@ def release(
         return report
     report.production = deploy(clients, settings, settings.name, models)
     report.production_smoke = smoke_test(
-        clients.runtime, settings.name, image, latency_budget_ms, _first_variant(settings)
+        clients.runtime, settings.name, image, latency_budget_ms, _first_variant(settings), content_type
     )
     if not report.production_smoke.passed:
-        rollback(clients, settings, settings.name)
+        undone = _undo(clients, settings, report.production)
         raise ep.DeployError(
             f"production smoke test failed after deploying version {version}: "
-            f"{report.production_smoke.problems}; rolled back"
+            f"{report.production_smoke.problems}; {undone}"
         )
     if chosen.status != "production":
         registry.set_status(
@@ -223,6 +224,21 @@ def release(
             clients.cloudwatch.delete_alarms(AlarmNames=staging.alarms)
     report.message = _summary(report, settings)
     return report
+
+
+def _undo(clients: Clients, settings: ep.EndpointSettings, deployments: list[Deployment]) -> str:
+    """Take back a production deploy: roll updated endpoints back, remove endpoints it created."""
+    done = []
+    for deployment in deployments:
+        if deployment.action == "updated":
+            back = rollback(clients, settings, deployment.endpoint)
+            done.append(f"{deployment.endpoint} rolled back to {back.config}")
+        elif deployment.action == "created":
+            clients.sagemaker.delete_endpoint(EndpointName=deployment.endpoint)
+            if deployment.alarms:
+                clients.cloudwatch.delete_alarms(AlarmNames=deployment.alarms)
+            done.append(f"new endpoint {deployment.endpoint} removed")
+    return "; ".join(done) or "nothing was changed"
 
 
 def _first_variant(settings: ep.EndpointSettings) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from dataclasses import dataclass, field
@@ -58,16 +59,23 @@ def probabilities_of(body: bytes) -> dict[str, float]:
 
 
 def smoke_test(
-    runtime: Any, endpoint: str, image: bytes, latency_budget_ms: float = 5000.0, variant: str | None = None
+    runtime: Any,
+    endpoint: str,
+    image: bytes,
+    latency_budget_ms: float = 5000.0,
+    variant: str | None = None,
+    content_type: str = "image/png",
 ) -> SmokeResult:
-    """Invoke `endpoint` once with `image` (PNG) and check the status, the schema and the latency."""
+    """Invoke `endpoint` once with `image` (PNG, or as JSON base64); check status, schema and latency."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     extra = {"TargetVariant": variant} if variant else {}
+    if content_type == "application/json":
+        image = json.dumps({"instances": [{"b64": base64.b64encode(image).decode()}]}).encode()
     start = time.perf_counter()
     try:
         response = runtime.invoke_endpoint(
-            EndpointName=endpoint, ContentType="image/png", Accept="application/json", Body=image, **extra
+            EndpointName=endpoint, ContentType=content_type, Accept="application/json", Body=image, **extra
         )
         body = response["Body"].read()
     except (BotoCoreError, ClientError) as error:
