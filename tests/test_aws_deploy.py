@@ -111,9 +111,8 @@ def test_unapproved_or_failing_versions_never_reach_production(setup):
             dp.release(clients, settings(name), registry, 2, f"s3://{BUCKET}/deploy", approve=True)
     assert ep.describe(clients.sagemaker, name) is None and registry.get(2).status == "candidate"
 
-    with Stubber(
-        clients.runtime
-    ) as runtime:  # staging fine, production answers garbage: the new endpoint is removed
+    # staging fine, production answers garbage: the new endpoint is removed
+    with Stubber(clients.runtime) as runtime:
         runtime.add_response("invoke_endpoint", answer(), None)
         runtime.add_response("invoke_endpoint", answer(content_type="text/html"), None)
         with pytest.raises(ep.DeployError, match=f"content type 'text/html'.*new endpoint {name} removed"):
