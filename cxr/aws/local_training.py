@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess  # nosec B404 - runs the job's own entry script
+import subprocess  # nosec B404
 import sys
 import tarfile
 import threading
@@ -60,7 +60,7 @@ class LocalTrainingJob:
         program = hyper.pop("sagemaker_program")
         self._started = time.time()
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(  # noqa: S603  # nosec B603 - the job's own entry script
+            self.process = subprocess.Popen(  # noqa: S603  # nosec B603
                 [sys.executable, program], cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT
             )
         if checkpoint_uri:
