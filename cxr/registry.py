@@ -5,12 +5,14 @@ model trained on the demo set is never compared with one trained on NIH. Layout 
 `<root>/<group>/registry.db` (one row per version) and `<root>/<group>/models/<version>/` (model.tar.gz,
 model card, metrics). Registration copies the files into a staging folder, renames it into place, then
 commits the row in one transaction, so a crash leaves either a complete version or none. Status moves
-candidate → approved → production → archived; at most one version is in production.
+candidate → approved → production → archived; at most one version is in production. `open_registry`
+picks this backend or the SageMaker Model Registry (`cxr.aws.model_registry`), which share one interface.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -19,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cxr.config import cxr_home
 
@@ -54,6 +56,8 @@ class ModelVersion:
     lineage: dict[str, Any]
     decision: str
     directory: Path
+    arn: str | None = None  # the SageMaker model package (None in the local registry)
+    model_data_url: str | None = None  # where SageMaker reads model.tar.gz from
 
     @property
     def package(self) -> Path:
@@ -66,18 +70,70 @@ class ModelVersion:
         return self.directory / "model_card.md"
 
 
+class ModelRegistry(Protocol):
+    """What the local registry and `cxr.aws.model_registry.SageMakerRegistry` both offer."""
+
+    group: str
+
+    def register(
+        self,
+        files: dict[str, str | Path | bytes],
+        metrics: dict[str, Any],
+        lineage: dict[str, Any],
+        status: str = "candidate",
+        decision: str = "",
+    ) -> ModelVersion: ...
+
+    def get(self, version: int) -> ModelVersion: ...
+
+    def versions(self) -> list[ModelVersion]: ...
+
+    def production(self) -> ModelVersion | None: ...
+
+    def set_status(self, version: int, status: str, decision: str | None = None) -> ModelVersion: ...
+
+    def approve(self, version: int) -> ModelVersion: ...
+
+    def put_files(self, version: int, files: dict[str, str | Path | bytes]) -> ModelVersion: ...
+
+
 def default_registry_root() -> Path:
     """`$CXR_HOME/registry`."""
     return cxr_home() / "registry"
+
+
+def check_group(group: str) -> str:
+    """The group name if valid (letters, digits, '-', '_' or '.'); RegistryError otherwise."""
+    if not group or not all(c.isalnum() or c in "-_." for c in group):
+        raise RegistryError(f"invalid model group name {group!r}: use letters, digits, '-', '_' or '.'")
+    return group
+
+
+def open_registry(
+    group: str, backend: str = "local", root: str | Path | None = None, **aws_settings: Any
+) -> ModelRegistry:
+    """The registry for a configured backend: "local" (SQLite under `root`) or "sagemaker" (model package
+    group; `aws_settings` are SageMakerRegistry's: s3_prefix, image_uri, kms_key_id, clients)."""
+    if backend == "local":
+        if aws_settings:
+            raise RegistryError(f"the local registry takes no AWS settings (got {sorted(aws_settings)})")
+        return Registry(root, group)
+    if backend == "sagemaker":
+        if root is not None:
+            raise RegistryError("the sagemaker registry keeps its files in S3: pass s3_prefix, not root")
+        if not aws_settings.get("s3_prefix"):
+            raise RegistryError("the sagemaker registry needs s3_prefix (s3://bucket/prefix for model files)")
+        from cxr.aws.model_registry import SageMakerRegistry
+
+        return SageMakerRegistry(**aws_settings, group=group)
+    raise RegistryError(f"unknown registry backend {backend!r}; one of local, sagemaker")
 
 
 class Registry:
     """One model group of the registry rooted at a directory (default `$CXR_HOME/registry`)."""
 
     def __init__(self, root: str | Path | None = None, group: str = DEFAULT_GROUP):
-        if not group or not all(c.isalnum() or c in "-_." for c in group):
-            raise RegistryError(f"invalid model group name {group!r}: use letters, digits, '-', '_' or '.'")
-        self.group = group
+        self.group = check_group(group)
         self.root = Path(root or default_registry_root()) / group
         (self.root / "models").mkdir(parents=True, exist_ok=True)
         with self._db() as db:
@@ -122,11 +178,7 @@ class Registry:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root / "models"))
         try:
             for name, content in files.items():
-                target = staging / name
-                if isinstance(content, bytes):
-                    target.write_bytes(content)
-                else:
-                    shutil.copyfile(content, target)
+                _copy_in(content, staging / name)
             with self._db() as db:
                 (latest,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM versions").fetchone()
                 version = int(latest) + 1
@@ -188,6 +240,26 @@ class Registry:
         if current.status == "archived":
             raise RegistryError(f"version {version} is archived; register it again to redeploy")
         return self.set_status(version, "production", f"{current.decision}\nApproved manually.".strip())
+
+    def put_files(self, version: int, files: dict[str, str | Path | bytes]) -> ModelVersion:
+        """Add or replace files of an existing version; each file is replaced atomically."""
+        directory = self.get(version).directory
+        for name, content in files.items():
+            handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+            os.close(handle)
+            try:
+                _copy_in(content, Path(temporary))
+                os.replace(temporary, directory / name)
+            finally:
+                Path(temporary).unlink(missing_ok=True)
+        return self.get(version)
+
+
+def _copy_in(content: str | Path | bytes, target: Path) -> None:
+    if isinstance(content, bytes):
+        target.write_bytes(content)
+    else:
+        shutil.copyfile(content, target)
 
 
 def _check_status(status: str) -> None:

@@ -2,6 +2,7 @@
 
 The flow's register step and any script use the same calls, so every registered version has a
 package in SageMaker's layout stamped with its own name and version, a model card and its metrics.
+Files reach the registry only through its API (`register`, `put_files`), so either backend works.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from cxr.gate import GateDecision
 from cxr.model import CXRNet
 from cxr.model_card import render_model_card
 from cxr.package import build_package, export_and_verify_onnx, score_package
-from cxr.registry import ModelVersion, Registry
+from cxr.registry import ModelRegistry, ModelVersion
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Release:
     onnx_check: dict[str, Any]
 
 
-def production_auroc(registry: Registry, cache: ShardCache, rows: np.ndarray) -> dict[str, float] | None:
+def production_auroc(registry: ModelRegistry, cache: ShardCache, rows: np.ndarray) -> dict[str, float] | None:
     """Per-finding AUROC of the registry's production model on these cache rows (None without one)."""
     production = registry.production()
     if production is None:
@@ -44,7 +45,7 @@ def production_auroc(registry: Registry, cache: ShardCache, rows: np.ndarray) ->
 
 
 def release_model(
-    registry: Registry,
+    registry: ModelRegistry,
     state_dict: dict[str, torch.Tensor],
     package_settings: dict[str, Any],
     metrics: dict[str, Any],
@@ -82,8 +83,14 @@ def release_model(
         card = render_model_card(
             version.version, metrics, lineage, decision.text(), {"ONNX check": onnx_check}
         )
-        version.card.write_text(card)
-        build_package(
-            state_dict, {**metadata, "version": version.version}, version.package, card, served_onnx
+        stamped = build_package(
+            state_dict,
+            {**metadata, "version": version.version},
+            Path(work) / "stamped" / "model.tar.gz",
+            card,
+            served_onnx,
         )
-    return Release(registry.get(version.version), onnx_check)
+        version = registry.put_files(
+            version.version, {"model_card.md": card.encode(), "model.tar.gz": stamped}
+        )
+    return Release(version, onnx_check)
