@@ -22,7 +22,7 @@ from cxr.monitor.baseline import Baseline
 from cxr.monitor.checks import MonitorConfig, constraint_violations, run_checks, violations
 from cxr.monitor.notify import make_notifier
 from cxr.monitor.reader import list_variants, read_traffic
-from cxr.registry import DEFAULT_GROUP, Registry, RegistryError
+from cxr.registry import DEFAULT_GROUP, RegistryError, open_registry
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -52,6 +52,11 @@ class CXRMonitorFlow(FlowSpec):
         "baseline", default="registry", help="baseline directory, or 'registry' (production)"
     )
     group = Parameter("group", default=DEFAULT_GROUP, help="registry model group for the default baseline")
+    registry = Parameter(
+        "registry",
+        default="local",
+        help="'local', or the s3:// prefix of the SageMaker Model Registry's files",
+    )
     labels = Parameter("labels", default="", help="ground truth CSV/JSONL keyed by inference_id or image_id")
     notify = Parameter("notify", default="log", help="'log', a webhook URL, or an SNS topic ARN")
     retrain = Parameter("retrain", default=False, type=bool, help="run the train flow when drift is found")
@@ -78,7 +83,11 @@ class CXRMonitorFlow(FlowSpec):
     def _baseline_dir(self) -> str:
         if self.baseline != "registry":
             return self.baseline
-        production = Registry(group=self.group).production()
+        if self.registry.startswith("s3://"):
+            registry = open_registry(self.group, "sagemaker", s3_prefix=self.registry)
+        else:
+            registry = open_registry(self.group)
+        production = registry.production()
         if production is None:
             raise RegistryError(f"no production model in registry group {self.group!r}; pass --baseline DIR")
         return str(production.directory)

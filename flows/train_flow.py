@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from cxr.evaluate import youden_thresholds
 from cxr.gate import promotion_gate
 from cxr.model import CXRNet
 from cxr.monitor.baseline import compute_baseline
-from cxr.registry import DEFAULT_GROUP, Registry
+from cxr.registry import DEFAULT_GROUP, open_registry
 from cxr.release import production_auroc, release_model
 from cxr.train import BEST, LAST, TrainConfig, TrainResult, checkpoint_dir, predict
 from cxr.train import train as train_model
@@ -68,6 +69,17 @@ def registry_group(setting: str, data: dict) -> str:
     if setting and setting != "auto":
         return setting
     return "demo" if (data.get("root") or "demo") == "demo" else DEFAULT_GROUP
+
+
+def open_configured_registry(rules: dict, data: dict):
+    """The registry of the `registry:` config section: local, or SageMaker Model Registry (files in S3)."""
+    group = registry_group(rules.get("group", "auto"), data)
+    if rules.get("backend", "local") != "sagemaker":
+        return open_registry(group)
+    prefix = remote_prefix(rules.get("s3_prefix", "auto"), "cxr-registry")
+    if not prefix:
+        raise ValueError("registry.backend sagemaker needs registry.s3_prefix (or the S3 datastore for auto)")
+    return open_registry(group, "sagemaker", s3_prefix=prefix, kms_key_id=rules.get("kms_key_id"))
 
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "config" / "default.yaml")
@@ -265,7 +277,7 @@ class CXRTrainFlow(FlowSpec):
     def register(self):
         """Compare with production on this test split, package (verified ONNX export), register (gated)."""
         rules = self.config["registry"]
-        registry = Registry(group=registry_group(rules.get("group", "auto"), self.config["data"]))
+        registry = open_configured_registry(rules, self.config["data"])
         cache = cache_store.open_cache(self.data_cache["local_dir"], self.data_cache["uri"])
         self.production_auroc = production_auroc(registry, cache, self.cache_rows["test"])
         decision = promotion_gate(
@@ -290,7 +302,9 @@ class CXRTrainFlow(FlowSpec):
         release = release_model(
             registry, self.model_state, settings, self.metrics, lineage, decision, cache, test_rows
         )
-        self.baseline.save(release.version.directory)  # what MonitorFlow compares traffic with
+        with tempfile.TemporaryDirectory() as work:  # what MonitorFlow compares traffic with
+            files = self.baseline.save(work)
+            registry.put_files(release.version.version, {path.name: path for path in files})
         self.onnx_check = release.onnx_check
         self.model_version, self.model_status = release.version.version, release.version.status
         self.model_group, self.model_package = registry.group, str(release.version.package)

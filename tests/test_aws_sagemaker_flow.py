@@ -27,8 +27,11 @@ def test_flow_trains_as_a_sagemaker_spot_job_and_resumes_onto_it(tmp_path, s3):
     if BUCKET not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
         s3.create_bucket(Bucket=BUCKET)
     config = write_config(tmp_path, remote="auto", epochs=2)
+    text = config.read_text().replace(
+        "registry: {group: auto,", "registry: {group: auto, backend: sagemaker,"
+    )
     config.write_text(
-        config.read_text()
+        text
         + "compute: {train: sagemaker}\n"
         + f"sagemaker: {{role_arn: '{ROLE}', output: auto, poll_seconds: 0,"
         + " max_run_hours: 1, max_wait_hours: 2}\n"
@@ -60,3 +63,15 @@ def test_flow_trains_as_a_sagemaker_spot_job_and_resumes_onto_it(tmp_path, s3):
     assert train["train_device"].data.startswith("sagemaker:")
     assert len(sagemaker.list_training_jobs(NameContains=f"cxrtrain-{origin}")["TrainingJobSummaries"]) == 1
     assert run["end"].task["metrics"].data["mean_auroc"] > 0
+
+    # registered in SageMaker Model Registry, with the monitoring baseline beside the model
+    end = run["end"].task
+    packages = sagemaker.list_model_packages(ModelPackageGroupName="demo")["ModelPackageSummaryList"]
+    assert end["model_version"].data == 1 and len(packages) == 1
+    assert packages[0]["ModelApprovalStatus"] == "Approved"  # the gate promoted it: nothing was in production
+    files = [
+        o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="data/cxr-registry/demo/")["Contents"]
+    ]
+    assert {"model.tar.gz", "model_card.md", "metrics.json", "baseline.npz", "constraints.json"} <= {
+        key.rsplit("/", 1)[1] for key in files
+    }
