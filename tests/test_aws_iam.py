@@ -32,9 +32,23 @@ def test_policies_are_scoped_and_encrypt_writes(kms):
                 expected = "aws:kms" if kms else "AES256"
                 assert statement["Condition"]["StringEquals"]["s3:x-amz-server-side-encryption"] == expected
     wildcard = [s["Sid"] for d in documents.values() for s in d["Statement"] if s["Resource"] == "*"]
-    assert wildcard == ["RegisterJobDefinitions"]  # Batch has no resource-level control for this action
+    # actions without resource-level permissions in AWS (autoscaling is held to SageMaker by a condition)
+    assert wildcard == ["RegisterJobDefinitions", "FindTrainingJobs", "EndpointAutoscaling"]
     batch = json.dumps(documents["batch_job"])
     assert "capture/" not in batch and "sagemaker" not in batch  # a training step never touches capture
+    flow = json.dumps(documents["flow"])
+    for action in ("CreateTrainingJob", "CreateModelPackage", "UpdateEndpoint", "PutMetricAlarm", "PassRole"):
+        assert action in flow
+    passing = next(s for s in documents["flow"]["Statement"] if s["Sid"] == "PassExecutionRoleToSageMaker")
+    assert passing["Resource"] == "arn:aws:iam::123456789012:role/cxr-sagemaker-execution"
+    assert passing["Condition"] == {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}
+
+
+def test_scheduled_training_on_sagemaker_lets_batch_launch_jobs_only():
+    documents = policies(AwsSettings(bucket="b", account="123456789012", batch_trains_on_sagemaker=True))
+    batch = json.dumps(documents["batch_job"])
+    assert "sagemaker:CreateTrainingJob" in batch and "iam:PassRole" in batch
+    assert "CreateEndpoint" not in batch and "CreateModelPackage" not in batch
 
 
 def test_iam_api_accepts_every_document(s3):

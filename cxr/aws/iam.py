@@ -28,6 +28,8 @@ class AwsSettings:
     dynamodb_table: str = "cxr-metaflow-sfn-state"
     kms_key_arn: str | None = None
     project: str = "cxr"
+    execution_role: str = "cxr-sagemaker-execution"  # the role SageMaker jobs and endpoints run as
+    batch_trains_on_sagemaker: bool = False  # scheduled train flows whose train step launches SageMaker jobs
 
 
 def _s3_statements(s: AwsSettings, prefixes: list[str], write: bool) -> list[dict[str, Any]]:
@@ -76,7 +78,6 @@ def policies(s: AwsSettings) -> dict[str, dict[str, Any]]:
     job_definitions = f"arn:aws:batch:{s.region}:{s.account}:job-definition/metaflow_*"
     table = f"arn:aws:dynamodb:{s.region}:{s.account}:table/{s.dynamodb_table}"
     machines = f"arn:aws:states:{s.region}:{s.account}:stateMachine:CXR*"
-    sagemaker = f"arn:aws:sagemaker:{s.region}:{s.account}"
     logs = f"arn:aws:logs:{s.region}:{s.account}"
     events = f"arn:aws:events:{s.region}:{s.account}"
     batch_jobs = {
@@ -86,7 +87,10 @@ def policies(s: AwsSettings) -> dict[str, dict[str, Any]]:
         "Resource": [queue, job_definitions],
     }
     return {
-        "batch_job": _document(_s3_statements(s, [s.metaflow_prefix, s.data_prefix], write=True)),
+        "batch_job": _document(
+            _s3_statements(s, [s.metaflow_prefix, s.data_prefix], write=True)
+            + (_sagemaker_training(s) if s.batch_trains_on_sagemaker else [])
+        ),
         "step_functions": _document(
             [
                 batch_jobs,
@@ -162,27 +166,107 @@ def policies(s: AwsSettings) -> dict[str, dict[str, Any]]:
                     "Action": ["batch:RegisterJobDefinition", "batch:DescribeJobDefinitions"],
                     "Resource": "*",
                 },
-                {
-                    "Sid": "SageMakerProject",
-                    "Effect": "Allow",
-                    "Action": [
-                        "sagemaker:CreateTrainingJob",
-                        "sagemaker:DescribeTrainingJob",
-                        "sagemaker:CreateModel",
-                        "sagemaker:CreateEndpointConfig",
-                        "sagemaker:CreateEndpoint",
-                        "sagemaker:UpdateEndpoint",
-                        "sagemaker:DescribeEndpoint",
-                        "sagemaker:UpdateEndpointWeightsAndCapacities",
-                        "sagemaker:InvokeEndpoint",
-                    ],
-                    "Resource": [
-                        f"{sagemaker}:training-job/{s.project}-*",
-                        f"{sagemaker}:model/{s.project}-*",
-                        f"{sagemaker}:endpoint-config/{s.project}-*",
-                        f"{sagemaker}:endpoint/{s.project}-*",
-                    ],
-                },
+                *_sagemaker_training(s),
+                *_sagemaker_deployment(s),
             ]
         ),
     }
+
+
+def _sagemaker_arn(s: AwsSettings, kind: str) -> str:
+    return f"arn:aws:sagemaker:{s.region}:{s.account}:{kind}/{s.project}*"
+
+
+def _pass_execution_role(s: AwsSettings) -> dict[str, Any]:
+    return {
+        "Sid": "PassExecutionRoleToSageMaker",
+        "Effect": "Allow",
+        "Action": ["iam:PassRole"],
+        "Resource": f"arn:aws:iam::{s.account}:role/{s.execution_role}",
+        "Condition": {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}},
+    }
+
+
+def _sagemaker_training(s: AwsSettings) -> list[dict[str, Any]]:
+    """Launch, follow and stop this project's training jobs (cxr.aws.training_job)."""
+    return [
+        {
+            "Sid": "SageMakerTrainingJobs",
+            "Effect": "Allow",
+            "Action": [
+                "sagemaker:CreateTrainingJob",
+                "sagemaker:DescribeTrainingJob",
+                "sagemaker:StopTrainingJob",
+                "sagemaker:AddTags",
+            ],
+            "Resource": _sagemaker_arn(s, "training-job"),
+        },
+        {
+            "Sid": "FindTrainingJobs",  # List actions have no resource-level permissions
+            "Effect": "Allow",
+            "Action": ["sagemaker:ListTrainingJobs"],
+            "Resource": "*",
+        },
+        _pass_execution_role(s),
+    ]
+
+
+def _sagemaker_deployment(s: AwsSettings) -> list[dict[str, Any]]:
+    """Registry, endpoints, guardrail alarms and scaling of this project (cxr.aws.deploy)."""
+    alarms = f"arn:aws:cloudwatch:{s.region}:{s.account}:alarm:{s.project}*"
+    return [
+        {
+            "Sid": "SageMakerModelsAndEndpoints",
+            "Effect": "Allow",
+            "Action": [
+                "sagemaker:CreateModel",
+                "sagemaker:DescribeModel",
+                "sagemaker:CreateEndpointConfig",
+                "sagemaker:DescribeEndpointConfig",
+                "sagemaker:CreateEndpoint",
+                "sagemaker:UpdateEndpoint",
+                "sagemaker:DeleteEndpoint",
+                "sagemaker:DescribeEndpoint",
+                "sagemaker:UpdateEndpointWeightsAndCapacities",
+                "sagemaker:InvokeEndpoint",
+                "sagemaker:AddTags",
+                "sagemaker:ListTags",
+            ],
+            "Resource": [
+                _sagemaker_arn(s, "model"),
+                _sagemaker_arn(s, "endpoint-config"),
+                _sagemaker_arn(s, "endpoint"),
+            ],
+        },
+        {
+            "Sid": "SageMakerModelRegistry",
+            "Effect": "Allow",
+            "Action": [
+                "sagemaker:CreateModelPackageGroup",
+                "sagemaker:DescribeModelPackageGroup",
+                "sagemaker:CreateModelPackage",
+                "sagemaker:DescribeModelPackage",
+                "sagemaker:UpdateModelPackage",
+                "sagemaker:ListModelPackages",
+            ],
+            "Resource": [_sagemaker_arn(s, "model-package-group"), _sagemaker_arn(s, "model-package")],
+        },
+        {
+            "Sid": "GuardrailAlarms",
+            "Effect": "Allow",
+            "Action": ["cloudwatch:PutMetricAlarm", "cloudwatch:DeleteAlarms", "cloudwatch:DescribeAlarms"],
+            "Resource": alarms,
+        },
+        {
+            "Sid": "EndpointAutoscaling",  # Application Auto Scaling has no resource-level permissions
+            "Effect": "Allow",
+            "Action": [
+                "application-autoscaling:RegisterScalableTarget",
+                "application-autoscaling:PutScalingPolicy",
+                "application-autoscaling:DescribeScalableTargets",
+                "application-autoscaling:DescribeScalingPolicies",
+            ],
+            "Resource": "*",
+            "Condition": {"StringEquals": {"application-autoscaling:service-namespace": "sagemaker"}},
+        },
+    ]
