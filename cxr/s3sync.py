@@ -1,7 +1,9 @@
-"""Copy a folder's files to and from an S3 prefix (boto3; honours AWS_ENDPOINT_URL). SSE-S3 on upload."""
+"""Copy a folder's files to and from an S3 prefix (boto3; honours AWS_ENDPOINT_URL), and the one rule for
+encrypting every S3 write of the project: SSE-KMS with a configured key, else SSE-S3."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -9,6 +11,15 @@ from pathlib import Path
 from cxr.data.sources import s3_client, split_s3_uri
 
 CONCURRENCY = 8
+KMS_KEY_ENV = "CXR_KMS_KEY_ID"
+
+
+def encryption(kms_key_id: str | None = None) -> dict[str, str]:
+    """S3 server-side encryption arguments: SSE-KMS with `kms_key_id` (or $CXR_KMS_KEY_ID), else SSE-S3."""
+    key = kms_key_id or os.environ.get(KMS_KEY_ENV)
+    if key:
+        return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": key}
+    return {"ServerSideEncryption": "AES256"}
 
 
 def upload(directory: str | Path, uri: str, names: Iterable[str]) -> list[str]:
@@ -19,7 +30,7 @@ def upload(directory: str | Path, uri: str, names: Iterable[str]) -> list[str]:
 
     def put(name: str) -> str:
         path = str(Path(directory) / name)
-        client.upload_file(path, bucket, prefix + name, ExtraArgs={"ServerSideEncryption": "AES256"})
+        client.upload_file(path, bucket, prefix + name, ExtraArgs=encryption())
         return name
 
     with ThreadPoolExecutor(CONCURRENCY) as pool:

@@ -15,9 +15,9 @@ from typing import Any
 
 from cxr.aws import endpoints as ep
 from cxr.aws.smoke import SmokeResult, smoke_image, smoke_test
-from cxr.aws.training_job import encryption
 from cxr.data.sources import split_s3_uri
 from cxr.registry import ModelVersion
+from cxr.s3sync import encryption
 
 APPROVED = ("approved", "production")
 _VERSION = re.compile(r"-v(\d+)-")

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from cxr import s3sync
-from cxr.aws.training_job import TrainingJobError, encryption
+from cxr.aws.training_job import TrainingJobError
 from cxr.data.sources import s3_client, split_s3_uri
+from cxr.s3sync import encryption
 
 
 class LocalTrainingJob:

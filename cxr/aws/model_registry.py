@@ -26,6 +26,7 @@ from botocore.exceptions import ClientError
 
 from cxr.config import cxr_home
 from cxr.registry import DEFAULT_GROUP, ModelVersion, RegistryError, _check_status, check_group
+from cxr.s3sync import encryption
 
 # AWS Deep Learning Container for PyTorch inference (CPU), see
 # https://docs.aws.amazon.com/deep-learning-containers/latest/devguide/deep-learning-containers-images.html
@@ -157,9 +158,7 @@ class SageMakerRegistry:
     # --- S3 -----------------------------------------------------------------------------------------
 
     def _encryption(self) -> dict[str, str]:
-        if self.kms_key_id:
-            return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.kms_key_id}
-        return {"ServerSideEncryption": "AES256"}
+        return encryption(self.kms_key_id)
 
     def _upload(self, key: str, content: str | Path | bytes) -> None:
         if isinstance(content, bytes):

@@ -23,6 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from cxr.data.sources import s3_client, split_s3_uri
+from cxr.s3sync import encryption
 
 DEFAULT_IMAGE = (
     "763104351884.dkr.ecr.{region}.amazonaws.com/pytorch-training:2.5.1-gpu-py311-cu124-ubuntu22.04-sagemaker"
@@ -84,13 +85,6 @@ def job_prefix(flow_name: str, run_id: str) -> str:
     flow = _NAME.sub("-", flow_name.lower().removesuffix("flow"))[:20].strip("-")
     run = _NAME.sub("-", str(run_id))[-24:].strip("-")
     return f"{flow}-{run}"
-
-
-def encryption(kms_key_id: str | None) -> dict[str, str]:
-    """S3 ExtraArgs for server-side encryption: SSE-KMS with the key, else SSE-S3."""
-    if kms_key_id:
-        return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key_id}
-    return {"ServerSideEncryption": "AES256"}
 
 
 def source_archive() -> bytes:

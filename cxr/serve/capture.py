@@ -29,6 +29,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from cxr.s3sync import encryption
+
 log = logging.getLogger(__name__)
 
 
@@ -149,9 +151,7 @@ class CaptureWriter:
 
             bucket, prefix = split_s3_uri(self.destination)
             try:
-                s3_client().put_object(
-                    Bucket=bucket, Key=prefix + key, Body=body, ServerSideEncryption="AES256"
-                )
+                s3_client().put_object(Bucket=bucket, Key=prefix + key, Body=body, **encryption())
             except Exception as error:  # botocore errors: surface as OSError for the retry loop
                 raise OSError(str(error)) from error
             return
