@@ -317,10 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=int(os.environ.get("SAGEMAKER_BIND_TO_PORT", 8080)), help="port"
     )
     srv.add_argument(
-        "--capture", "--capture-dir", dest="capture", default=None, help="capture directory or s3:// prefix"
+        "--capture",
+        "--capture-dir",
+        dest="capture",
+        default=os.environ.get("CXR_CAPTURE"),
+        help="capture directory or s3:// prefix (default: $CXR_CAPTURE, set on SageMaker by cxr deploy)",
     )
     srv.add_argument("--capture-sample", type=float, default=100.0, help="percent of requests captured")
-    srv.add_argument("--endpoint-name", default="cxr-endpoint", help="endpoint name in the capture layout")
+    srv.add_argument(
+        "--endpoint-name",
+        default=os.environ.get("CXR_ENDPOINT_NAME", "cxr-endpoint"),
+        help="endpoint name in the capture layout (default: $CXR_ENDPOINT_NAME)",
+    )
     srv.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto", help="inference backend")
     srv.add_argument("--max-batch", type=int, default=16, help="largest dynamic batch")
     srv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")

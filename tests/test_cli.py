@@ -21,3 +21,14 @@ def test_preprocess_builds_the_cache(nih_root, tmp_path):
 def test_bad_root_is_a_clear_error(tmp_path):
     result = run_cli("ingest", "--data", str(tmp_path / "missing"))
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_reads_container_settings_from_the_environment(monkeypatch):
+    """On SageMaker, `cxr deploy` sets where the container captures and under which endpoint name."""
+    from cxr.cli import build_parser
+
+    monkeypatch.setenv("CXR_CAPTURE", "s3://bucket/capture")
+    monkeypatch.setenv("CXR_ENDPOINT_NAME", "cxr-b")
+    monkeypatch.setenv("SAGEMAKER_BIND_TO_PORT", "8081")
+    args = build_parser().parse_args(["serve"])
+    assert (args.capture, args.endpoint_name, args.port) == ("s3://bucket/capture", "cxr-b", 8081)
