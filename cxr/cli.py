@@ -189,6 +189,24 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _iam(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from cxr.aws.iam import AwsSettings, policies
+
+    settings = AwsSettings(
+        bucket=args.bucket, account=args.account, region=args.region, kms_key_arn=args.kms_key_arn,
+        batch_trains_on_sagemaker=args.batch_trains_on_sagemaker,
+    )  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for role, document in policies(settings).items():
+        (out / f"{role}.json").write_text(json.dumps(document, indent=1))
+        print(f"{out / f'{role}.json'}: {len(document['Statement'])} statements")
+    return 0
+
+
 def _deploy_checked(args: argparse.Namespace) -> int:
     if args.action == "release" and args.version is None:
         raise ValueError("release needs --version")
@@ -348,6 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted")
     gw.add_argument("--read-timeout", type=float, default=70.0, help="seconds to wait for an endpoint")
     gw.set_defaults(func=_gateway)
+
+    iam = commands.add_parser("iam", help="write least-privilege IAM policy documents, one per role")
+    iam.add_argument("--bucket", required=True, help="the project's S3 bucket")
+    iam.add_argument("--account", required=True, help="AWS account id")
+    iam.add_argument("--region", default="us-east-1", help="AWS region")
+    iam.add_argument("--kms-key-arn", default=None, help="KMS key for SSE-KMS (default: SSE-S3)")
+    iam.add_argument(
+        "--batch-trains-on-sagemaker", action="store_true",
+        help="let scheduled train flows on Batch launch SageMaker training jobs",
+    )  # fmt: skip
+    iam.add_argument("--out", default="iam", help="folder for <role>.json")
+    iam.set_defaults(func=_iam)
 
     dep = commands.add_parser("deploy", help="SageMaker endpoints: release, rollback, A/B weights, status")
     dep.add_argument("action", choices=["release", "rollback", "weights", "status"], help="what to do")

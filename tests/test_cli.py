@@ -32,3 +32,10 @@ def test_serve_reads_container_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("SAGEMAKER_BIND_TO_PORT", "8081")
     args = build_parser().parse_args(["serve"])
     assert (args.capture, args.endpoint_name, args.port) == ("s3://bucket/capture", "cxr-b", 8081)
+
+
+def test_iam_writes_one_policy_per_role(tmp_path):
+    result = run_cli("iam", "--bucket", "cxr-bucket", "--account", "123456789012", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    roles = sorted(p.stem for p in tmp_path.glob("*.json"))
+    assert roles == ["batch_job", "eventbridge", "flow", "sagemaker_execution", "step_functions"]
