@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from metaflow import FlowSpec, IncludeFile, Parameter, card, current, resources, retry, step
+from metaflow import FlowSpec, IncludeFile, Parameter, card, current, resources, retry, schedule, step
 from metaflow.cards import Markdown, Table, VegaChart
 
 from cxr import plots, s3sync
@@ -85,6 +85,9 @@ def open_configured_registry(rules: dict, data: dict):
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "config" / "default.yaml")
 
 
+# Retraining on a schedule when deployed with `step-functions create`: a cron expression in
+# CXR_TRAIN_SCHEDULE at deploy time (e.g. "0 3 ? * SUN *", Sundays 03:00 UTC); unset, no schedule.
+@schedule(cron=os.environ.get("CXR_TRAIN_SCHEDULE"), daily=False)
 class CXRTrainFlow(FlowSpec):
     """NIH ChestX-ray14 → classifier.
 
