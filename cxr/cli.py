@@ -67,9 +67,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace) -> int:
-    from cxr.registry import Registry
+    from cxr.registry import open_registry
 
-    registry = Registry(args.registry_root, args.group)
+    if args.s3_prefix:
+        registry = open_registry(args.group, "sagemaker", s3_prefix=args.s3_prefix)
+    else:
+        registry = open_registry(args.group, root=args.registry_root)
     if args.action == "list":
         print(f"{'version':>7}  {'status':<10}  {'mean AUROC':>10}  created")
         for v in registry.versions():
@@ -321,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("action", choices=["list", "show", "card", "approve", "archive"], help="what to do")
     reg.add_argument("version", type=int, nargs="?", help="model version")
     _registry_options(reg)
+    reg.add_argument(
+        "--s3-prefix", default=None,
+        help="use the SageMaker Model Registry whose version files live under this s3:// prefix",
+    )  # fmt: skip
     reg.set_defaults(func=_registry)
 
     srv = commands.add_parser("serve", help="serve the production model (SageMaker contract) with capture")

@@ -191,3 +191,21 @@ def test_leftover_folder_is_never_reused(s3, bucket):
     with pytest.raises(s3.exceptions.NoSuchBucket):
         SageMakerRegistry(f"s3://{bucket}-missing/m", group).register({"model.tar.gz": b"x"}, {}, {})
     assert sorted(packages(sagemaker, group)) == [1]  # the failed registration created no package
+
+
+def test_cli_lists_and_approves_in_the_sagemaker_registry(s3, bucket):
+    import subprocess
+    import sys
+
+    group = unique_group()
+    SageMakerRegistry(f"s3://{bucket}/registry", group).register(
+        {"model.tar.gz": b"one"}, {"mean_auroc": 0.81}, {"run": "r1"}
+    )
+    base = [sys.executable, "-m", "cxr.cli", "registry"]
+    options = ["--group", group, "--s3-prefix", f"s3://{bucket}/registry"]
+    listed = subprocess.run([*base, "list", *options], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert "candidate" in listed.stdout and "0.8100" in listed.stdout
+    approved = subprocess.run([*base, "approve", "1", *options], capture_output=True, text=True, timeout=120)
+    assert approved.returncode == 0 and "now production" in approved.stdout, approved.stderr
+    assert packages(boto3.client("sagemaker"), group)[1]["ModelApprovalStatus"] == "Approved"
