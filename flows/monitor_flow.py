@@ -96,9 +96,9 @@ class CXRMonitorFlow(FlowSpec):
     def check(self):
         """Read one variant's traffic and run every check against the baseline."""
         self.variant = self.input
-        traffic = read_traffic(self.capture_uri, self.endpoint, *self.window, variants=[self.variant])[
-            self.variant
-        ]
+        traffic = read_traffic(
+            self.capture_uri, self.endpoint, *self.window, variants=[self.variant], model=self._package()
+        )[self.variant]
         labels = read_labels(self.labels) if self.labels else None
         self.results = run_checks(
             Baseline.load(self.baseline_dir), traffic, MonitorConfig.from_dict(self.config), labels
@@ -107,6 +107,12 @@ class CXRMonitorFlow(FlowSpec):
         self.traffic = traffic
         print(self.traffic_summary)
         self.next(self.join)
+
+    def _package(self) -> str | None:
+        """The model package beside the baseline (the production version's), which featurizes
+        SageMaker-native capture records; None when the baseline directory holds none."""
+        package = Path(self.baseline_dir) / "model.tar.gz"
+        return str(package) if package.is_file() else None
 
     @card(type="blank")
     @step

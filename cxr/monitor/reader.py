@@ -3,10 +3,16 @@
 Only the hour folders that overlap the window are listed. Files are parsed in parallel processes; lines
 that are not valid capture records are counted as malformed, never fatal. Each served image yields one
 row of features (image statistics, embedding projection) and its predicted probabilities.
+
+Records of the cxr server carry their features in a `cxr` block. SageMaker's own Data Capture records
+(real-time endpoints) have none: given a model package, their captured input is decoded (and cropped) in
+the parsing workers, then featurized in one batched pass (`cxr.monitor.featurize`); without one, or when
+the input cannot be decoded, they count as served without features.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
@@ -16,12 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from cxr.data.findings import FINDINGS
+from cxr.inference import prepare
 from cxr.monitor.baseline import IMAGE_FEATURES
+from cxr.monitor.featurize import Featurizer
+from cxr.serve.decoder import decode_request
 
 EMBEDDING_DIM = 32
+Row = tuple[list[float] | None, list[float] | None, list[float], np.ndarray | None]  # stats, proj, p, crop
 
 
 @dataclass
@@ -41,6 +52,7 @@ class Traffic:
     times: list[str] = field(default_factory=list)
     model_versions: Counter = field(default_factory=Counter)
     files: int = 0
+    featurized: int = 0  # rows whose features the monitor computed (SageMaker-native records)
 
     @property
     def served(self) -> int:
@@ -62,6 +74,7 @@ class Traffic:
             "rejected": self.rejected,
             "malformed": self.malformed,
             "images": len(self.image),
+            "featurized": self.featurized,
             "model_versions": dict(self.model_versions),
         }
 
@@ -131,55 +144,126 @@ def _image_id(metadata: dict[str, Any]) -> str | None:
     return None
 
 
-def parse_file(path: str, start_text: str, end_text: str) -> dict[str, Any]:
-    """Parse one capture file into plain lists (picklable across processes)."""
+def parse_file(
+    path: str, start_text: str, end_text: str, settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Parse one capture file into plain lists (picklable across processes).
+
+    With `settings` (a package's `image_size` and `crop`), records without features get their captured
+    input decoded and cropped: `crops` holds those crops, `pending` their row indices.
+    """
     out: dict[str, Any] = {"records": 0, "malformed": 0, "statuses": Counter(), "missing": 0, "image": [],
                            "embedding": [], "probabilities": [], "ids": [], "image_ids": [], "times": [],
-                           "versions": Counter()}  # fmt: skip
+                           "versions": Counter(), "crops": [], "pending": []}  # fmt: skip
     for line in _read(path).splitlines():
         if not line.strip():
             continue
         try:
             record = json.loads(line)
             metadata = record["eventMetadata"]
-            when = metadata["inferenceTime"]
+            when = _timestamp(metadata["inferenceTime"])
             extra = record.get("cxr", {})
-            status = int(extra.get("status", 200))
+            status = int(extra.get("status", 200))  # SageMaker captures successful invocations only
             event_id = str(metadata["eventId"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             out["malformed"] += 1
             continue
         if not (start_text <= when < end_text):
             continue
         out["records"] += 1
         out["statuses"][status] += 1
-        if status != 200:
-            continue
-        out["versions"][str(extra.get("model_version"))] += 1
-        try:
-            output = json.loads(record["captureData"]["endpointOutput"]["data"])
-            predictions = output["predictions"]
-            features = extra["features"]
-            rows = [
-                (
-                    [float(f["image_stats"][k]) for k in IMAGE_FEATURES],
-                    [float(v) for v in f["embedding_projection"]],
-                    [float(p["probabilities"][name]) for name in FINDINGS],
-                )
-                for f, p in zip(features, predictions, strict=True)
-            ]
-        except (ValueError, KeyError, TypeError):
-            out["missing"] += 1
-            continue
-        image_id = _image_id(metadata)
-        for index, (image, embedding, probabilities) in enumerate(rows):
-            out["image"].append(image)
-            out["embedding"].append(embedding)
-            out["probabilities"].append(probabilities)
-            out["ids"].append(event_id if len(rows) == 1 else f"{event_id}#{index}")
-            out["image_ids"].append(image_id if len(rows) == 1 else None)
-            out["times"].append(when)
+        if status == 200:
+            _add_served(out, record, extra, event_id, when, settings)
     return out
+
+
+def _add_served(
+    out: dict[str, Any],
+    record: dict[str, Any],
+    extra: dict[str, Any],
+    event_id: str,
+    when: str,
+    settings: dict[str, Any] | None,
+) -> None:
+    output = _output(record)
+    served_by = output.get("model") if isinstance(output, dict) else None  # the cxr server's response
+    version = extra.get("model_version", served_by.get("version") if isinstance(served_by, dict) else None)
+    out["versions"][str(version)] += 1
+    try:
+        rows = _rows(record, extra, output, settings)
+    except (ValueError, KeyError, TypeError, AttributeError, cv2.error):
+        out["missing"] += 1
+        return
+    metadata = record["eventMetadata"]
+    if "features" not in extra:  # native: the response's id (the one clients key ground truth by)
+        event_id = str(output.get("inference_id") or metadata.get("inferenceId") or event_id)
+    image_id = _image_id(metadata)
+    for index, (image, embedding, probabilities, crop) in enumerate(rows):
+        if crop is not None:
+            out["pending"].append(len(out["image"]))
+            out["crops"].append(crop)
+        out["image"].append(image)
+        out["embedding"].append(embedding)
+        out["probabilities"].append(probabilities)
+        out["ids"].append(event_id if len(rows) == 1 else f"{event_id}#{index}")
+        out["image_ids"].append(image_id if len(rows) == 1 else None)
+        out["times"].append(when)
+
+
+def _rows(
+    record: dict[str, Any], extra: dict[str, Any], output: Any, settings: dict[str, Any] | None
+) -> list[Row]:
+    """(image stats, projection, probabilities, crop) per image; features None where a crop is pending."""
+    if not isinstance(output, dict):
+        raise ValueError("unreadable endpoint output")
+    probabilities = _probabilities(output["predictions"])
+    if "features" in extra or settings is None:
+        return [
+            (
+                [float(f["image_stats"][k]) for k in IMAGE_FEATURES],
+                [float(v) for v in f["embedding_projection"]],
+                p,
+                None,
+            )
+            for f, p in zip(extra["features"], probabilities, strict=True)
+        ]
+    crops = _captured_crops(record["captureData"]["endpointInput"], settings)
+    return [(None, None, p, crop) for p, crop in zip(probabilities, crops, strict=True)]
+
+
+def _probabilities(predictions: Any) -> list[list[float]]:
+    """The server's `[{"probabilities": {finding: p}}, ...]` or the package handlers' `{finding: p}`."""
+    if isinstance(predictions, dict):
+        return [[float(predictions[name]) for name in FINDINGS]]
+    return [[float(p["probabilities"][name]) for name in FINDINGS] for p in predictions]
+
+
+def _payload(captured: dict[str, Any]) -> bytes:
+    """A captured `endpointInput`/`endpointOutput` body: BASE64 decoded, JSON or CSV as text."""
+    data = captured["data"]
+    if str(captured.get("encoding", "")).upper() == "BASE64":
+        return base64.b64decode(data, validate=True)
+    return data.encode() if isinstance(data, str) else json.dumps(data).encode()
+
+
+def _output(record: dict[str, Any]) -> Any:
+    """The endpoint's JSON response, or None when there is none to read."""
+    try:
+        return json.loads(_payload(record["captureData"]["endpointOutput"]))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _captured_crops(captured: dict[str, Any], settings: dict[str, Any]) -> list[np.ndarray]:
+    """The captured request's images, decoded as the server decodes them, as model input crops."""
+    images = decode_request(_payload(captured), captured.get("observedContentType"))
+    return [prepare(image.pixels, settings) for image in images]  # pixels only: DICOM tags are dropped
+
+
+def _timestamp(text: str) -> str:
+    """`…T10:15:00Z` (SageMaker, whole seconds) → `…T10:15:00.000Z`, so windows compare as text."""
+    text = str(text)
+    return text[:19] + ".000Z" if len(text) == 20 and text.endswith("Z") else text
 
 
 def _iso(moment: dt.datetime) -> str:
@@ -194,25 +278,53 @@ def read_traffic(
     end: dt.datetime,
     variants: list[str] | None = None,
     workers: int | None = None,
+    model: str | Path | None = None,
 ) -> dict[str, Traffic]:
-    """Captured traffic per variant in [start, end)."""
+    """Captured traffic per variant in [start, end).
+
+    `model` (a package or unpacked directory, normally the production model's) featurizes records that
+    carry no features (SageMaker Data Capture); without it they count as missing features.
+    """
     variants = variants or list_variants(uri, endpoint)
+    featurizer = Featurizer(model) if model is not None else None
     result = {}
     for variant in variants:
         files = list_capture_files(uri, endpoint, variant, start, end)
         traffic = Traffic(variant, files=len(files))
-        parts = _parse_all(files, _iso(start), _iso(end), workers)
+        settings = featurizer.settings if featurizer else None
+        parts = _parse_all(files, _iso(start), _iso(end), workers, settings)
+        if featurizer is not None:
+            traffic.featurized = _featurize(parts, featurizer)
         _merge(traffic, parts)
         result[variant] = traffic
     return result
 
 
-def _parse_all(files: list[str], start: str, end: str, workers: int | None) -> list[dict[str, Any]]:
+def _parse_all(
+    files: list[str], start: str, end: str, workers: int | None, settings: dict[str, Any] | None
+) -> list[dict[str, Any]]:
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(files) < 4:
-        return [parse_file(f, start, end) for f in files]
+        return [parse_file(f, start, end, settings) for f in files]
+    n = len(files)
     with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(parse_file, files, [start] * len(files), [end] * len(files), chunksize=4))
+        return list(pool.map(parse_file, files, [start] * n, [end] * n, [settings] * n, chunksize=4))
+
+
+def _featurize(parts: list[dict[str, Any]], featurizer: Featurizer) -> int:
+    """Fill in the pending rows of every part with one batched pass of the model; returns their count."""
+    crops = [crop for part in parts for crop in part["crops"]]
+    if not crops:
+        return 0
+    stats, projections = featurizer.features(np.stack(crops))
+    offset = 0
+    for part in parts:
+        for index in part["pending"]:
+            part["image"][index] = stats[offset].tolist()
+            part["embedding"][index] = projections[offset].tolist()
+            offset += 1
+        part["crops"] = []
+    return len(crops)
 
 
 def _merge(traffic: Traffic, parts: list[dict[str, Any]]) -> None:
