@@ -42,10 +42,18 @@ class CXRMonitorFlow(FlowSpec):
     5. end.
     """
 
+    # Defaults come from the environment where the flow is run or deployed (`step-functions create`), so
+    # a scheduled monitor reads the right capture, endpoint and registry without a code change.
     capture_uri = Parameter(
-        "capture_uri", default=str(cxr_home() / "capture"), help="capture directory or s3:// prefix"
+        "capture_uri",
+        default=os.environ.get("CXR_CAPTURE", str(cxr_home() / "capture")),
+        help="capture directory or s3:// prefix (default: $CXR_CAPTURE)",
     )
-    endpoint = Parameter("endpoint", default="cxr-endpoint", help="endpoint name in the capture layout")
+    endpoint = Parameter(
+        "endpoint",
+        default=os.environ.get("CXR_ENDPOINT_NAME", "cxr-endpoint"),
+        help="endpoint name in the capture layout (default: $CXR_ENDPOINT_NAME)",
+    )
     window_hours = Parameter("window_hours", default=24.0, type=float, help="length of the window, hours")
     window_end = Parameter("window_end", default="", help="end of the window (ISO 8601, UTC); default: now")
     baseline = Parameter(
@@ -54,8 +62,8 @@ class CXRMonitorFlow(FlowSpec):
     group = Parameter("group", default=DEFAULT_GROUP, help="registry model group for the default baseline")
     registry = Parameter(
         "registry",
-        default="local",
-        help="'local', or the s3:// prefix of the SageMaker Model Registry's files",
+        default=os.environ.get("CXR_REGISTRY", "local"),
+        help="'local', or the s3:// prefix of the SageMaker Model Registry's files (default: $CXR_REGISTRY)",
     )
     labels = Parameter("labels", default="", help="ground truth CSV/JSONL keyed by inference_id or image_id")
     notify = Parameter("notify", default="log", help="'log', a webhook URL, or an SNS topic ARN")
@@ -75,22 +83,30 @@ class CXRMonitorFlow(FlowSpec):
         end = dt.datetime.fromisoformat(self.window_end) if self.window_end else dt.datetime.now(dt.UTC)
         end = end if end.tzinfo else end.replace(tzinfo=dt.UTC)
         self.window = (end - dt.timedelta(hours=self.window_hours), end)
-        self.baseline_dir = self._baseline_dir()
+        self.baseline_dir, self.baseline_version = self._resolve_baseline()
         self.variants = list_variants(self.capture_uri, self.endpoint) or ["A"]
         print(f"window {self.window[0].isoformat()} → {self.window[1].isoformat()}, variants {self.variants}")
         self.next(self.check, foreach="variants")
 
-    def _baseline_dir(self) -> str:
-        if self.baseline != "registry":
-            return self.baseline
+    def _open_registry(self):
         if self.registry.startswith("s3://"):
-            registry = open_registry(self.group, "sagemaker", s3_prefix=self.registry)
-        else:
-            registry = open_registry(self.group)
-        production = registry.production()
+            return open_registry(self.group, "sagemaker", s3_prefix=self.registry)
+        return open_registry(self.group)
+
+    def _resolve_baseline(self) -> tuple[str, int | None]:
+        if self.baseline != "registry":
+            return self.baseline, None
+        production = self._open_registry().production()
         if production is None:
             raise RegistryError(f"no production model in registry group {self.group!r}; pass --baseline DIR")
-        return str(production.directory)
+        return str(production.directory), production.version
+
+    def _baseline_path(self) -> str:
+        """The baseline folder on this machine: fetched again from the registry when a step runs
+        elsewhere (on Batch under Step Functions) and the start step's folder is not here."""
+        if Path(self.baseline_dir).is_dir() or self.baseline_version is None:
+            return self.baseline_dir
+        return str(self._open_registry().get(self.baseline_version).directory)
 
     @step
     def check(self):
@@ -101,7 +117,7 @@ class CXRMonitorFlow(FlowSpec):
         )[self.variant]
         labels = read_labels(self.labels) if self.labels else None
         self.results = run_checks(
-            Baseline.load(self.baseline_dir), traffic, MonitorConfig.from_dict(self.config), labels
+            Baseline.load(self._baseline_path()), traffic, MonitorConfig.from_dict(self.config), labels
         )
         self.traffic_summary = traffic.summary()
         self.traffic = traffic
@@ -111,14 +127,14 @@ class CXRMonitorFlow(FlowSpec):
     def _package(self) -> str | None:
         """The model package beside the baseline (the production version's), which featurizes
         SageMaker-native capture records; None when the baseline directory holds none."""
-        package = Path(self.baseline_dir) / "model.tar.gz"
+        package = Path(self._baseline_path()) / "model.tar.gz"
         return str(package) if package.is_file() else None
 
     @card(type="blank")
     @step
     def join(self, inputs):
         """Collect results: violations, reports, drift summary and the card."""
-        self.merge_artifacts(inputs, include=["config", "window", "baseline_dir"])
+        self.merge_artifacts(inputs, include=["config", "window", "baseline_dir", "baseline_version"])
         self.results = pd.concat([i.results for i in inputs], ignore_index=True)
         self.traffic_summary = [i.traffic_summary for i in inputs]
         self.violations = violations(self.results)
@@ -130,7 +146,7 @@ class CXRMonitorFlow(FlowSpec):
         self.next(self.alert)
 
     def _card(self, traffic) -> None:
-        baseline = Baseline.load(self.baseline_dir)
+        baseline = Baseline.load(self._baseline_path())
         verdict = f"{len(self.violations)} violation(s)" if self.violations else "no drift"
         current.card.append(
             Markdown(f"## {verdict} — window {self.window[0]:%Y-%m-%d %H:%M} to {self.window[1]:%H:%M} UTC")

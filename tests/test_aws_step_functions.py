@@ -109,7 +109,7 @@ def test_both_flows_deploy_to_step_functions(s3, tmp_path):
     for flow in ("train_flow.py", "monitor_flow.py"):
         result = subprocess.run(
             [sys.executable, str(REPO / "flows" / flow), "--no-pylint", "step-functions", "create"],
-            env={**env, "CXR_TRAIN_SCHEDULE": "0 3 ? * SUN *"},  # weekly retraining
+            env={**env, "CXR_TRAIN_SCHEDULE": "0 3 ? * SUN *", "CXR_CAPTURE": "s3://cxr-sfn/capture"},
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -138,7 +138,9 @@ def test_both_flows_deploy_to_step_functions(s3, tmp_path):
     )  # @schedule(daily=True)
     targets = events.list_targets_by_rule(Rule="CXRMonitorFlow")["Targets"]
     assert targets and targets[0]["Arn"] == machines["CXRMonitorFlow"]
-    assert events.describe_rule(Name="CXRTrainFlow")["ScheduleExpression"] == "cron(0 3 ? * SUN *)"
+    assert events.describe_rule(Name="CXRTrainFlow")["ScheduleExpression"] == "cron(0 3 ? * SUN *)"  # weekly
+    # the scheduled monitor reads the capture prefix given at deploy time
+    assert "s3://cxr-sfn/capture" in json.dumps(definitions["CXRMonitorFlow"])
     assert events.list_targets_by_rule(Rule="CXRTrainFlow")["Targets"][0]["Arn"] == machines["CXRTrainFlow"]
 
     environment = {e["Name"]: e.get("Value") for e in train["ContainerOverrides"]["Environment"]}
