@@ -209,3 +209,25 @@ def test_cli_lists_and_approves_in_the_sagemaker_registry(s3, bucket):
     approved = subprocess.run([*base, "approve", "1", *options], capture_output=True, text=True, timeout=120)
     assert approved.returncode == 0 and "now production" in approved.stdout, approved.stderr
     assert packages(boto3.client("sagemaker"), group)[1]["ModelApprovalStatus"] == "Approved"
+
+
+def test_package_carries_a_model_card_with_the_test_auroc(s3, bucket):
+    registry = SageMakerRegistry(f"s3://{bucket}/registry", unique_group())
+    sent = []
+    registry.sagemaker.meta.events.register(
+        "provide-client-params.sagemaker.CreateModelPackage", lambda params, **_: sent.append(params)
+    )
+    metrics = {"mean_auroc": 0.82, "auroc": {"Hernia": 0.9, "Mass": 0.74}}
+    registry.register({"model.tar.gz": b"m"}, metrics, {"run": "r"})
+    request = sent[0]
+    assert (request["Domain"], request["Task"]) == ("COMPUTER_VISION", "IMAGE_CLASSIFICATION")
+    assert request["ModelCard"]["ModelCardStatus"] == "Draft"
+    card = json.loads(request["ModelCard"]["ModelCardContent"])
+    data = card["evaluation_details"][0]["metric_groups"][0]["metric_data"]
+    assert [(d["name"], d["value"]) for d in data] == [
+        ("mean AUROC", 0.82),
+        ("AUROC Hernia", 0.9),
+        ("AUROC Mass", 0.74),
+    ]
+    assert card["intended_uses"]["risk_rating"] == "High"
+    assert card["additional_information"]["custom_details"]["full_model_card"].endswith("/1/model_card.md")

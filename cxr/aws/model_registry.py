@@ -269,6 +269,12 @@ class SageMakerRegistry:
             + (f", mean AUROC {auroc:.4f}" if isinstance(auroc, float | int) else ""),
             "ModelApprovalStatus": APPROVAL["candidate"],
             "CustomerMetadataProperties": _properties(self._uri(prefix), record),
+            "Domain": "COMPUTER_VISION",
+            "Task": "IMAGE_CLASSIFICATION",
+            "ModelCard": {
+                "ModelCardContent": json.dumps(model_card_content(self.group, record, self._uri(prefix))),
+                "ModelCardStatus": "Draft",
+            },
         }
         if "model.tar.gz" in files:
             request["InferenceSpecification"] = {
@@ -389,3 +395,40 @@ def _atomic_download(s3: Any, bucket: str, key: str, target: Path) -> None:
         os.replace(temporary, target)
     finally:
         Path(temporary).unlink(missing_ok=True)
+
+
+def model_card_content(group: str, record: dict[str, Any], files_uri: str) -> dict[str, Any]:
+    """The package's SageMaker model card (model card JSON schema): overview, intended use, test AUROC.
+
+    The full Markdown card (CIs, calibration, subgroups, gate decision) sits beside the model in S3.
+    """
+    auroc = record["metrics"].get("auroc") or {}
+    metric_data = [{"name": f"AUROC {finding}", "type": "number", "value": float(value)}
+                   for finding, value in auroc.items() if isinstance(value, int | float)]  # fmt: skip
+    if isinstance(record["metrics"].get("mean_auroc"), int | float):
+        metric_data.insert(
+            0, {"name": "mean AUROC", "type": "number", "value": float(record["metrics"]["mean_auroc"])}
+        )
+    content: dict[str, Any] = {
+        "model_overview": {
+            "model_description": "Multi-label chest X-ray classifier for the 14 NIH ChestX-ray14 findings: "
+            "DenseNet121 (ImageNet) -> global average pooling -> 1024-512 ReLU dropout 0.3 -> 14 sigmoids.",
+            "problem_type": "Multi-label image classification",
+            "algorithm_type": "Convolutional neural network (DenseNet121)",
+            "model_name": f"cxr-{group}",
+        },
+        "intended_uses": {
+            "purpose_of_model": "Research and triage support on frontal chest radiographs.",
+            "intended_uses": "Flag studies for review; never a diagnosis on its own.",
+            "factors_affecting_model_efficiency": "NIH labels are text-mined and noisy; scanners, views and "
+            "populations unlike NIH's shift performance (see the subgroup table in the full card).",
+            "risk_rating": "High",
+            "explanations_for_risk_rating": "Clinical images; errors may delay care if used without review.",
+        },
+        "additional_information": {"custom_details": {"full_model_card": f"{files_uri}model_card.md"}},
+    }
+    if metric_data:
+        content["evaluation_details"] = [
+            {"name": "held-out test split", "metric_groups": [{"name": "test", "metric_data": metric_data}]}
+        ]
+    return content
