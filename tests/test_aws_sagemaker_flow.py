@@ -7,6 +7,11 @@ through the container contract, and `resume` attaches to the same job instead of
 
 from __future__ import annotations
 
+import gzip
+import json
+import uuid
+import zlib
+
 import boto3
 import pytest
 from metaflow import Runner
@@ -23,7 +28,9 @@ REQUEST_FIELDS = ("TrainingJobName", "HyperParameters", "AlgorithmSpecification"
 
 
 @pytest.mark.slow
-def test_flow_trains_as_a_sagemaker_spot_job_and_resumes_onto_it(tmp_path, s3):
+def test_flow_trains_as_a_sagemaker_spot_job_and_resumes_onto_it(tmp_path, s3, monkeypatch):
+    secret = f"cxr-secret-{uuid.uuid4().hex}"  # the loopback server accepts any key; none may leak
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     if BUCKET not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
         s3.create_bucket(Bucket=BUCKET)
     config = write_config(tmp_path, remote="auto", epochs=2)
@@ -75,3 +82,20 @@ def test_flow_trains_as_a_sagemaker_spot_job_and_resumes_onto_it(tmp_path, s3):
     assert {"model.tar.gz", "model_card.md", "metrics.json", "baseline.npz", "constraints.json"} <= {
         key.rsplit("/", 1)[1] for key in files
     }
+
+    # no credential in any artifact, log, job input or job request
+    stored = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+              for o in page.get("Contents", [])]  # fmt: skip
+    for key in stored:
+        assert secret.encode() not in _plain(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()), key
+    assert secret not in json.dumps(described, default=str)
+
+
+def _plain(body: bytes) -> bytes:
+    """Object bytes, decompressed when Metaflow stored them gzip- or zlib-compressed."""
+    for decompress in (gzip.decompress, zlib.decompress):
+        try:
+            return decompress(body)
+        except (OSError, zlib.error, EOFError):
+            continue
+    return body
