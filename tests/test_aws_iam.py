@@ -33,7 +33,8 @@ def test_policies_are_scoped_and_encrypt_writes(kms):
                 assert statement["Condition"]["StringEquals"]["s3:x-amz-server-side-encryption"] == expected
     wildcard = [s["Sid"] for d in documents.values() for s in d["Statement"] if s["Resource"] == "*"]
     # actions without resource-level permissions in AWS (autoscaling is held to SageMaker by a condition)
-    assert wildcard == ["RegisterJobDefinitions", "FindTrainingJobs", "EndpointAutoscaling"]
+    assert wildcard == ["RegistryLogin", "TrainingMetrics", "RegisterJobDefinitions",
+                        "FindTrainingJobs", "EndpointAutoscaling"]  # fmt: skip
     batch = json.dumps(documents["batch_job"])
     assert "capture/" not in batch and "sagemaker" not in batch  # a training step never touches capture
     flow = json.dumps(documents["flow"])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 VERSION = "2012-10-17"
+AWS_DLC_ACCOUNT = "763104351884"  # AWS Deep Learning Containers (the default training and inference images)
 
 
 @dataclass(frozen=True)
@@ -128,14 +129,26 @@ def policies(s: AwsSettings) -> dict[str, dict[str, Any]]:
                     "Resource": f"{logs}:log-group:/aws/sagemaker/*",
                 },
                 {
-                    "Sid": "PullImages",
+                    "Sid": "PullImages",  # the project's image, and AWS's PyTorch training/inference images
                     "Effect": "Allow",
-                    "Action": [
-                        "ecr:GetAuthorizationToken",
-                        "ecr:BatchGetImage",
-                        "ecr:GetDownloadUrlForLayer",
+                    "Action": ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
+                    "Resource": [
+                        f"arn:aws:ecr:{s.region}:{s.account}:repository/{s.project}*",
+                        f"arn:aws:ecr:{s.region}:{AWS_DLC_ACCOUNT}:repository/pytorch-*",
                     ],
-                    "Resource": f"arn:aws:ecr:{s.region}:{s.account}:repository/{s.project}*",
+                },
+                {
+                    "Sid": "RegistryLogin",  # GetAuthorizationToken has no resource-level permissions
+                    "Effect": "Allow",
+                    "Action": ["ecr:GetAuthorizationToken"],
+                    "Resource": "*",
+                },
+                {
+                    "Sid": "TrainingMetrics",  # the job's metric definitions, held to SageMaker's namespace
+                    "Effect": "Allow",
+                    "Action": ["cloudwatch:PutMetricData"],
+                    "Resource": "*",
+                    "Condition": {"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/*"}},
                 },
             ]
         ),
