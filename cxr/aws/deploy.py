@@ -9,6 +9,7 @@ container captures its own traffic to S3. `rollback` returns an endpoint to the 
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -19,6 +20,7 @@ from cxr.data.sources import split_s3_uri
 from cxr.registry import ModelVersion
 from cxr.s3sync import encryption
 
+log = logging.getLogger(__name__)
 APPROVED = ("approved", "production")
 _VERSION = re.compile(r"-v(\d+)-")
 
@@ -91,6 +93,12 @@ def deploy(
 ) -> list[Deployment]:
     """Deploy variants (name → (label, model_data_url, weight)): one real-time endpoint with all of them,
     or one serverless endpoint per variant (`endpoint`, then `endpoint-<variant>`)."""
+    if settings.mode == "serverless" and settings.capture and not settings.image_uri:
+        log.warning(
+            "serverless endpoints have no Data Capture and AWS's PyTorch image does not capture: "
+            "set endpoint.image_uri to the cxr image (docker/Dockerfile) to capture to %s",
+            settings.capture,
+        )
     if settings.mode == "realtime":
         return [_deploy_endpoint(clients, settings, endpoint, models)]
     names = [endpoint if i == 0 else f"{endpoint}-{v.lower()}" for i, v in enumerate(models)]
