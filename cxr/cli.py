@@ -162,13 +162,9 @@ def _deploy(args: argparse.Namespace) -> int:
     reg = dict(config.get("registry") or {})
     registry = open_registry(reg.pop("group", "chestx-ray14"), reg.pop("backend", "local"), **reg)
     if args.action == "release":
-        smoke = config.get("smoke") or {}
-        report = dp.release(
-            clients, settings, registry, args.version, config["artifacts"], approve=args.approve,
-            challenger=args.challenger, weights=_parse_weights(args.weights) if args.weights else None,
-            image=dp.smoke_image(smoke.get("image")), keep_staging=args.keep_staging,
-            latency_budget_ms=float(smoke.get("latency_budget_ms", 5000)),
-            content_type=smoke.get("content_type", "image/png"),
+        report = dp.release_configured(
+            config, registry, args.version, approve=args.approve, challenger=args.challenger,
+            weights=_parse_weights(args.weights) if args.weights else None, keep_staging=args.keep_staging,
         )  # fmt: skip
         print(
             f"staging {report.staging.endpoint}: {report.staging.action}; smoke {report.smoke.latency_ms} ms"

@@ -20,6 +20,7 @@ from metaflow import FlowSpec, IncludeFile, Parameter, card, current, resources,
 from metaflow.cards import Markdown, Table, VegaChart
 
 from cxr import plots, s3sync
+from cxr.aws.deploy import release_configured
 from cxr.aws.training_job import train_on_sagemaker
 from cxr.config import parse_config
 from cxr.data import cache_store
@@ -102,8 +103,10 @@ class CXRTrainFlow(FlowSpec):
        the step itself (locally or on AWS Batch) or as a SageMaker managed spot training job.
     6. evaluate: AUROC with CIs, AUPRC, operating points, calibration, subgroups; cards with plots;
        the monitoring baseline (input, embedding and prediction distributions of train/val images).
-    7. register: package (SageMaker layout), gate against production on the same test split, register.
-    8. end: print where to look next.
+    7. register: package (SageMaker layout), gate against production on the same test split, register
+       (local registry or SageMaker Model Registry).
+    8. deploy: when enabled, release a promoted version to SageMaker (staging → smoke test → production).
+    9. end: print where to look next.
     """
 
     config_file = IncludeFile(
@@ -313,6 +316,28 @@ class CXRTrainFlow(FlowSpec):
         self.model_group, self.model_package = registry.group, str(release.version.package)
         print(f"model version {self.model_version}: {self.model_status} ({decision.text()})")
         print(f"ONNX export: {self.onnx_check}")
+        self.next(self.deploy)
+
+    @step
+    def deploy(self):
+        """Release the version to SageMaker when `deploy.enabled` and the gate promoted it: staging →
+        smoke test → production (the same path as `cxr deploy release`); otherwise nothing."""
+        self.deployment = None
+        section = self.config.get("deploy") or {}
+        if not section.get("enabled") or self.model_status != "production":
+            print("deploy: skipped (deploy.enabled is false or the version is not production)")
+            self.next(self.end)
+            return
+        registry = open_configured_registry(self.config["registry"], self.config["data"])
+        artifacts = remote_prefix(section.get("artifacts", "auto"), "cxr-deploy")
+        report = release_configured({**section, "artifacts": artifacts}, registry, self.model_version)
+        self.deployment = {
+            "endpoints": [d.endpoint for d in report.production],
+            "actions": [d.action for d in report.production],
+            "smoke_ms": report.production_smoke.latency_ms if report.production_smoke else None,
+            "message": report.message,
+        }
+        print(report.message)
         self.next(self.end)
 
     @step

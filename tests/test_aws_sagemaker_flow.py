@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import urllib.request
 import uuid
 import zlib
 
@@ -17,18 +18,20 @@ import pytest
 from metaflow import Runner
 
 from cxr.aws.local_training import LocalTrainingJob
+from cxr.data.findings import FINDINGS
 
 from .test_aws_metaflow import s3_env
 from .test_train_flow import FLOW, write_config
 
 BUCKET = "cxr-metaflow"
 ROLE = "arn:aws:iam::123456789012:role/cxr-sagemaker-execution"
+ENDPOINT = f"cxr-flow-{uuid.uuid4().hex[:8]}"
 REQUEST_FIELDS = ("TrainingJobName", "HyperParameters", "AlgorithmSpecification", "InputDataConfig",
                   "OutputDataConfig", "CheckpointConfig")  # fmt: skip
 
 
 @pytest.mark.slow
-def test_flow_trains_as_a_sagemaker_spot_job_and_resumes_onto_it(tmp_path, s3, monkeypatch):
+def test_flow_trains_as_a_sagemaker_spot_job_and_resumes_onto_it(tmp_path, s3, s3_server, monkeypatch):
     secret = f"cxr-secret-{uuid.uuid4().hex}"  # the loopback server accepts any key; none may leak
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     if BUCKET not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
@@ -42,6 +45,9 @@ def test_flow_trains_as_a_sagemaker_spot_job_and_resumes_onto_it(tmp_path, s3, m
         + "compute: {train: sagemaker}\n"
         + f"sagemaker: {{role_arn: '{ROLE}', output: auto, poll_seconds: 0,"
         + " max_run_hours: 1, max_wait_hours: 2}\n"
+        + "deploy:\n  enabled: true\n  artifacts: auto\n"
+        + f"  endpoint: {{name: {ENDPOINT}, mode: serverless, role_arn: '{ROLE}', poll_seconds: 0}}\n"
+        + "  smoke: {latency_budget_ms: 60000, content_type: application/json}\n"
     )
     runner = Runner(str(FLOW), show_output=False, env=s3_env(tmp_path), cwd=str(tmp_path))
     with runner.run(config_file=str(config)) as running:
@@ -57,6 +63,7 @@ def test_flow_trains_as_a_sagemaker_spot_job_and_resumes_onto_it(tmp_path, s3, m
     assert described["StoppingCondition"]["MaxWaitTimeInSeconds"] == 7200
     request = {key: described[key] for key in REQUEST_FIELDS}
     LocalTrainingJob(request, tmp_path / "sagemaker-compute").run()
+    script_invocations(s3_server, 2)  # the staging and production smoke tests of the deploy step
 
     with runner.resume(origin_run_id=origin) as running:
         assert running.status == "successful", running.stderr
@@ -83,6 +90,14 @@ def test_flow_trains_as_a_sagemaker_spot_job_and_resumes_onto_it(tmp_path, s3, m
         key.rsplit("/", 1)[1] for key in files
     }
 
+    # deployed from the flow: serverless endpoint serving the registered version
+    deployment = run["deploy"].task["deployment"].data
+    assert deployment["endpoints"] == [ENDPOINT] and deployment["actions"] == ["created"]
+    endpoint = sagemaker.describe_endpoint(EndpointName=ENDPOINT)
+    config_ = sagemaker.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+    model = sagemaker.describe_model(ModelName=config_["ProductionVariants"][0]["ModelName"])
+    assert model["PrimaryContainer"]["ModelDataUrl"].startswith(f"s3://{BUCKET}/data/cxr-registry/demo/")
+
     # no credential in any artifact, log, job input or job request
     stored = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
               for o in page.get("Contents", [])]  # fmt: skip
@@ -99,3 +114,14 @@ def _plain(body: bytes) -> bytes:
         except (OSError, zlib.error, EOFError):
             continue
     return body
+
+
+def script_invocations(server: str, count: int) -> None:
+    """Queue answers in the cxr server's schema for the loopback server's InvokeEndpoint."""
+    body = {"predictions": [{"probabilities": dict.fromkeys(FINDINGS, 0.1)}]}
+    result = {"Body": json.dumps(body), "ContentType": "application/json", "InvokedProductionVariant": "A",
+              "CustomAttributes": ""}  # fmt: skip
+    payload = json.dumps({"results": [result] * count}).encode()
+    request = urllib.request.Request(f"{server}/moto-api/static/sagemaker/endpoint-results", data=payload)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 201

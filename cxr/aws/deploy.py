@@ -297,3 +297,25 @@ def rollback(
                 int(match.group(1)), "production", f"Serving again on {endpoint} after a rollback."
             )
     return Deployment(endpoint, "rolled back", target, variants)
+
+
+def release_configured(
+    section: dict[str, Any],
+    registry: Any,
+    version: int,
+    approve: bool = False,
+    challenger: int | None = None,
+    weights: dict[str, float] | None = None,
+    keep_staging: bool = False,
+) -> ReleaseReport:
+    """`release` with the settings of a config mapping (`endpoint`, `artifacts`, `smoke`, as deploy.yaml)."""
+    settings = ep.EndpointSettings.from_dict(section["endpoint"])
+    if not section.get("artifacts"):
+        raise ep.DeployError("deployment settings need `artifacts`, an s3:// prefix for model artifacts")
+    smoke = section.get("smoke") or {}
+    return release(
+        Clients.create(settings.region), settings, registry, version, section["artifacts"], approve=approve,
+        challenger=challenger, weights=weights, image=smoke_image(smoke.get("image")),
+        latency_budget_ms=float(smoke.get("latency_budget_ms", 5000)), keep_staging=keep_staging,
+        content_type=smoke.get("content_type", "image/png"),
+    )  # fmt: skip
