@@ -69,3 +69,14 @@ def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch):
     }.items():
         monkeypatch.setenv(name, value)
     return boto3.client("s3")
+
+
+def script_invocations(server: str, *results: dict) -> None:
+    """Queue canned InvokeEndpoint results on the loopback server (it hands each to the next new request)."""
+    import json
+    import urllib.request
+
+    payload = json.dumps({"results": list(results)}).encode()
+    request = urllib.request.Request(f"{server}/moto-api/static/sagemaker/endpoint-results", data=payload)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 201

@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 
 import boto3
 import pytest
@@ -22,6 +21,8 @@ from cxr.aws import deploy as dp
 from cxr.aws import endpoints as ep
 from cxr.data.findings import FINDINGS
 from cxr.registry import Registry
+
+from .conftest import script_invocations
 
 BUCKET = "cxr-deploy"
 ROLE = "arn:aws:iam::123456789012:role/cxr-sagemaker-execution"
@@ -323,12 +324,7 @@ def test_cli_release_shift_weights_and_status(s3, s3_server, tmp_path):
     body = json.loads(answer()["Body"].read())
     result = {"Body": json.dumps(body), "ContentType": "application/json", "InvokedProductionVariant": "A",
               "CustomAttributes": ""}  # fmt: skip
-    request = urllib.request.Request(
-        s3_server + "/moto-api/static/sagemaker/endpoint-results",
-        data=json.dumps({"results": [result, result]}).encode(), method="POST",  # staging, production
-    )  # fmt: skip
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 201
+    script_invocations(s3_server, result, result)  # staging, production
 
     def cxr(*args):
         done = subprocess.run([sys.executable, "-m", "cxr.cli", "deploy", *args, "--config", str(config)],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import urllib.request
 import uuid
 import zlib
 
@@ -20,6 +19,7 @@ from metaflow import Runner
 from cxr.aws.local_training import LocalTrainingJob
 from cxr.data.findings import FINDINGS
 
+from .conftest import script_invocations
 from .test_aws_metaflow import s3_env
 from .test_train_flow import FLOW, write_config
 
@@ -63,7 +63,10 @@ def test_flow_trains_as_a_sagemaker_spot_job_and_resumes_onto_it(tmp_path, s3, s
     assert described["StoppingCondition"]["MaxWaitTimeInSeconds"] == 7200
     request = {key: described[key] for key in REQUEST_FIELDS}
     LocalTrainingJob(request, tmp_path / "sagemaker-compute").run()
-    script_invocations(s3_server, 2)  # the staging and production smoke tests of the deploy step
+    body = {"predictions": [{"probabilities": dict.fromkeys(FINDINGS, 0.1)}]}
+    answer = {"Body": json.dumps(body), "ContentType": "application/json", "InvokedProductionVariant": "A",
+              "CustomAttributes": ""}  # fmt: skip
+    script_invocations(s3_server, answer, answer)  # the staging and production smoke tests of the deploy step
 
     with runner.resume(origin_run_id=origin) as running:
         assert running.status == "successful", running.stderr
@@ -114,14 +117,3 @@ def _plain(body: bytes) -> bytes:
         except (OSError, zlib.error, EOFError):
             continue
     return body
-
-
-def script_invocations(server: str, count: int) -> None:
-    """Queue answers in the cxr server's schema for the loopback server's InvokeEndpoint."""
-    body = {"predictions": [{"probabilities": dict.fromkeys(FINDINGS, 0.1)}]}
-    result = {"Body": json.dumps(body), "ContentType": "application/json", "InvokedProductionVariant": "A",
-              "CustomAttributes": ""}  # fmt: skip
-    payload = json.dumps({"results": [result] * count}).encode()
-    request = urllib.request.Request(f"{server}/moto-api/static/sagemaker/endpoint-results", data=payload)
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 201

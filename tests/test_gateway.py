@@ -25,7 +25,7 @@ from botocore.stub import Stubber
 from cxr.cli import main
 from cxr.serve.gateway import GatewayConfig, build_gateway_app, runtime_client
 
-from .conftest import free_port
+from .conftest import free_port, script_invocations
 
 PAYLOAD = b'{"instances": ["aGVsbG8="]}'
 JSON = "application/json"
@@ -74,16 +74,6 @@ class GatewayThread:
         self.loop.close()
 
 
-def script(moto_url: str, *results: dict) -> None:
-    """Queue canned InvokeEndpoint results; moto hands each to the next request it has not seen."""
-    payload = json.dumps({"results": list(results)}).encode()
-    request = urllib.request.Request(
-        moto_url + "/moto-api/static/sagemaker/endpoint-results", data=payload, method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 201
-
-
 def canned(tag: str, custom_attributes: str | None = None) -> dict:
     result = {"Body": json.dumps({"served_by": tag}), "ContentType": JSON, "InvokedProductionVariant": "All"}
     return {**result, "CustomAttributes": custom_attributes} if custom_attributes else result
@@ -120,7 +110,7 @@ def endpoints(s3_server, moto_queue) -> dict[str, str]:
     names = {"A": f"cxr-a-{suffix}", "B": f"cxr-b-{suffix}"}
     runtime = tag_endpoint(boto3.client("sagemaker-runtime"))
     for variant, name in names.items():
-        script(s3_server, canned(variant))
+        script_invocations(s3_server, canned(variant))
         answer = runtime.invoke_endpoint(EndpointName=name, Body=PAYLOAD, ContentType=JSON)
         assert json.loads(answer["Body"].read()) == {"served_by": variant}
     return names
@@ -160,7 +150,7 @@ def test_sticky_keys_and_an_even_split(gateway, s3_server):
     counts = [served(gateway, {"X-Cxr-Route-Key": f"key-{i}"}) for i in range(200)]
     assert 70 <= counts.count("B") <= 130
     # The key may come in SageMaker custom attributes, which are forwarded: moto sees a new request.
-    script(s3_server, canned("attributes", custom_attributes="seen"))
+    script_invocations(s3_server, canned("attributes", custom_attributes="seen"))
     status, body, answer = gateway.post({"X-Amzn-SageMaker-Custom-Attributes": "route_key=patient-7"})
     assert status == 200 and body == {"served_by": "attributes"}
     assert answer[VARIANT] == sticky.pop() and answer["X-Amzn-SageMaker-Custom-Attributes"] == "seen"
@@ -271,7 +261,7 @@ def test_unreachable_endpoint_is_503(monkeypatch):
 def test_cli_gateway_serves_and_stops_on_sigterm(endpoints, s3_server):
     port = free_port()
     body = json.dumps({"instances": [uuid.uuid4().hex]}).encode()  # a request moto has not seen: scripted
-    script(s3_server, canned("cli"))
+    script_invocations(s3_server, canned("cli"))
     command = [sys.executable, "-m", "cxr.cli", "gateway", "--endpoint", f"A={endpoints['A']}",
                "--endpoint", f"B={endpoints['B']}", "--weights", "A=0,B=1", "--port", str(port)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
