@@ -339,3 +339,15 @@ def test_cli_release_shift_weights_and_status(s3, s3_server, tmp_path):
     assert status["status"] == "InService" and len(status["history"]) == 1
     assert {v["VariantName"]: v["CurrentWeight"] for v in status["variants"]} == {"A": 0.5, "B": 0.5}
     assert registry.production().version == 1
+
+
+def test_busy_or_failed_endpoints_are_not_updated():
+    sm = boto3.client("sagemaker", **CREDENTIALS)
+    with Stubber(sm) as stub:  # no UpdateEndpoint is queued: calling it would fail the test
+        stub.add_response("describe_endpoint", endpoint_state("Updating", "old"), {"EndpointName": "cxr"})
+        with pytest.raises(ep.DeployError, match="is Updating; wait for it"):
+            ep.apply_endpoint(sm, "cxr", "new", None)
+        failed = endpoint_state("Failed", "old", "CannotStartContainerError")
+        stub.add_response("describe_endpoint", failed, {"EndpointName": "cxr"})
+        with pytest.raises(ep.DeployError, match="CannotStartContainerError.*delete-endpoint"):
+            ep.apply_endpoint(sm, "cxr", "new", None)

@@ -252,7 +252,12 @@ def apply_endpoint(sm: Any, endpoint: str, config_name: str, deployment: dict[st
         return "created"
     if current["EndpointConfigName"] == config_name and current["EndpointStatus"] == "InService":
         return "unchanged"
-    if current["EndpointStatus"] not in ("InService", "Failed"):
+    if current["EndpointStatus"] == "Failed":  # SageMaker cannot update a failed endpoint
+        raise DeployError(
+            f"endpoint {endpoint} failed ({current.get('FailureReason', 'no reason given')}); delete it "
+            f"(aws sagemaker delete-endpoint --endpoint-name {endpoint}) and deploy again"
+        )
+    if current["EndpointStatus"] != "InService":
         raise DeployError(
             f"endpoint {endpoint} is {current['EndpointStatus']}; wait for it, then deploy again"
         )
