@@ -349,5 +349,5 @@ def test_busy_or_failed_endpoints_are_not_updated():
             ep.apply_endpoint(sm, "cxr", "new", None)
         failed = endpoint_state("Failed", "old", "CannotStartContainerError")
         stub.add_response("describe_endpoint", failed, {"EndpointName": "cxr"})
-        with pytest.raises(ep.DeployError, match="CannotStartContainerError.*delete-endpoint"):
+        with pytest.raises(ep.DeployError, match=r"CannotStartContainerError.*delete-endpoint"):
             ep.apply_endpoint(sm, "cxr", "new", None)
