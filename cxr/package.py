@@ -47,29 +47,34 @@ def build_package(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     weights = io.BytesIO()
     torch.save(state_dict, weights)
-    library = Path(cxr.__file__).parent
     with (
         tempfile.NamedTemporaryFile(dir=out_path.parent, suffix=".tmp", delete=False) as handle,
         tarfile.open(fileobj=handle, mode="w:gz") as tar,
     ):
-        _add(tar, "model.pt", weights.getvalue())
+        add_bytes(tar, "model.pt", weights.getvalue())
         if onnx_path is not None:
             tar.add(str(onnx_path), arcname="model.onnx")
-        _add(tar, "metadata.json", json.dumps(metadata, indent=1).encode())
-        _add(tar, "model_card.md", model_card.encode())
-        _add(tar, "code/inference.py", INFERENCE_SHIM.encode())
-        _add(tar, "code/requirements.txt", REQUIREMENTS.encode())
-        for source in sorted(library.rglob("*.py")):
-            tar.add(source, arcname=f"code/cxr/{source.relative_to(library)}")
+        add_bytes(tar, "metadata.json", json.dumps(metadata, indent=1).encode())
+        add_bytes(tar, "model_card.md", model_card.encode())
+        add_bytes(tar, "code/inference.py", INFERENCE_SHIM.encode())
+        add_bytes(tar, "code/requirements.txt", REQUIREMENTS.encode())
+        add_library(tar, "code/cxr")
     Path(handle.name).replace(out_path)
     return out_path
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add `data` as file `name` (mode 0644, time 0: the same content gives the same archive)."""
     info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
     tar.addfile(info, io.BytesIO(data))
+
+
+def add_library(tar: tarfile.TarFile, prefix: str) -> None:
+    """Add the cxr library's source under `prefix` (e.g. `code/cxr`), so it imports without installing."""
+    library = Path(cxr.__file__).resolve().parent
+    for source in sorted(library.rglob("*.py")):
+        add_bytes(tar, f"{prefix}/{source.relative_to(library).as_posix()}", source.read_bytes())
 
 
 def unpack(package: str | Path, directory: str | Path) -> Path:

@@ -89,24 +89,15 @@ def job_prefix(flow_name: str, run_id: str) -> str:
 
 def source_archive() -> bytes:
     """The job's source: the `cxr` library, the entry script and requirements, as a reproducible tar.gz."""
-    import cxr
+    from cxr.package import add_bytes, add_library
 
-    root = Path(cxr.__file__).resolve().parent
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
-        files = sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
-        for path in files:
-            _add(tar, f"cxr/{path.relative_to(root).as_posix()}", path.read_bytes())
+        add_library(tar, "cxr")
         entry = b"from cxr.train import sagemaker_main\n\nraise SystemExit(sagemaker_main())\n"
-        _add(tar, ENTRY_POINT, entry)
-        _add(tar, "requirements.txt", REQUIREMENTS.encode())
+        add_bytes(tar, ENTRY_POINT, entry)
+        add_bytes(tar, "requirements.txt", REQUIREMENTS.encode())
     return buffer.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
 
 
 def upload_bytes(data: bytes, uri: str, kms_key_id: str | None = None, s3: Any = None) -> str:
