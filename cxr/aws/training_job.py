@@ -9,6 +9,7 @@ from the last finished epoch. Metric definitions scrape the trainer's epoch line
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -92,12 +93,12 @@ def source_archive() -> bytes:
     from cxr.package import add_bytes, add_library
 
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
         add_library(tar, "cxr")
         entry = b"from cxr.train import sagemaker_main\n\nraise SystemExit(sagemaker_main())\n"
         add_bytes(tar, ENTRY_POINT, entry)
         add_bytes(tar, "requirements.txt", REQUIREMENTS.encode())
-    return buffer.getvalue()
+    return gzip.compress(buffer.getvalue(), compresslevel=6, mtime=0)  # same source, same bytes and digest
 
 
 def upload_bytes(data: bytes, uri: str, kms_key_id: str | None = None, s3: Any = None) -> str:
