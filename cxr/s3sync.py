@@ -3,10 +3,12 @@ encrypting every S3 write of the project: SSE-KMS with a configured key, else SS
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from cxr.data.sources import s3_client, split_s3_uri
 
@@ -22,19 +24,29 @@ def encryption(kms_key_id: str | None = None) -> dict[str, str]:
     return {"ServerSideEncryption": "AES256"}
 
 
+def put(uri: str, content: bytes | str | Path, kms_key_id: str | None = None, client: Any = None) -> str:
+    """Write bytes, or the file at a path, to the object `uri`, encrypted (see `encryption`)."""
+    bucket, key = split_s3_uri(uri)
+    key, client = key.rstrip("/"), client or s3_client()
+    extra = encryption(kms_key_id)
+    if isinstance(content, bytes):
+        client.upload_fileobj(io.BytesIO(content), bucket, key, ExtraArgs=extra)
+    else:
+        client.upload_file(str(content), bucket, key, ExtraArgs=extra)
+    return uri
+
+
 def upload(directory: str | Path, uri: str, names: Iterable[str]) -> list[str]:
     """Upload the named files of `directory` under `uri`, concurrently; missing files are skipped."""
-    bucket, prefix = split_s3_uri(uri)
     client = s3_client()
     present = [name for name in names if (Path(directory) / name).is_file()]
 
-    def put(name: str) -> str:
-        path = str(Path(directory) / name)
-        client.upload_file(path, bucket, prefix + name, ExtraArgs=encryption())
+    def upload_one(name: str) -> str:
+        put(f"{uri.rstrip('/')}/{name}", Path(directory) / name, client=client)
         return name
 
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        return list(pool.map(put, present))
+        return list(pool.map(upload_one, present))
 
 
 def list_names(uri: str) -> list[str]:

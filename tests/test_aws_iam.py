@@ -65,7 +65,6 @@ def test_kms_key_setting_encrypts_project_writes(s3, tmp_path, monkeypatch):
     import boto3
 
     from cxr import s3sync
-    from cxr.aws.training_job import upload_bytes
 
     key = boto3.client("kms").create_key(Description="cxr")["KeyMetadata"]["Arn"]
     s3.create_bucket(Bucket="cxr-kms")
@@ -74,7 +73,7 @@ def test_kms_key_setting_encrypts_project_writes(s3, tmp_path, monkeypatch):
     assert s3.head_object(Bucket="cxr-kms", Key="plain/last.pt")["ServerSideEncryption"] == "AES256"
     monkeypatch.setenv(s3sync.KMS_KEY_ENV, key)
     s3sync.upload(tmp_path, "s3://cxr-kms/kms/", ["last.pt"])
-    upload_bytes(b"{}", "s3://cxr-kms/kms/split.json")
+    s3sync.put("s3://cxr-kms/kms/split.json", b"{}")
     for name in ("kms/last.pt", "kms/split.json"):
         head = s3.head_object(Bucket="cxr-kms", Key=name)
         assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == key

@@ -16,9 +16,8 @@ from typing import Any
 
 from cxr.aws import endpoints as ep
 from cxr.aws.smoke import SmokeResult, smoke_image, smoke_test
-from cxr.data.sources import split_s3_uri
 from cxr.registry import ModelVersion
-from cxr.s3sync import encryption
+from cxr.s3sync import put
 
 log = logging.getLogger(__name__)
 APPROVED = ("approved", "production")
@@ -80,9 +79,7 @@ def artifact_url(
     if version.model_data_url:
         return version.model_data_url
     uri = f"{s3_prefix.rstrip('/')}/models/{group}/{version.version}/model.tar.gz"
-    bucket, key = split_s3_uri(uri)
-    s3.upload_file(str(version.package), bucket, key.rstrip("/"), ExtraArgs=encryption(kms_key_id))
-    return uri
+    return put(uri, version.package, kms_key_id, s3)
 
 
 def deploy(

@@ -23,7 +23,6 @@ from typing import Any
 from cxr import s3sync
 from cxr.aws.training_job import TrainingJobError
 from cxr.data.sources import s3_client, split_s3_uri
-from cxr.s3sync import encryption
 
 
 class LocalTrainingJob:
@@ -145,11 +144,7 @@ class LocalTrainingJob:
                 tar.add(path, arcname=path.name)
         output = self.request["OutputDataConfig"]
         uri = f"{output['S3OutputPath'].rstrip('/')}/{self.name}/output/model.tar.gz"
-        bucket, key = split_s3_uri(uri)
-        s3_client().upload_file(
-            str(archive), bucket, key.rstrip("/"), ExtraArgs=encryption(output.get("KmsKeyId"))
-        )
-        return uri
+        return s3sync.put(uri, archive, output.get("KmsKeyId"))
 
 
 def final_metrics(log: str, request: dict[str, Any]) -> list[dict[str, Any]]:

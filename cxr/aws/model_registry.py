@@ -17,7 +17,6 @@ import json
 import os
 import re
 import tempfile
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from botocore.exceptions import ClientError
 
 from cxr.config import cxr_home
 from cxr.registry import DEFAULT_GROUP, ModelVersion, RegistryError, _check_status, check_group
-from cxr.s3sync import encryption
+from cxr.s3sync import encryption, put
 
 # AWS Deep Learning Container for PyTorch inference (CPU), see
 # https://docs.aws.amazon.com/deep-learning-containers/latest/devguide/deep-learning-containers-images.html
@@ -161,10 +160,7 @@ class SageMakerRegistry:
         return encryption(self.kms_key_id)
 
     def _upload(self, key: str, content: str | Path | bytes) -> None:
-        if isinstance(content, bytes):
-            self.s3.upload_fileobj(BytesIO(content), self.bucket, key, ExtraArgs=self._encryption())
-        else:
-            self.s3.upload_file(str(content), self.bucket, key, ExtraArgs=self._encryption())
+        put(self._uri(key), content, self.kms_key_id, self.s3)
 
     def _uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

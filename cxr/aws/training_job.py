@@ -24,7 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from cxr.data.sources import s3_client, split_s3_uri
-from cxr.s3sync import encryption
+from cxr.s3sync import put
 
 DEFAULT_IMAGE = (
     "763104351884.dkr.ecr.{region}.amazonaws.com/pytorch-training:2.5.1-gpu-py311-cu124-ubuntu22.04-sagemaker"
@@ -101,14 +101,6 @@ def source_archive() -> bytes:
     return gzip.compress(buffer.getvalue(), compresslevel=6, mtime=0)  # same source, same bytes and digest
 
 
-def upload_bytes(data: bytes, uri: str, kms_key_id: str | None = None, s3: Any = None) -> str:
-    """Put `data` at `uri` (encrypted); returns the URI."""
-    bucket, key = split_s3_uri(uri)
-    key = key.rstrip("/")
-    (s3 or s3_client()).put_object(Bucket=bucket, Key=key, Body=data, **encryption(kms_key_id))
-    return uri
-
-
 def stage_inputs(
     settings: SageMakerTraining, prefix: str, split: dict[str, list[int]], s3: Any = None
 ) -> dict[str, str]:
@@ -116,9 +108,9 @@ def stage_inputs(
     base = settings.output.rstrip("/")
     source = source_archive()
     digest = hashlib.sha256(source).hexdigest()[:16]
-    source_uri = upload_bytes(source, f"{base}/source/{digest}/sourcedir.tar.gz", settings.kms_key_id, s3)
+    source_uri = put(f"{base}/source/{digest}/sourcedir.tar.gz", source, settings.kms_key_id, s3)
     split_uri = f"{base}/{prefix}/split/"
-    upload_bytes(json.dumps(split).encode(), split_uri + "split.json", settings.kms_key_id, s3)
+    put(split_uri + "split.json", json.dumps(split).encode(), settings.kms_key_id, s3)
     return {"source": source_uri, "split": split_uri, "checkpoints": f"{base}/{prefix}/checkpoints/"}
 
 
