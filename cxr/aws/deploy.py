@@ -96,12 +96,20 @@ def deploy(
             "set endpoint.image_uri to the cxr image (docker/Dockerfile) to capture to %s",
             settings.capture,
         )
-    if settings.mode == "realtime":
-        return [_deploy_endpoint(clients, settings, endpoint, models)]
-    names = [endpoint if i == 0 else f"{endpoint}-{v.lower()}" for i, v in enumerate(models)]
     return [
-        _deploy_endpoint(clients, settings, n, {v: models[v]}) for n, v in zip(names, models, strict=True)
+        _deploy_endpoint(clients, settings, name, subset)
+        for name, subset in layout(settings, endpoint, models)
     ]
+
+
+def layout(
+    settings: ep.EndpointSettings, endpoint: str, models: dict[str, tuple[str, str, float]]
+) -> list[tuple[str, dict[str, tuple[str, str, float]]]]:
+    """Which endpoint serves which variants: real-time, one endpoint with all of them; serverless, one
+    endpoint per variant (`endpoint`, then `endpoint-<variant>`)."""
+    if settings.mode == "realtime":
+        return [(endpoint, models)]
+    return [(endpoint if i == 0 else f"{endpoint}-{v.lower()}", {v: models[v]}) for i, v in enumerate(models)]
 
 
 def plan(
@@ -120,15 +128,12 @@ def _deploy_endpoint(
     clients: Clients, settings: ep.EndpointSettings, endpoint: str, models: dict[str, tuple[str, str, float]]
 ) -> Deployment:
     sm = clients.sagemaker
+    unchanged = _unchanged(clients, settings, endpoint, models)
+    if unchanged is not None:
+        return unchanged
     model_requests, request = plan(settings, endpoint, models)
-    variants = {
-        variant: {"model": model["ModelName"], "label": label, "weight": weight}
-        for (variant, (label, _, weight)), model in zip(models.items(), model_requests, strict=True)
-    }
+    variants = _variants(models, model_requests)
     config = request["EndpointConfigName"]
-    current = ep.describe(sm, endpoint)
-    if current and current["EndpointConfigName"] == config and current["EndpointStatus"] == "InService":
-        return Deployment(endpoint, "unchanged", config, variants)
     for model in model_requests:
         ep.ensure_model(sm, model)
     ep.ensure_endpoint_config(sm, request)
@@ -141,21 +146,35 @@ def _deploy_endpoint(
     return Deployment(endpoint, action, config, variants, alarms)
 
 
+def _variants(
+    models: dict[str, tuple[str, str, float]], model_requests: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    return {
+        variant: {"model": model["ModelName"], "label": label, "weight": weight}
+        for (variant, (label, _, weight)), model in zip(models.items(), model_requests, strict=True)
+    }
+
+
+def _unchanged(
+    clients: Clients, settings: ep.EndpointSettings, endpoint: str, models: dict[str, tuple[str, str, float]]
+) -> Deployment | None:
+    """An "unchanged" Deployment when `endpoint` already serves exactly this plan, else None."""
+    model_requests, request = plan(settings, endpoint, models)
+    config = request["EndpointConfigName"]
+    state = ep.describe(clients.sagemaker, endpoint)
+    if state is None or state["EndpointConfigName"] != config or state["EndpointStatus"] != "InService":
+        return None
+    return Deployment(endpoint, "unchanged", config, _variants(models, model_requests))
+
+
 def _serving(
     clients: Clients, settings: ep.EndpointSettings, models: dict[str, tuple[str, str, float]]
-) -> bool:
-    """Whether production already serves exactly these models with these settings."""
-    if settings.mode == "realtime":
-        wanted = [(settings.name, models)]
-    else:
-        names = [settings.name if i == 0 else f"{settings.name}-{v.lower()}" for i, v in enumerate(models)]
-        wanted = [(n, {v: models[v]}) for n, v in zip(names, models, strict=True)]
-    for endpoint, subset in wanted:
-        state = ep.describe(clients.sagemaker, endpoint)
-        config = plan(settings, endpoint, subset)[1]["EndpointConfigName"]
-        if state is None or state["EndpointConfigName"] != config or state["EndpointStatus"] != "InService":
-            return False
-    return True
+) -> list[Deployment] | None:
+    """Production's deployments when it already serves exactly these models with these settings."""
+    found = [
+        _unchanged(clients, settings, n, subset) for n, subset in layout(settings, settings.name, models)
+    ]
+    return None if any(d is None for d in found) else [d for d in found if d is not None]
 
 
 def release(
@@ -186,8 +205,8 @@ def release(
         other = registry.get(challenger)
         other_url = artifact_url(other, s3_prefix, registry.group, clients.s3, settings.kms_key_id)
         models["B"] = (f"{registry.group}-v{other.version}", other_url, (weights or {}).get("B", 0.1))
-    if _serving(clients, settings, models):  # idempotent: the same release again changes nothing
-        production = deploy(clients, settings, settings.name, models)
+    production = _serving(clients, settings, models)
+    if production is not None:  # idempotent: the same release again changes nothing
         unchanged = Deployment(f"{settings.name}-staging", "unchanged", "")
         message = f"version {version} already serving on {settings.name}; nothing changed"
         return ReleaseReport(
