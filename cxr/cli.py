@@ -156,9 +156,6 @@ def _deploy(args: argparse.Namespace) -> int:
     from cxr.registry import open_registry
 
     config = load_config(args.config)
-    settings = EndpointSettings.from_dict(config["endpoint"])
-    endpoint = args.endpoint or settings.name
-    clients = dp.Clients.create(settings.region)
     reg = dict(config.get("registry") or {})
     registry = open_registry(reg.pop("group", "chestx-ray14"), reg.pop("backend", "local"), **reg)
     if args.action == "release":
@@ -170,7 +167,11 @@ def _deploy(args: argparse.Namespace) -> int:
             f"staging {report.staging.endpoint}: {report.staging.action}; smoke {report.smoke.latency_ms} ms"
         )
         print(report.message)
-    elif args.action == "rollback":
+        return 0
+    settings = EndpointSettings.from_dict(config["endpoint"])
+    endpoint = args.endpoint or settings.name
+    clients = dp.Clients.create(settings.region)
+    if args.action == "rollback":
         done = dp.rollback(clients, settings, endpoint, registry)
         print(f"{endpoint} rolled back to {done.config}: {done.variants}")
     elif args.action == "weights":
