@@ -24,6 +24,7 @@ import boto3
 from botocore.exceptions import ClientError
 
 from cxr.config import cxr_home
+from cxr.model_card import INTENDED_USE
 from cxr.registry import DEFAULT_GROUP, ModelVersion, RegistryError, _check_status, check_group
 from cxr.s3sync import encryption, put
 
@@ -415,7 +416,7 @@ def model_card_content(group: str, record: dict[str, Any], files_uri: str) -> di
         },
         "intended_uses": {
             "purpose_of_model": "Research and triage support on frontal chest radiographs.",
-            "intended_uses": "Flag studies for review; never a diagnosis on its own.",
+            "intended_uses": " ".join(INTENDED_USE.replace("**", "").split()),  # the Markdown card's text
             "factors_affecting_model_efficiency": "NIH labels are text-mined and noisy; scanners, views and "
             "populations unlike NIH's shift performance (see the subgroup table in the full card).",
             "risk_rating": "High",
