@@ -38,6 +38,7 @@ EXTRAS_REQUIRE = {
         "ruff==0.17.6",
         "mypy==2.4.1",
         "bandit==1.9.4",
+        "vermin==1.9.2",  # the minimum Python the code needs, checked against python_requires
         "types-PyYAML",
         "types-tqdm",
     ],
@@ -50,7 +51,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # datetime.UTC; tests/test_python_requires.py checks it
     packages=find_packages(include=["cxr", "cxr.*"]),
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
