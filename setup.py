@@ -1,5 +1,7 @@
 """Packaging for cxr: NIH ChestX-ray14 to a monitored chest X-ray classifier in production."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 # Versions are pinned to releases that install on a CPU-only machine from the package registries;
@@ -48,7 +50,7 @@ setup(
     name="cxr",
     version="0.1.0",
     description="NIH ChestX-ray14 to a monitored chest X-ray classifier in production",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",  # datetime.UTC; tests/test_python_requires.py checks it
