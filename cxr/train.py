@@ -173,7 +173,10 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values, so checkpoints load with `weights_only=True`."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -181,7 +184,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -194,11 +198,15 @@ def _save_atomic(payload: dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
-    """The last checkpoint in a directory, or None."""
+    """The last checkpoint in a directory, or None.
+
+    Checkpoints may come from shared storage (S3), so they load as tensors and plain values only: a file
+    that needs arbitrary objects (code execution on unpickling) is refused.
+    """
     path = Path(directory) / LAST
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)  # nosec B614
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def train(
@@ -255,7 +263,6 @@ def train(
             log.info("early stopping: no val AUROC gain for %d epochs", config.patience)
             break
         train_set.set_epoch(epoch)
-        loader.generator.manual_seed(config.seed * 1000 + epoch)  # shuffling order depends on the epoch only
         loss, rate = _train_epoch(
             step_model, loader, steps, optimizer, scheduler, criterion, config, device, epoch, progress
         )

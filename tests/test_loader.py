@@ -42,15 +42,31 @@ def test_augmentation_is_deterministic_per_epoch_and_varies_across_epochs(cache)
     assert a.float().std() > 10  # still an image, not a blank border
 
 
-def test_worker_count_does_not_change_batches(cache):
-    def batches(workers):
-        loader = make_loader(
-            ShardDataset(cache, crop=64, train=True), batch_size=16, shuffle=True, workers=workers
-        )
-        return [x for x, _ in loader]
+def epochs_of_batches(cache, workers, epochs=3, shuffle=True):
+    """Every batch of `epochs` epochs through one loader, the way training iterates it."""
+    dataset = ShardDataset(cache, crop=64, train=True)
+    loader = make_loader(dataset, batch_size=16, shuffle=shuffle, workers=workers)
+    out = []
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        out.append([x for x, _ in loader])
+    return out
 
-    serial, parallel = batches(0), batches(2)
-    assert len(serial) == 8 and all(torch.equal(a, b) for a, b in zip(serial, parallel, strict=True))
+
+def test_worker_count_does_not_change_batches_in_any_epoch(cache):
+    serial, parallel = epochs_of_batches(cache, 0), epochs_of_batches(cache, 2)
+    for epoch_serial, epoch_parallel in zip(serial, parallel, strict=True):
+        assert len(epoch_serial) == 8
+        assert all(torch.equal(a, b) for a, b in zip(epoch_serial, epoch_parallel, strict=True))
+
+
+def test_persistent_workers_draw_new_augmentation_and_order_each_epoch(cache):
+    in_order = epochs_of_batches(cache, workers=2, shuffle=False)
+    first, *later = (torch.cat(batches) for batches in in_order)
+    for images in later:  # the same rows in the same order, augmented afresh
+        assert all(not torch.equal(a, b) for a, b in zip(first, images, strict=True))
+    shuffled = epochs_of_batches(cache, workers=2)
+    assert not torch.equal(shuffled[0][0], shuffled[1][0])
 
 
 def test_crop_larger_than_cache_is_rejected(cache):

@@ -62,6 +62,58 @@ def test_killed_run_resumes_from_last_epoch_and_matches_uninterrupted(tiny, tmp_
     assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"])
 
 
+def test_loader_workers_do_not_change_training(tiny, tmp_path):
+    runs = [
+        train(
+            cache,
+            rows["train"],
+            rows["val"],
+            TrainConfig(**{**CONFIG, "workers": workers}),
+            tmp_path / str(workers),
+            progress=False,
+        )
+        for cache, rows in [tiny]
+        for workers in (0, 2)
+    ]
+    serial, parallel = ([h["train_loss"] for h in run.history] for run in runs)
+    assert parallel == pytest.approx(serial, rel=1e-6)
+
+
+def test_killed_run_with_loader_workers_resumes_bit_for_bit(tiny, tmp_path, monkeypatch):
+    cache, rows = tiny
+    config = TrainConfig(**{**CONFIG, "workers": 2})
+    straight = train(cache, rows["train"], rows["val"], config, tmp_path / "a", progress=False)
+    real_epoch = train_module._train_epoch
+
+    def dies_in_epoch_three(*args, **kwargs):
+        if args[8] == 2:
+            raise KeyboardInterrupt("killed")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_epoch", dies_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(cache, rows["train"], rows["val"], config, tmp_path / "b", progress=False)
+    monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
+    resumed = train(cache, rows["train"], rows["val"], config, tmp_path / "b", progress=False)
+    assert resumed.resumed_from_epoch == 2
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in straight.history]
+    for key, value in straight.best_state.items():
+        assert torch.equal(value, resumed.best_state[key]), key
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": {}, "epoch": 0, "rng": _Payload()}, tmp_path / "last.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        train_module.load_checkpoint(tmp_path)
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_unknown_setting_is_rejected():
     with pytest.raises(ValueError, match="unknown train settings"):
         TrainConfig.from_dict({"epochz": 3})

@@ -4,7 +4,9 @@ Each item is a uint8 [1, crop, crop] tensor plus its float32 [14] label row. Tra
 crop, horizontal flip, small rotation/scale/shift) is composed into one affine matrix and applied with a
 single OpenCV warp per image. Normalisation to float and the 3-channel expansion ImageNet backbones expect
 happen on the training device (`cxr.model`), which keeps the loader's memory traffic at one byte a pixel.
-Augmentation randomness comes from (seed, epoch, index), so it does not depend on the number of workers.
+Augmentation randomness comes from (seed, epoch, index), and the epoch travels with each index from the
+sampler in the main process (`EpochSampler`), so persistent worker processes see every new epoch and the
+batches do not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cxr.data.cache import ShardCache
 
@@ -56,7 +58,7 @@ class ShardDataset(Dataset):
         return len(self.rows)
 
     def set_epoch(self, epoch: int) -> None:
-        """Change the augmentation stream (call once per epoch, before iterating)."""
+        """Change the augmentation stream and shuffling order (call once per epoch, before iterating)."""
         self.epoch = epoch
 
     @property
@@ -64,11 +66,13 @@ class ShardDataset(Dataset):
         """Label rows of this dataset, in item order."""
         return self.cache.labels[self.rows]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item `index`, or `(epoch, index)` as `EpochSampler` yields them (a worker's epoch may be stale)."""
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         row = int(self.rows[index])
         image = self.cache.image(row)
         if self.train:
-            rng = np.random.default_rng((self.seed, self.epoch, row))
+            rng = np.random.default_rng((self.seed, epoch, row))
             pixels = augment(image, self.crop, self.augmentation, rng)
         else:
             pixels = center_crop(image, self.crop)
@@ -104,6 +108,25 @@ def augment(image: np.ndarray, crop: int, aug: Augmentation, rng: np.random.Gene
     )
 
 
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields `(epoch, index)` for a dataset's current epoch, shuffled by (seed, epoch) when asked.
+
+    It runs in the main process and reads `dataset.epoch` when an epoch's iteration starts, so the epoch
+    reaches worker processes with every index, persistent workers included.
+    """
+
+    def __init__(self, dataset: ShardDataset, shuffle: bool, seed: int):
+        self.dataset, self.shuffle, self.seed = dataset, shuffle, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        epoch, n = self.dataset.epoch, len(self.dataset)
+        order = np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+        return ((epoch, int(i)) for i in order)
+
+
 def make_loader(
     dataset: ShardDataset,
     batch_size: int = 32,
@@ -112,16 +135,15 @@ def make_loader(
     seed: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader over a shard dataset with sensible worker settings."""
-    generator = torch.Generator().manual_seed(seed)
+    """A DataLoader over a shard dataset: persistent workers, order and augmentation set by `set_epoch`."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochSampler(dataset, shuffle, seed),
+        generator=torch.Generator().manual_seed(seed),  # worker seeds never draw from the global RNG
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
-        generator=generator,
         drop_last=False,
         prefetch_factor=4 if workers > 0 else None,
     )
