@@ -1,6 +1,8 @@
 """Preprocess images once into memory-mappable uint8 shards, content-addressed and reused across runs.
 
-A cache lives in `<root>/<key>/`, where the key hashes the exact image list and the preprocessing settings:
+A cache lives in `<root>/<key>/`. The key hashes everything that goes into it: the image list in order, the
+metadata table and labels, each image's content identity as its source names it (size and modification
+time, archive member, S3 ETag; see `ImageSource.fingerprints`), and the preprocessing settings:
 
     shard-00000.npy   uint8 [n, size, size] grayscale images (np.load(..., mmap_mode="r"))
     shard-00000.json  the image ids in that shard and the images that failed, with reasons
@@ -9,7 +11,9 @@ A cache lives in `<root>/<key>/`, where the key hashes the exact image list and 
     manifest.json     key, settings, counts, failures; written last, so its presence marks a complete cache
 
 Shards are built independently (a process pool here, or a Metaflow foreach), each written atomically and
-skipped when already present, so an interrupted build resumes where it stopped.
+skipped when already present, so an interrupted build resumes where it stopped. Only faults of an image
+itself (gone, undecodable) are recorded as failures; a read that fails for another reason (throttling,
+network) raises `SourceReadError` and leaves its shard unwritten, so the next build reads it again.
 """
 
 from __future__ import annotations
@@ -32,12 +36,12 @@ from cxr.config import cxr_home
 from cxr.data.catalog import Catalog
 from cxr.data.findings import FINDINGS
 from cxr.data.images import ImageDecodeError, decode_xray, resize_square
-from cxr.data.sources import ImageSource
+from cxr.data.sources import ImageSource, SourceReadError
 from cxr.data.split import Split
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TABLE_FILES = ("meta.csv", "labels.npy", MANIFEST)
 
@@ -88,14 +92,25 @@ def default_cache_root() -> Path:
     return cxr_home() / "cache"
 
 
-def cache_key(image_ids: list[str], settings: PreprocessSettings) -> str:
-    """Content address of a cache: sha256 over the ordered image list, settings and format version."""
+def cache_key(catalog: Catalog, settings: PreprocessSettings) -> str:
+    """Content address of a cache: sha256 over the settings, the ordered image list, the metadata table
+    and labels, and each image's content identity from its source. Linear in the images; no pixel is read."""
     digest = hashlib.sha256()
-    header = {"format": FORMAT_VERSION, **asdict(settings)}
+    header = {"format": FORMAT_VERSION, **asdict(settings), "findings": list(FINDINGS)}
     digest.update(json.dumps(header, sort_keys=True).encode())
-    for image_id in image_ids:
-        digest.update(b"\0" + image_id.encode())
+    ids = catalog.meta["image_id"].tolist()
+    digest.update("\0".join(ids).encode())
+    digest.update(table_digest(catalog.meta))
+    digest.update(np.ascontiguousarray(catalog.labels, dtype=np.float32).tobytes())
+    digest.update("\0".join(catalog.source.fingerprints(ids)).encode())
     return digest.hexdigest()[:24]
+
+
+def table_digest(table: pd.DataFrame) -> bytes:
+    """sha256 of a table's column names, types and values (pandas' vectorised row hashes)."""
+    digest = hashlib.sha256(json.dumps([[str(c), str(t)] for c, t in table.dtypes.items()]).encode())
+    digest.update(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
+    return digest.digest()
 
 
 def plan_cache(
@@ -104,7 +119,7 @@ def plan_cache(
     """Lay out the shards for a catalog: the source's natural groups, chunked to `shard_size`."""
     settings = settings or PreprocessSettings()
     ids = catalog.meta["image_id"].tolist()
-    key = cache_key(ids, settings)
+    key = cache_key(catalog, settings)
     shards = []
     for group in catalog.source.shard_groups(ids):
         shards += [group[i : i + settings.shard_size] for i in range(0, len(group), settings.shard_size)]
@@ -118,7 +133,10 @@ def shard_path(directory: Path, index: int, suffix: str = ".npy") -> Path:
 
 
 def build_shard(plan: CachePlan, index: int, source: ImageSource) -> ShardResult:
-    """Decode, convert and resize one shard's images; write it atomically. Reuses an existing shard."""
+    """Decode, convert and resize one shard's images; write it atomically. Reuses an existing shard.
+
+    Raises `SourceReadError` (nothing written) when images cannot be read for a reason that is not theirs.
+    """
     info_path = shard_path(plan.directory, index, ".json")
     if info_path.is_file():
         info = json.loads(info_path.read_text())
@@ -128,16 +146,21 @@ def build_shard(plan: CachePlan, index: int, source: ImageSource) -> ShardResult
     pixels = np.empty((len(wanted), size, size), dtype=np.uint8)
     kept: list[str] = []
     failures: list[tuple[str, str]] = []
-    for image_id, data, reason in source.iter_bytes(wanted):
-        if data is None:
-            failures.append((image_id, reason or "unreadable"))
-            continue
-        try:
-            pixels[len(kept)] = resize_square(decode_xray(data), size)
-        except ImageDecodeError as error:
-            failures.append((image_id, str(error)))
-            continue
-        kept.append(image_id)
+    try:
+        for image_id, data, reason in source.iter_bytes(wanted):
+            if data is None:
+                failures.append((image_id, reason or "unreadable"))
+                continue
+            try:
+                pixels[len(kept)] = resize_square(decode_xray(data), size)
+            except ImageDecodeError as error:
+                failures.append((image_id, str(error)))
+                continue
+            kept.append(image_id)
+    except SourceReadError as error:
+        raise SourceReadError(
+            f"cache {plan.key}: shard {index} not written (a later build retries it): {error}"
+        ) from error
     plan.directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(shard_path(plan.directory, index), lambda f: np.save(f, pixels[: len(kept)]))
     info_text = json.dumps({"image_ids": kept, "failures": failures})
@@ -192,18 +215,18 @@ def build_cache(
         log.info("reusing cache %s", plan.directory)
         return ShardCache(plan.directory)
     workers = max(1, min(workers or os.cpu_count() or 1, len(plan.shards)))
-    bar = tqdm(total=len(catalog), desc="preprocess", unit="img", disable=not progress)
     results = []
-    if workers == 1:
-        for index in range(len(plan.shards)):
-            results.append(build_shard(plan, index, catalog.source))
-            bar.update(len(plan.shards[index]))
-    else:
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(plan, catalog.source)) as pool:
-            for result in pool.map(_build_in_worker, range(len(plan.shards))):
-                results.append(result)
-                bar.update(len(plan.shards[result.index]))
-    bar.close()
+    with tqdm(total=len(catalog), desc="preprocess", unit="img", disable=not progress) as bar:
+        if workers == 1:
+            for index in range(len(plan.shards)):
+                results.append(build_shard(plan, index, catalog.source))
+                bar.update(len(plan.shards[index]))
+        else:
+            initargs = (plan, catalog.source)
+            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=initargs) as pool:
+                for result in pool.map(_build_in_worker, range(len(plan.shards))):
+                    results.append(result)
+                    bar.update(len(plan.shards[result.index]))
     return finalize_cache(plan, catalog, results)
 
 

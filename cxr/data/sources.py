@@ -4,6 +4,13 @@ Every source maps image file names (NIH `Image Index`, e.g. ``00000001_000.png``
 images in one pass with `iter_bytes`, the fast path for each backend: sequential file reads, one streaming
 pass over an archive (no extraction), or concurrent S3 GETs. A root with some archives extracted and
 others still packed reads from both.
+
+`fingerprints` names the content of each image without reading it (file size and modification time, the
+archive member's place and size, the S3 ETag), so a cache key can follow the pixels cheaply.
+
+Only faults of the image itself come back as a reason (missing, vanished, truncated). A read that fails
+for any other reason (throttling, network, permissions), after retries, raises `SourceReadError`: it says
+nothing about the image, so it must never be recorded as the image's failure.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+S3_ATTEMPTS = 8  # per S3 request, botocore's standard retry mode
+BODY_ATTEMPTS = 3  # per object, when its body breaks off mid-stream
 ARCHIVE_PATTERN = re.compile(r"^images_\d{3}\.tar(\.gz)?$")
 
 ReadResult = tuple[str, bytes | None, str | None]
@@ -26,6 +35,10 @@ ReadResult = tuple[str, bytes | None, str | None]
 
 class SourceError(ValueError):
     """The data root does not exist or holds no images in a known layout."""
+
+
+class SourceReadError(RuntimeError):
+    """Reading failed, after retries, for a reason that is not the image's (throttling, network, access)."""
 
 
 class ImageSource(Protocol):
@@ -43,6 +56,10 @@ class ImageSource(Protocol):
 
     def shard_groups(self, image_ids: list[str]) -> list[list[str]]:
         """Partition ids into groups that are cheap to read together (e.g. one archive each)."""
+        ...
+
+    def fingerprints(self, image_ids: list[str]) -> list[str]:
+        """A cheap identity of each image's bytes (changes when the file does), without reading them."""
         ...
 
 
@@ -86,6 +103,18 @@ class DirectorySource:
     def shard_groups(self, image_ids: list[str]) -> list[list[str]]:
         return [list(image_ids)]
 
+    def fingerprints(self, image_ids: list[str]) -> list[str]:
+        return [_file_identity(self._paths[i]) if i in self._paths else "absent" for i in image_ids]
+
+
+def _file_identity(path: Path) -> str:
+    """Size and modification time (ns) of a file, links followed; "absent" when it cannot be stat'ed."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return "absent"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
 
 @dataclass
 class ArchiveSource:
@@ -93,6 +122,7 @@ class ArchiveSource:
 
     archives: list[Path]
     _members: dict[str, tuple[Path, str]] = field(default_factory=dict, repr=False)
+    _places: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.archives = sorted(Path(a) for a in self.archives)
@@ -100,8 +130,16 @@ class ArchiveSource:
         for archive in self.archives:
             for member in _stream_members(archive):
                 name = os.path.basename(member.name)
-                if member.isfile() and _is_image(name):
-                    self._members.setdefault(name, (archive, member.name))
+                if member.isfile() and _is_image(name) and name not in self._members:
+                    self._members[name] = (archive, member.name)
+                    self._places[name] = f"{member.offset_data}:{member.size}"
+
+    def fingerprints(self, image_ids: list[str]) -> list[str]:
+        archives = {a: _file_identity(a) for a in self.archives}
+        return [
+            f"{archives[self._members[i][0]]}:{self._places[i]}" if i in self._members else "absent"
+            for i in image_ids
+        ]
 
     def list_images(self) -> list[str]:
         return sorted(self._members)
@@ -163,6 +201,7 @@ class S3Source:
     uri: str
     concurrency: int = 16
     _keys: dict[str, str] = field(default_factory=dict, repr=False)
+    _etags: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.bucket, self.prefix = split_s3_uri(self.uri)
@@ -170,14 +209,18 @@ class S3Source:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
             for item in page.get("Contents", []):
                 name = os.path.basename(item["Key"])
-                if _is_image(name):
-                    self._keys.setdefault(name, item["Key"])
+                if _is_image(name) and name not in self._keys:
+                    self._keys[name] = item["Key"]
+                    self._etags[name] = f"{item.get('ETag', '')}:{item.get('Size', '')}"
 
     def list_images(self) -> list[str]:
         return sorted(self._keys)
 
     def shard_groups(self, image_ids: list[str]) -> list[list[str]]:
         return [list(image_ids)]
+
+    def fingerprints(self, image_ids: list[str]) -> list[str]:
+        return [self._etags.get(i, "absent") for i in image_ids]
 
     def iter_bytes(self, image_ids: Iterable[str]) -> Iterator[ReadResult]:
         client = s3_client()
@@ -186,14 +229,37 @@ class S3Source:
             key = self._keys.get(image_id)
             if key is None:
                 return image_id, None, "not in source"
-            try:
-                body = client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-            except Exception as error:  # botocore raises many unrelated types; keep the reason
-                return image_id, None, f"S3 GET s3://{self.bucket}/{key} failed: {error}"
-            return image_id, body, None
+            return image_id, *_get_object(client, self.bucket, key)
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             yield from pool.map(fetch, image_ids)
+
+
+def _get_object(client: Any, bucket: str, key: str) -> tuple[bytes | None, str | None]:
+    """(bytes, None), or (None, reason) when the object is gone; anything else raises SourceReadError.
+
+    botocore retries throttling, 5xx and connection errors (see `s3_client`); a body that breaks off while
+    streaming is fetched again here, up to `BODY_ATTEMPTS` times.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    where = f"s3://{bucket}/{key}"
+    broken: BotoCoreError | None = None
+    for _ in range(BODY_ATTEMPTS):
+        try:
+            response = client.get_object(Bucket=bucket, Key=key)
+        except ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404"):
+                return None, f"S3 object {where} vanished after listing ({code})"
+            raise SourceReadError(f"S3 GET {where} failed after retries: {error}") from error
+        except BotoCoreError as error:
+            raise SourceReadError(f"S3 GET {where} failed after retries: {error}") from error
+        try:
+            return response["Body"].read(), None
+        except BotoCoreError as error:
+            broken = error
+    raise SourceReadError(f"S3 GET {where}: the body broke off {BODY_ATTEMPTS} times: {broken}")
 
 
 @dataclass
@@ -225,6 +291,12 @@ class CombinedSource:
             for g in self.sources[n].shard_groups(ids)
         ]
 
+    def fingerprints(self, image_ids: list[str]) -> list[str]:
+        found: dict[str, str] = {}
+        for n, ids in self._by_source(image_ids).items():
+            found.update(zip(ids, self.sources[n].fingerprints(ids), strict=True))
+        return [found[i] for i in image_ids]
+
     def iter_bytes(self, image_ids: Iterable[str]) -> Iterator[ReadResult]:
         wanted = list(image_ids)
         found = {
@@ -249,10 +321,16 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def s3_client() -> Any:
-    """A boto3 S3 client configured from the environment (credentials, region, AWS_ENDPOINT_URL)."""
-    import boto3
+    """A boto3 S3 client configured from the environment (credentials, region, AWS_ENDPOINT_URL).
 
-    return boto3.client("s3")
+    Throttling, 5xx and connection errors are retried with botocore's standard mode (backoff with jitter),
+    `AWS_MAX_ATTEMPTS` attempts in all (default `S3_ATTEMPTS`).
+    """
+    import boto3
+    from botocore.config import Config
+
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_ATTEMPTS)
+    return boto3.client("s3", config=Config(retries={"mode": "standard", "total_max_attempts": attempts}))
 
 
 def open_source(root: str | Path) -> ImageSource:
