@@ -1,6 +1,7 @@
 """Clinical-grade evaluation of 14-finding predictions.
 
-Per finding: AUROC with a 95% bootstrap CI (patient-agnostic image resampling), AUPRC, an operating
+Per finding: AUROC with a 95% bootstrap CI (resampling patients, all images of a drawn patient together,
+when patient ids are known; images otherwise), AUPRC, an operating
 threshold chosen on validation (Youden's J) and reported on test as sensitivity, specificity and PPV, and
 calibration (expected calibration error). Overall: mean AUROC with its CI, a pooled reliability curve, and
 AUROC by subgroup (sex, age band, view position) with the largest gap. The same report is computed for any
@@ -16,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from cxr.data.findings import FINDINGS
@@ -44,6 +44,8 @@ class EvaluationReport:
     roc_curves: dict[str, dict[str, list[float]]] = field(repr=False, default_factory=dict)
     n_images: int = 0
     thresholds_from: str = "validation"
+    resampled: str = "images"  # the bootstrap's unit: "patients" or "images"
+    n_resampled: int = 0  # how many of them
 
     @property
     def auroc(self) -> dict[str, float]:
@@ -54,6 +56,7 @@ class EvaluationReport:
         """Everything as plain JSON types."""
         return {
             "n_images": self.n_images,
+            "bootstrap": {"resampled": self.resampled, "units": self.n_resampled},
             "mean_auroc": self.mean_auroc,
             "mean_auroc_ci": list(self.mean_auroc_ci),
             "ece": self.ece,
@@ -75,7 +78,8 @@ class EvaluationReport:
             view.to_string(float_format=lambda v: f"{v:.3f}"),
             f"mean AUROC {self.mean_auroc:.4f}"
             f" (95% CI {self.mean_auroc_ci[0]:.4f}-{self.mean_auroc_ci[1]:.4f}),"
-            f" ECE {self.ece:.4f}, {self.n_images} images, thresholds from {self.thresholds_from}",
+            f" ECE {self.ece:.4f}, {self.n_images} images, CIs resample {self.n_resampled} {self.resampled},"
+            f" thresholds from {self.thresholds_from}",
         ]
         if self.largest_gap:
             gap = self.largest_gap
@@ -109,22 +113,84 @@ def auroc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if _has_both(y) else float("nan")
 
 
-def bootstrap_aurocs(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """[n_boot, K] AUROCs over image resamples (NaN where one lacks a class); rank-based, vectorised."""
-    rng = np.random.default_rng(seed)
+BOOT_CHUNK = 50  # resamples per vectorised block: memory stays at BOOT_CHUNK × N weights
+
+
+def clusters(patient_ids: Any, n: int) -> tuple[np.ndarray, int]:
+    """(cluster index per image, number of clusters): one per patient, or one per image without ids.
+
+    Images with a missing patient id are clusters of their own.
+    """
+    if patient_ids is None:
+        return np.arange(n), n
+    codes, uniques = pd.factorize(np.asarray(patient_ids, dtype=object))
+    if len(codes) != n:
+        raise EvaluationError(f"{len(codes)} patient ids for {n} images")
+    missing = codes < 0
+    codes[missing] = len(uniques) + np.arange(missing.sum())
+    return codes, int(len(uniques) + missing.sum())
+
+
+def bootstrap_aurocs(
+    y: np.ndarray, p: np.ndarray, n_boot: int, seed: int, patient_ids: Any = None
+) -> np.ndarray:
+    """[n_boot, K] AUROCs over bootstrap resamples (NaN where one lacks a class).
+
+    With `patient_ids` (one per image) the resamples draw patients with replacement and take all their
+    images (cluster bootstrap), so the spread reflects images of one patient being alike; without, images.
+    A resample is a weight per image (how often its patient was drawn); its AUROC is the weighted
+    Mann–Whitney statistic from weighted mid-ranks over images sorted once per finding: linear in N.
+    """
     n, k = y.shape
     out = np.full((n_boot, k), np.nan)
-    for start in range(0, n_boot, 50):  # chunks keep memory at 50×N per finding
-        idx = rng.integers(0, n, size=(min(50, n_boot - start), n))
-        for c in range(k):
-            yy, pp = y[idx, c], p[idx, c]
-            ranks = rankdata(pp, axis=1)
-            pos = yy.sum(axis=1)
-            neg = n - pos
-            with np.errstate(invalid="ignore", divide="ignore"):
-                auc = ((ranks * yy).sum(axis=1) - pos * (pos + 1) / 2) / (pos * neg)
-            out[start : start + len(idx), c] = np.where((pos > 0) & (neg > 0), auc, np.nan)
+    if n == 0:
+        return out
+    cluster, n_clusters = clusters(patient_ids, n)
+    ranked = [_score_order(y[:, c], p[:, c], cluster) for c in range(k)]
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, BOOT_CHUNK):
+        size = min(BOOT_CHUNK, n_boot - start)
+        draws = rng.integers(0, n_clusters, size=(size, n_clusters))
+        offsets = (np.arange(size) * n_clusters)[:, None]
+        counts = np.bincount((draws + offsets).ravel(), minlength=size * n_clusters)
+        counts = counts.reshape(size, n_clusters)  # integers: exact sums, and cumsum is fast on them
+        for c, ranking in enumerate(ranked):
+            out[start : start + size, c] = _weighted_auroc(np.take(counts, ranking.owner, axis=1), ranking)
     return out
+
+
+@dataclass
+class _Ranking:
+    """One finding's images in ascending score order: whose they are, and where the positives sit."""
+
+    owner: np.ndarray  # cluster of each image
+    positives: np.ndarray  # positions of the positive images
+    first: np.ndarray  # for each positive, the first position of its tied-score run
+    last: np.ndarray  # ... and the last
+
+
+def _score_order(y: np.ndarray, p: np.ndarray, cluster: np.ndarray) -> _Ranking:
+    order = np.argsort(p, kind="stable")
+    scores = p[order]
+    new_run = np.r_[True, scores[1:] != scores[:-1]]
+    run = np.cumsum(new_run) - 1  # the tied-score run of each position
+    starts = np.flatnonzero(new_run)
+    ends = np.r_[starts[1:], len(scores)] - 1
+    positives = np.flatnonzero(y[order] > 0.5)
+    return _Ranking(cluster[order], positives, starts[run[positives]], ends[run[positives]])
+
+
+def _weighted_auroc(weights: np.ndarray, ranking: _Ranking) -> np.ndarray:
+    """AUROC per row of integer image weights [resamples, N in score order]; ties count one half."""
+    below = np.cumsum(weights, axis=1)  # weight at or below each position
+    first = ranking.first
+    twice_mid_rank = below[:, first] - weights[:, first] + below[:, ranking.last]
+    positive = weights[:, ranking.positives]
+    n_pos = positive.sum(axis=1)
+    n_neg = below[:, -1] - n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((positive * twice_mid_rank).sum(axis=1) - n_pos**2) / (2.0 * n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
 
 
 def youden_thresholds(y: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -224,16 +290,23 @@ def evaluate(
     thresholds: np.ndarray | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    patient_ids: Any = None,
 ) -> EvaluationReport:
-    """Evaluate N×14 probabilities against N×14 labels; `thresholds` come from validation when given."""
+    """Evaluate N×14 probabilities against N×14 labels; `thresholds` come from validation when given.
+
+    The CIs resample patients given `patient_ids` (one per image; default: `meta`'s `patient_id` column
+    when it has one), else images.
+    """
     y, p = np.asarray(y_true, dtype=np.float64), np.asarray(y_prob, dtype=np.float64)
     if y.shape != p.shape or y.ndim != 2 or y.shape[1] != len(FINDINGS):
         raise EvaluationError(f"labels {y.shape} and predictions {p.shape} must both be N×{len(FINDINGS)}")
+    if patient_ids is None and meta is not None and "patient_id" in meta.columns:
+        patient_ids = meta["patient_id"].to_numpy()
     if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
         raise EvaluationError("predictions must be probabilities in [0, 1] (apply a sigmoid to logits)")
     source = "validation" if thresholds is not None else "this set (Youden; optimistic)"
     thresholds = youden_thresholds(y, p) if thresholds is None else np.asarray(thresholds, dtype=float)
-    boots = bootstrap_aurocs(y, p, n_boot, seed) if n_boot else np.full((0, y.shape[1]), np.nan)
+    boots = bootstrap_aurocs(y, p, n_boot, seed, patient_ids) if n_boot else np.full((0, y.shape[1]), np.nan)
     rows, curves = [], {}
     for c, finding in enumerate(FINDINGS):
         yc, pc = y[:, c], p[:, c]
@@ -280,6 +353,8 @@ def evaluate(
         curves,
         len(y),
         source,
+        "images" if patient_ids is None else "patients",
+        clusters(patient_ids, len(y))[1],
     )
 
 
@@ -309,7 +384,9 @@ def evaluate_files(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> EvaluationReport:
-    """Evaluate a predictions CSV against an NIH Data_Entry file; thresholds from another CSV if given."""
+    """Evaluate a predictions CSV against an NIH Data_Entry file; thresholds from another CSV if given.
+
+    The CIs resample the file's patients (`Patient ID`)."""
     from cxr.data.metadata import read_metadata
 
     meta, label_array = read_metadata(labels)
@@ -327,4 +404,5 @@ def evaluate_files(
     if thresholds_from is not None:
         yv, pv, _ = aligned(read_predictions(thresholds_from))
         thresholds = youden_thresholds(yv, pv)
-    return evaluate(y, p, sub.reset_index(drop=True), thresholds, n_boot, seed)
+    sub = sub.reset_index(drop=True)
+    return evaluate(y, p, sub, thresholds, n_boot, seed, patient_ids=sub["patient_id"].to_numpy())
