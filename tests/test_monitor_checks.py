@@ -84,6 +84,34 @@ def test_performance_with_ground_truth():
     assert bad[bad["check"] == "performance"]["violation"].sum() >= 10
 
 
+def test_performance_ci_resamples_patients_when_ground_truth_names_them():
+    """Four images per patient, alike within the patient: with a patient_id column the AUROC CIs resample
+    patients and are wider; without one they fall back to images and say so."""
+    rng = np.random.default_rng(9)
+    patients = np.repeat(np.arange(150), 4)
+    truth = (rng.random((150, 14)) < 0.3).astype(float)[
+        patients
+    ]  # findings persist across a patient's images
+    effect = rng.normal(0, 1.5, (150, 14))[patients]
+    traffic = window(len(patients), 4)
+    traffic.probabilities = 1 / (1 + np.exp(-(truth + effect + rng.normal(0, 0.3, truth.shape))))
+    labels = pd.DataFrame(truth, columns=list(FINDINGS)).assign(inference_id=traffic.inference_ids)
+    config = MonitorConfig(permutations=99)
+
+    def performance(table):
+        results = run_checks(baseline(), traffic, config, table)
+        return results[results["check"] == "performance"].set_index("feature")
+
+    by_patient = performance(labels.assign(patient_id=[f"p{i}" for i in patients]))
+    by_image = performance(labels)
+    assert (by_patient["resampled"] == "patients").all() and "note" not in by_patient
+    assert (by_image["resampled"] == "images").all() and by_image["note"].str.contains("patient_id").all()
+    widths = [(t["ci_high"] - t["ci_low"]).mean() for t in (by_patient, by_image)]
+    print(f"\nmean AUROC CI width, 150 patients × 4 images: patients {widths[0]:.3f}, images {widths[1]:.3f}")
+    assert widths[0] > 1.3 * widths[1]
+    assert np.allclose(by_patient["statistic"], by_image["statistic"])  # the point estimates are the same
+
+
 def test_reader_counts_malformed_and_rejected(tmp_path):
     writer = CaptureWriter(str(tmp_path), endpoint="ep", max_seconds=0.1)
     when = dt.datetime(2026, 11, 20, 10, 15, tzinfo=dt.UTC)

@@ -23,6 +23,10 @@ from cxr.monitor.baseline import IMAGE_FEATURES, Baseline
 from cxr.monitor.reader import Traffic
 
 FAMILIES = ("input_drift", "embedding_drift", "prediction_drift", "positive_rate_shift")
+PATIENT_COLUMN = "patient_id"  # optional in the ground truth: a pseudonymous patient key
+NO_PATIENTS = (
+    "ground truth has no patient_id: the CI resamples images, too narrow when patients have several images"
+)
 
 
 @dataclass
@@ -178,15 +182,20 @@ def quality_checks(traffic: Traffic, config: MonitorConfig) -> list[dict[str, An
 def performance_checks(
     baseline: Baseline, traffic: Traffic, labels: pd.DataFrame | None, config: MonitorConfig
 ) -> list[dict[str, Any]]:
-    """Per-finding AUROC on the labelled part of the window against the baseline AUROC, with 95% CIs."""
+    """Per-finding AUROC on the labelled part of the window against the baseline AUROC, with 95% CIs.
+
+    The CIs resample patients when the ground truth has a (pseudonymous) `patient_id` column, else images;
+    each row says which (`resampled`).
+    """
     if labels is None or not baseline.auroc:
         return []
-    y, p = match_labels(traffic, labels)
+    y, p, patients = match_labels(traffic, labels)
     if len(y) < config.min_images:
         return [
             {**_row("performance", "labelled_images", len(y), config.min_images, None), "violation": False}
         ]
-    boots = bootstrap_aurocs(y, p, config.bootstrap, config.seed)
+    boots = bootstrap_aurocs(y, p, config.bootstrap, config.seed, patients)
+    unit = {"resampled": "patients"} if patients is not None else {"resampled": "images", "note": NO_PATIENTS}
     rows = []
     for i, finding in enumerate(FINDINGS):
         reference = baseline.auroc.get(finding)
@@ -197,7 +206,7 @@ def performance_checks(
         low, high = np.percentile(finite, [2.5, 97.5])
         floor = reference - config.auroc_margin
         p_value = float((finite >= floor).mean())  # one-sided bootstrap p for "AUROC fell below the floor"
-        extra = {"ci_low": float(low), "ci_high": float(high), "baseline_value": float(reference)}
+        extra = {"ci_low": float(low), "ci_high": float(high), "baseline_value": float(reference), **unit}
         rows.append(
             {
                 **_row("performance", f"auroc.{finding}", value, floor, p_value),
@@ -208,16 +217,20 @@ def performance_checks(
     return rows
 
 
-def match_labels(traffic: Traffic, labels: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Ground truth (keyed by `inference_id` or `image_id`) aligned with the window's predictions."""
+def match_labels(traffic: Traffic, labels: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Ground truth (keyed by `inference_id` or `image_id`) aligned with the window's predictions:
+    (labels, probabilities, patient ids or None when the ground truth has no `patient_id` column)."""
     key = "inference_id" if "inference_id" in labels.columns else "image_id"
     ids = traffic.inference_ids if key == "inference_id" else traffic.image_ids
     table = labels.drop_duplicates(key).set_index(key)
     rows = [(i, table.index.get_loc(k)) for i, k in enumerate(ids) if k is not None and k in table.index]
+    has_patients = PATIENT_COLUMN in table.columns
     if not rows:
-        return np.zeros((0, len(FINDINGS))), np.zeros((0, len(FINDINGS)))
+        empty = np.zeros((0, len(FINDINGS)))
+        return empty, empty.copy(), (np.zeros(0, dtype=object) if has_patients else None)
     mine, theirs = (np.array(r) for r in zip(*rows, strict=True))
-    return table[list(FINDINGS)].to_numpy(dtype=float)[theirs], traffic.probabilities[mine]
+    patients = table[PATIENT_COLUMN].to_numpy(dtype=object)[theirs] if has_patients else None
+    return table[list(FINDINGS)].to_numpy(dtype=float)[theirs], traffic.probabilities[mine], patients
 
 
 def run_checks(
