@@ -5,14 +5,17 @@ The server implements neither UpdateEndpoint nor real invocations, so those two 
 Stubber, which checks every request and response against the real API model.
 """
 
+import base64
 import datetime as dt
 import io
 import json
+import os
 import subprocess
 import sys
 import time
 
 import boto3
+import cv2
 import pytest
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
@@ -22,7 +25,8 @@ from cxr.aws import endpoints as ep
 from cxr.data.findings import FINDINGS
 from cxr.registry import Registry
 
-from .conftest import script_invocations
+from .conftest import free_port, script_invocations
+from .serving_support import LiveServer, dicom_bytes, make_package
 
 BUCKET = "cxr-deploy"
 ROLE = "arn:aws:iam::123456789012:role/cxr-sagemaker-execution"
@@ -145,8 +149,9 @@ def test_realtime_ab_variants_scaling_alarms_capture_and_weights(setup):
     assert {v: variants[v]["InitialVariantWeight"] for v in variants} == {"A": 0.9, "B": 0.1}
     assert variants["A"]["InstanceType"] == "ml.g4dn.xlarge" and variants["B"]["InitialInstanceCount"] == 1
     assert "-v1-" in variants["A"]["ModelName"] and "-v2-" in variants["B"]["ModelName"]
-    capture = config["DataCaptureConfig"]
+    capture = config["DataCaptureConfig"]  # AWS's image: SageMaker captures, but never a request body
     assert capture["DestinationS3Uri"] == f"s3://{BUCKET}/capture" and capture["KmsKeyId"] == "alias/cxr"
+    assert capture["CaptureOptions"] == [{"CaptureMode": "Output"}]
     assert config["KmsKeyId"] == "alias/cxr"
 
     targets = clients.autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
@@ -351,3 +356,51 @@ def test_busy_or_failed_endpoints_are_not_updated():
         stub.add_response("describe_endpoint", failed, {"EndpointName": "cxr"})
         with pytest.raises(ep.DeployError, match=r"CannotStartContainerError.*delete-endpoint"):
             ep.apply_endpoint(sm, "cxr", "new", None)
+
+
+def test_realtime_capture_with_the_cxr_image_holds_no_patient_data(setup, nih_root, tmp_path):
+    """Real-time with the cxr image: no SageMaker-native capture (it stores raw requests); the container,
+    run with the environment the deploy gave its model, captures a DICOM request without any patient tag."""
+    clients, registry, name = setup
+    key = boto3.client("kms").create_key()["KeyMetadata"]["Arn"]
+    options = dict(mode="realtime", capture=f"s3://{BUCKET}/capture-{name}", kms_key_id=key,
+                   image_uri="123456789012.dkr.ecr.us-east-1.amazonaws.com/cxr:latest")  # fmt: skip
+    with Stubber(clients.runtime) as runtime:
+        runtime.add_response("invoke_endpoint", answer(), None)
+        runtime.add_response("invoke_endpoint", answer(), None)
+        report = dp.release(clients, settings(name, **options), registry, 1, f"s3://{BUCKET}/deploy",
+                            challenger=2, weights={"A": 0.9, "B": 0.1})  # fmt: skip
+    sm = clients.sagemaker
+    config = sm.describe_endpoint_config(EndpointConfigName=report.production[0].config)
+    assert not config.get("DataCaptureConfig")  # the server answers {} for none
+    models = [sm.describe_model(ModelName=v["ModelName"]) for v in config["ProductionVariants"]]
+    environments = [m["PrimaryContainer"]["Environment"] for m in models]
+    assert len(environments) == 2 and all(
+        e["CXR_CAPTURE"] == options["capture"]
+        and e["CXR_KMS_KEY_ID"] == key
+        and e["CXR_ENDPOINT_NAME"] == name
+        for e in environments
+    )
+
+    package, _, _ = make_package(tmp_path / "package", nih_root)
+    aws = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    live = LiveServer(free_port(), "--model", str(package), env={**aws, "AWS_DEFAULT_REGION": "us-east-1",
+                                                                 **environments[0]})  # fmt: skip
+    pixels = cv2.imread(
+        str(sorted((nih_root / "images_001" / "images").glob("*.png"))[0]), cv2.IMREAD_GRAYSCALE
+    )
+    status = live.post(dicom_bytes(pixels), "application/dicom")[0]
+    live.stop()
+    assert status == 200
+    listed = clients.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"capture-{name}/{name}/")["Contents"]
+    objects = [clients.s3.get_object(Bucket=BUCKET, Key=o["Key"]) for o in listed]
+    assert objects and all(
+        o["ServerSideEncryption"] == "aws:kms" and o["SSEKMSKeyId"] == key for o in objects
+    )
+    records = [json.loads(line) for o in objects for line in o["Body"].read().splitlines()]
+    assert len(records) == 1
+    captured = records[0]["captureData"]["endpointInput"]
+    assert captured["observedContentType"] == "image/png"
+    everything = json.dumps(records).encode() + base64.b64decode(captured["data"])
+    for secret in (b"PID-SECRET-4242", b"Doe^Jane"):
+        assert secret not in everything

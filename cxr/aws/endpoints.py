@@ -6,18 +6,29 @@ Updates of a live endpoint are blue/green: SageMaker keeps the old fleet serving
 healthy, shifts traffic canary/linear/all-at-once, and rolls back on its own when a CloudWatch alarm
 fires; `wait_for_endpoint` reports such a rollback as a failed deploy with the old config still serving.
 Each endpoint keeps its deployment history in a tag, which is what one-command rollback reads.
+
+Capture never stores a request as sent (a DICOM carries its patient's tags; a PNG can carry text chunks).
+The cxr image captures in the container (`CXR_CAPTURE`): the decoded image re-encoded as PNG, the output,
+the monitoring features and the status, on serverless and real-time endpoints alike, with SageMaker's
+own Data Capture off (it would record every request twice). With AWS's image, which cannot capture,
+real-time endpoints use SageMaker's Data Capture for the output only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
+
+from cxr.s3sync import KMS_KEY_ENV
+
+log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE = (
     "763104351884.dkr.ecr.{region}.amazonaws.com/pytorch-inference:2.5.1-cpu-py311-ubuntu22.04-sagemaker"
@@ -87,6 +98,12 @@ class EndpointSettings:
         """The serving image."""
         return self.image_uri or DEFAULT_IMAGE.format(region=self.region)
 
+    @property
+    def container_captures(self) -> bool:
+        """Whether the container captures its traffic: the cxr image (`image_uri`) does, on any endpoint.
+        Serverless endpoints have no other capture, so there it is asked of any image."""
+        return bool(self.capture) and (bool(self.image_uri) or self.mode == "serverless")
+
 
 def resource_name(*parts: str, digest_of: Any = None) -> str:
     """A valid SageMaker name (≤63 of [a-zA-Z0-9-]) from parts, plus a content digest when given."""
@@ -118,8 +135,10 @@ def model_request(
         "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
         "CXR_ENDPOINT_NAME": endpoint,
     }
-    if settings.capture and settings.mode == "serverless":  # no Data Capture there: the container captures
-        environment["CXR_CAPTURE"] = settings.capture
+    if settings.container_captures:
+        environment["CXR_CAPTURE"] = str(settings.capture)
+        if settings.kms_key_id:
+            environment[KMS_KEY_ENV] = settings.kms_key_id
     container = {"Image": settings.image, "ModelDataUrl": model_data_url, "Environment": environment}
     return {
         "ModelName": resource_name("cxr", label, digest_of=container),
@@ -159,22 +178,38 @@ def endpoint_config_request(
     """The CreateEndpointConfig request, named from its content (capture and KMS on real-time)."""
     request: dict[str, Any] = {"ProductionVariants": variants}
     if settings.mode == "realtime":
-        if settings.capture:
-            capture: dict[str, Any] = {
-                "EnableCapture": True,
-                "InitialSamplingPercentage": settings.capture_percent,
-                "DestinationS3Uri": settings.capture,
-                "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
-                "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]},
-            }
-            if settings.kms_key_id:
-                capture["KmsKeyId"] = settings.kms_key_id
+        capture = native_capture(settings)
+        if capture:
             request["DataCaptureConfig"] = capture
         if settings.kms_key_id:
             request["KmsKeyId"] = settings.kms_key_id
     request["EndpointConfigName"] = resource_name(endpoint, digest_of=request)
     request["Tags"] = _tags(settings)
     return request
+
+
+def native_capture(settings: EndpointSettings) -> dict[str, Any] | None:
+    """SageMaker's Data Capture for a real-time endpoint, or None: output only, and only for AWS's image.
+
+    It stores request bodies as sent, patient tags and all, so it never captures input; the cxr image
+    captures de-identified input itself (see the module's docstring)."""
+    if not settings.capture or settings.mode != "realtime" or settings.container_captures:
+        return None
+    log.warning(
+        "AWS's inference image cannot capture de-identified inputs: capturing outputs only to %s (no input "
+        "features for the monitor); set endpoint.image_uri to the cxr image to capture inputs too",
+        settings.capture,
+    )
+    capture: dict[str, Any] = {
+        "EnableCapture": True,
+        "InitialSamplingPercentage": settings.capture_percent,
+        "DestinationS3Uri": settings.capture,
+        "CaptureOptions": [{"CaptureMode": "Output"}],
+        "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]},
+    }
+    if settings.kms_key_id:
+        capture["KmsKeyId"] = settings.kms_key_id
+    return capture
 
 
 def ensure_endpoint_config(sm: Any, request: dict[str, Any]) -> str:
