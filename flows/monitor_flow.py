@@ -19,10 +19,11 @@ from metaflow.cards import Markdown, Table, VegaChart
 from cxr.config import cxr_home, parse_config
 from cxr.monitor import report
 from cxr.monitor.baseline import Baseline
-from cxr.monitor.checks import MonitorConfig, constraint_violations, run_checks, violations
+from cxr.monitor.checks import MonitorConfig, check_variant, constraint_violations, violations
 from cxr.monitor.notify import make_notifier
 from cxr.monitor.reader import list_variants, read_traffic
-from cxr.registry import DEFAULT_GROUP, RegistryError, open_registry
+from cxr.monitor.references import References
+from cxr.registry import DEFAULT_GROUP, open_registry
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -34,9 +35,10 @@ class CXRMonitorFlow(FlowSpec):
     """Captured traffic → drift report.
 
     Stages:
-    1. start: the time window, the baseline (by default the production model's) and the variants.
-    2. check (foreach variant): read the window's capture; input, embedding, prediction, performance
-       (with ground truth) and data-quality checks.
+    1. start: the time window and the variants.
+    2. check (foreach variant): read the window's capture; each model version that served it is checked
+       against its own baseline from the registry (input, embedding, prediction, performance with ground
+       truth), the variant's traffic as a whole for data quality.
     3. join: `violations`, Model Monitor-like reports, a card with distributions and drift over time.
     4. alert: notify when there are violations; optionally retrain.
     5. end.
@@ -57,15 +59,26 @@ class CXRMonitorFlow(FlowSpec):
     window_hours = Parameter("window_hours", default=24.0, type=float, help="length of the window, hours")
     window_end = Parameter("window_end", default="", help="end of the window (ISO 8601, UTC); default: now")
     baseline = Parameter(
-        "baseline", default="registry", help="baseline directory, or 'registry' (production)"
+        "baseline",
+        default="registry",
+        help="'registry' (each served model version's own baseline), or one baseline directory for all",
     )
-    group = Parameter("group", default=DEFAULT_GROUP, help="registry model group for the default baseline")
+    group = Parameter("group", default=DEFAULT_GROUP, help="registry model group of the served versions")
+    variant_versions = Parameter(
+        "variant_versions",
+        default="",
+        help="model version each variant serves, e.g. A=3,B=4, for capture records that name none",
+    )
     registry = Parameter(
         "registry",
         default=os.environ.get("CXR_REGISTRY", "local"),
         help="'local', or the s3:// prefix of the SageMaker Model Registry's files (default: $CXR_REGISTRY)",
     )
-    labels = Parameter("labels", default="", help="ground truth CSV/JSONL keyed by inference_id or image_id")
+    labels = Parameter(
+        "labels",
+        default="",
+        help="ground truth CSV/JSONL keyed by inference_id or image_id (optional patient_id column)",
+    )
     notify = Parameter("notify", default="log", help="'log', a webhook URL, or an SNS topic ARN")
     retrain = Parameter("retrain", default=False, type=bool, help="run the train flow when drift is found")
     retrain_config = Parameter(
@@ -77,64 +90,56 @@ class CXRMonitorFlow(FlowSpec):
 
     @step
     def start(self):
-        """Resolve the window, the baseline and the variants to check."""
+        """Resolve the window and the variants to check."""
         self.config = parse_config(self.config_file)
         MonitorConfig.from_dict(self.config)  # fail early on a bad configuration
+        self.served_versions = parse_variant_versions(self.variant_versions)
         end = dt.datetime.fromisoformat(self.window_end) if self.window_end else dt.datetime.now(dt.UTC)
         end = end if end.tzinfo else end.replace(tzinfo=dt.UTC)
         self.window = (end - dt.timedelta(hours=self.window_hours), end)
-        self.baseline_dir, self.baseline_version = self._resolve_baseline()
+        self._references()  # fail early on a bad registry group or a missing baseline directory
         self.variants = list_variants(self.capture_uri, self.endpoint) or ["A"]
         print(f"window {self.window[0].isoformat()} → {self.window[1].isoformat()}, variants {self.variants}")
         self.next(self.check, foreach="variants")
 
-    def _open_registry(self):
-        if self.registry.startswith("s3://"):
-            return open_registry(self.group, "sagemaker", s3_prefix=self.registry)
-        return open_registry(self.group)
-
-    def _resolve_baseline(self) -> tuple[str, int | None]:
+    def _references(self) -> References:
+        """Each model version's baseline and package: its registry folder, or the --baseline directory."""
         if self.baseline != "registry":
-            return self.baseline, None
-        production = self._open_registry().production()
-        if production is None:
-            raise RegistryError(f"no production model in registry group {self.group!r}; pass --baseline DIR")
-        return str(production.directory), production.version
-
-    def _baseline_path(self) -> str:
-        """The baseline folder on this machine: fetched again from the registry when a step runs
-        elsewhere (on Batch under Step Functions) and the start step's folder is not here."""
-        if Path(self.baseline_dir).is_dir() or self.baseline_version is None:
-            return self.baseline_dir
-        return str(self._open_registry().get(self.baseline_version).directory)
+            if not Path(self.baseline).is_dir():
+                raise FileNotFoundError(f"--baseline {self.baseline}: no such directory")
+            return References(directory=self.baseline)
+        if self.registry.startswith("s3://"):
+            return References(open_registry(self.group, "sagemaker", s3_prefix=self.registry))
+        return References(open_registry(self.group))
 
     @step
     def check(self):
-        """Read one variant's traffic and run every check against the baseline."""
+        """Read one variant's traffic; check each model version's part against its own baseline."""
         self.variant = self.input
+        references = self._references()
+        window = (self.capture_uri, self.endpoint, *self.window)
         traffic = read_traffic(
-            self.capture_uri, self.endpoint, *self.window, variants=[self.variant], model=self._package()
+            *window, variants=[self.variant], model=references.package, versions=self.served_versions
         )[self.variant]
+        found = references.baselines(traffic.model_versions)
         labels = read_labels(self.labels) if self.labels else None
-        self.results = run_checks(
-            Baseline.load(self._baseline_path()), traffic, MonitorConfig.from_dict(self.config), labels
-        )
+        self.results = check_variant(traffic, found, MonitorConfig.from_dict(self.config), labels)
+        self.baselines = {v: b for v, b in found.items() if isinstance(b, Baseline)}  # for the card
+        self.baseline_sources = {
+            v: str(references.folder(v)) if isinstance(b, Baseline) else f"none: {b}"
+            for v, b in found.items()
+        }
         self.traffic_summary = traffic.summary()
         self.traffic = traffic
-        print(self.traffic_summary)
+        print(self.traffic_summary, self.baseline_sources)
         self.next(self.join)
-
-    def _package(self) -> str | None:
-        """The model package beside the baseline (the production version's), which featurizes
-        SageMaker-native capture records; None when the baseline directory holds none."""
-        package = Path(self._baseline_path()) / "model.tar.gz"
-        return str(package) if package.is_file() else None
 
     @card(type="blank")
     @step
     def join(self, inputs):
         """Collect results: violations, reports, drift summary and the card."""
-        self.merge_artifacts(inputs, include=["config", "window", "baseline_dir", "baseline_version"])
+        self.merge_artifacts(inputs, include=["config", "window", "served_versions"])
+        self.baseline_sources = {i.variant: i.baseline_sources for i in inputs}
         self.results = pd.concat([i.results for i in inputs], ignore_index=True)
         self.traffic_summary = [i.traffic_summary for i in inputs]
         self.violations = violations(self.results)
@@ -142,11 +147,10 @@ class CXRMonitorFlow(FlowSpec):
         self.drift_summary = report.drift_summary(self.results)
         out = cxr_home() / "monitoring" / self.endpoint / current.run_id
         self.report_files = [str(p) for p in report.write_reports(out, self.results, self.violations)]
-        self._card([i.traffic for i in inputs])
+        self._card([(i.traffic, i.baselines) for i in inputs])
         self.next(self.alert)
 
-    def _card(self, traffic) -> None:
-        baseline = Baseline.load(self._baseline_path())
+    def _card(self, checked) -> None:
         verdict = f"{len(self.violations)} violation(s)" if self.violations else "no drift"
         current.card.append(
             Markdown(f"## {verdict} — window {self.window[0]:%Y-%m-%d %H:%M} to {self.window[1]:%H:%M} UTC")
@@ -156,13 +160,19 @@ class CXRMonitorFlow(FlowSpec):
         )
         if self.violations:
             current.card.append(Table.from_dataframe(pd.DataFrame(self.violations).round(5)))
-        for t in traffic:
-            drifted = self.results[
-                (self.results["variant"] == t.variant) & self.results["check"].eq("prediction_drift")
-            ]
-            top = drifted.nlargest(3, "statistic")["feature"].tolist() if len(drifted) else []
-            features = [f"image.{n}" for n in ("mean", "std", "p5", "p95")] + top
-            current.card.append(VegaChart(report.distribution_chart(baseline, t, features)))
+        for traffic, baselines in checked:
+            for version, baseline in sorted(baselines.items()):
+                mine = (self.results["variant"] == traffic.variant) & (
+                    self.results["model_version"] == version
+                )
+                drifted = self.results[mine & self.results["check"].eq("prediction_drift")]
+                top = drifted.nlargest(3, "statistic")["feature"].tolist() if len(drifted) else []
+                features = [f"image.{n}" for n in ("mean", "std", "p5", "p95")] + top
+                title = f"Baseline vs window, variant {traffic.variant}, model version {version}"
+                chart = report.distribution_chart(
+                    baseline, traffic.of_version(version), features, title=title
+                )
+                current.card.append(VegaChart(chart))
         current.card.append(VegaChart(report.history_chart(self._history())))
 
     def _history(self) -> list[dict]:
@@ -204,8 +214,21 @@ class CXRMonitorFlow(FlowSpec):
             print(f"retraining run: {self.retrain_run}")
 
 
+def parse_variant_versions(text: str) -> dict[str, str]:
+    """ "A=3,B=4" → {"A": "3", "B": "4"} (the model version each variant serves)."""
+    pairs = [part.strip() for part in text.split(",") if part.strip()]
+    versions = {}
+    for pair in pairs:
+        variant, _, version = pair.partition("=")
+        if not variant.strip() or not version.strip().isdigit():
+            raise ValueError(f"--variant_versions: expected VARIANT=VERSION pairs like A=3,B=4, got {pair!r}")
+        versions[variant.strip()] = version.strip()
+    return versions
+
+
 def read_labels(path: str) -> pd.DataFrame:
-    """Ground truth: CSV or JSONL with `inference_id` or `image_id` and one 0/1 column per finding."""
+    """Ground truth: CSV or JSONL with `inference_id` or `image_id`, one 0/1 column per finding and, for
+    CIs that resample patients, an optional pseudonymous `patient_id`."""
     table = pd.read_json(path, lines=True) if path.endswith((".jsonl", ".json")) else pd.read_csv(path)
     if "inference_id" not in table.columns and "image_id" not in table.columns:
         raise ValueError(f"{path}: ground truth needs an 'inference_id' or 'image_id' column")

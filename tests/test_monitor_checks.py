@@ -9,7 +9,15 @@ from sklearn.metrics import roc_auc_score
 
 from cxr.data.findings import FINDINGS
 from cxr.monitor.baseline import Baseline
-from cxr.monitor.checks import MonitorConfig, holm, mmd_test, run_checks, violations
+from cxr.monitor.checks import (
+    MonitorConfig,
+    check_variant,
+    constraint_violations,
+    holm,
+    mmd_test,
+    run_checks,
+    violations,
+)
 from cxr.monitor.reader import Traffic, read_traffic
 from cxr.serve.capture import CaptureWriter, capture_record
 
@@ -36,6 +44,7 @@ def window(n, seed, **kw):
     traffic.statuses[200] = n
     traffic.inference_ids = [f"id-{i}" for i in range(n)]
     traffic.image_ids = [f"img-{i}" for i in range(n)]
+    traffic.times = ["2026-11-20T10:15:00.000Z"] * n
     return traffic
 
 
@@ -110,6 +119,46 @@ def test_performance_ci_resamples_patients_when_ground_truth_names_them():
     print(f"\nmean AUROC CI width, 150 patients × 4 images: patients {widths[0]:.3f}, images {widths[1]:.3f}")
     assert widths[0] > 1.3 * widths[1]
     assert np.allclose(by_patient["statistic"], by_image["statistic"])  # the point estimates are the same
+
+
+def served_by(traffic, versions):
+    """Label each row of `traffic` with the model version that served it."""
+    traffic.row_versions = list(versions)
+    traffic.model_versions.update(traffic.row_versions)
+    return traffic
+
+
+def test_each_model_version_is_checked_against_its_own_baseline():
+    """One variant's window served by two versions: each part against its own baseline. A part compared
+    with the other version's baseline would drift; a version without a baseline is a violation that says
+    why, and is not compared with anything."""
+    config = MonitorConfig(permutations=199)
+    own = {"1": baseline(seed=1)}
+    image, embedding, probabilities = population(1500, np.random.default_rng(2), shift=30.0)
+    own["2"] = Baseline(image, embedding, probabilities, own["1"].thresholds, own["1"].auroc)
+    traffic = window(600, 5)
+    shifted = window(300, 6, shift=30.0)
+    for name in ("image", "embedding", "probabilities"):
+        setattr(traffic, name, np.vstack([getattr(traffic, name)[:300], getattr(shifted, name)]))
+    served_by(traffic, ["1"] * 300 + ["2"] * 300)
+
+    results = check_variant(traffic, own, config)
+    assert not violations(results)
+    assert set(results.loc[results["check"] == "embedding_drift", "model_version"]) == {"1", "2"}
+    assert (results.loc[results["check"] == "data_quality", "model_version"].isna()).all()
+    crossed = check_variant(traffic, {"1": own["1"], "2": own["1"]}, config)  # B against A's baseline
+    assert {v["model_version"] for v in violations(crossed)} == {"2"}
+
+    missing = check_variant(
+        traffic, {"1": own["1"], "2": "model version 2 is not in registry group 'g'"}, config
+    )
+    found = violations(missing)
+    assert [(v["check"], v["feature"], v["model_version"]) for v in found] == [
+        ("baseline", "model_version.2", "2")
+    ]
+    assert found[0]["statistic"] == 300 and "not in registry group" in found[0]["note"]
+    assert "model version 2" in constraint_violations(found)["violations"][0]["description"]
+    assert set(missing.loc[missing["model_version"] == "2", "check"]) == {"baseline"}  # nothing else
 
 
 def test_reader_counts_malformed_and_rejected(tmp_path):

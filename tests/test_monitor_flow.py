@@ -127,3 +127,62 @@ def test_in_distribution_is_quiet_and_a_shift_is_caught(tmp_path, nih_root):
     with open(loud["join"].task["report_files"].data[0]) as handle:
         report = json.load(handle)
     assert len(report["violations"]) == len(found)
+
+
+def replay_ab(packages, capture, images, transforms):
+    """Send every image to variant A and to variant B of one live server (A/B, each its own model)."""
+    live = LiveServer(free_port(), "--model", str(packages[0]), "--challenger", str(packages[1]),
+                      "--capture", str(capture))  # fmt: skip
+    try:
+        for path in images:
+            pixels = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+            for variant, transform in transforms.items():
+                body = cv2.imencode(".png", transform(pixels))[1].tobytes()
+                headers = {"X-Amzn-SageMaker-Target-Variant": variant}
+                status, _, answered = live.post(body, "image/png", headers=headers)
+                assert status == 200 and answered["X-Amzn-Invoked-Production-Variant"] == variant
+    finally:
+        live.stop()
+
+
+@pytest.mark.slow
+def test_each_variant_is_checked_against_the_baseline_of_the_version_it_served(tmp_path, nih_root):
+    """A serves version 1, B version 2: another network, whose embeddings and scores differ by design.
+    Unchanged traffic on both is quiet (B against version 2's baseline, not production's); a shift on B
+    is caught on B alone."""
+    images = sorted((nih_root / "images_001" / "images").glob("*.png"))
+    images = [images[i] for i in np.random.default_rng(0).permutation(len(images))]
+    reference, held_out = images[:BASELINE_IMAGES], images[BASELINE_IMAGES:]
+    registry, packages = Registry(), []
+    for seed, status in ((0, "production"), (1, "approved")):
+        package, model, cache = make_package(tmp_path / f"v{seed + 1}", nih_root, seed=seed, version=seed + 1)
+        rows = cache.rows_for([p.name for p in reference])
+        baseline = compute_baseline(model, cache, rows, CROP, {}, dict.fromkeys(FINDINGS, 0.5))
+        version = registry.register({"model.tar.gz": package}, {"mean_auroc": 0.5}, {}, status=status)
+        assert version.version == seed + 1
+        baseline.save(version.directory)
+        packages.append(package)
+
+    def same(pixels):
+        return pixels
+
+    def shifted(pixels):  # inverted polarity and a gamma change
+        return (255 * (1 - pixels / 255.0) ** 0.6).astype(np.uint8)
+
+    replay_ab(packages, tmp_path / "same", held_out, {"A": same, "B": same})
+    quiet = monitor(tmp_path, tmp_path / "same")["join"].task
+    results = quiet["results"].data
+    print("\nunchanged traffic, B's drift statistics:")
+    print(results[(results["variant"] == "B") & results["check"].str.endswith("drift")]
+          .groupby("check")[["statistic", "adjusted_p_value"]].agg(["max", "min"]))  # fmt: skip
+    assert quiet["violations"].data == [], quiet["violations"].data
+    checked = results[results["check"] == "embedding_drift"].set_index("variant")["model_version"]
+    assert checked.to_dict() == {"A": "1", "B": "2"}
+    sources = quiet["baseline_sources"].data
+    assert sources == {"A": {"1": str(registry.get(1).directory)}, "B": {"2": str(registry.get(2).directory)}}
+
+    replay_ab(packages, tmp_path / "shifted", held_out, {"A": same, "B": shifted})
+    found = monitor(tmp_path, tmp_path / "shifted")["join"].task["violations"].data
+    assert found and {(v["variant"], v["model_version"]) for v in found} == {("B", "2")}
+    checks = {(v["check"], v["feature"]) for v in found}
+    assert ("input_drift", "image.mean") in checks and ("embedding_drift", "embedding.projection") in checks

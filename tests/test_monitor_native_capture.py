@@ -74,8 +74,8 @@ def native(body, kind, output, when, image_id=None, inference_id=None, encodings
     return {"captureData": parts, "eventMetadata": metadata, "eventVersion": "0"}
 
 
-def write(root: Path, records: list[dict], files: int = 1) -> None:
-    folder = root / "ep" / "A" / WHEN.strftime("%Y/%m/%d/%H")
+def write(root: Path, records: list[dict], files: int = 1, variant: str = "A") -> None:
+    folder = root / "ep" / variant / WHEN.strftime("%Y/%m/%d/%H")
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(files):
         lines = "".join(json.dumps(r) + "\n" for r in records[i::files])
@@ -197,3 +197,79 @@ def test_featurize_decoded_images(served):
     expected = [server_features(captured, i)[0] for i in ids]
     assert np.allclose(stats, [s for s, _ in expected], atol=1e-9)
     assert np.allclose(projections, [p for _, p in expected], atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory, nih_root):
+    """One server with two different networks: A serves version 1, B version 2; what it captured."""
+    root = tmp_path_factory.mktemp("versions")
+    packages = {str(v): make_package(root / f"v{v}", nih_root, seed=v, version=v)[0] for v in (1, 2)}
+    live = LiveServer(free_port(), "--model", str(packages["1"]), "--challenger", str(packages["2"]),
+                      "--capture", str(root / "server"), "--endpoint-name", "ep",
+                      env={"CXR_HOME": str(root / "home")})  # fmt: skip
+    try:
+        for path in sorted((nih_root / "images_001" / "images").glob("*.png"))[:PNGS]:
+            for variant in ("A", "B"):
+                headers = {"X-Amzn-SageMaker-Target-Variant": variant}
+                assert live.post(path.read_bytes(), "image/png", headers=headers)[0] == 200
+    finally:
+        live.stop()
+    lines = [
+        json.loads(line)
+        for f in sorted((root / "server").rglob("*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+    return packages, {r["eventMetadata"]["eventId"]: r for r in lines}
+
+
+def as_native(record: dict, when: dt.datetime, output: str | None = None) -> dict:
+    """A server capture record as SageMaker Data Capture would have written it (no `cxr` block)."""
+    captured = record["captureData"]
+    body = base64.b64decode(captured["endpointInput"]["data"])
+    return native(body, captured["endpointInput"]["observedContentType"],
+                  output or captured["endpointOutput"]["data"], when)  # fmt: skip
+
+
+def test_native_records_are_featurized_by_the_version_that_served_them(two_versions, tmp_path):
+    """Each variant's records get the features its own model captured on the server. Featurized with one
+    package for all (the production model's), B's embeddings would be another network's."""
+    packages, captured = two_versions
+    for variant in ("A", "B"):
+        mine = [r for r in captured.values() if r["cxr"]["variant"] == variant]
+        write(
+            tmp_path,
+            [as_native(r, WHEN + dt.timedelta(seconds=i)) for i, r in enumerate(mine)],
+            variant=variant,
+        )
+    traffic = read_traffic(str(tmp_path), "ep", *WINDOW, model=packages.get, workers=1)
+    for variant, version in (("A", "1"), ("B", "2")):
+        read = traffic[variant]
+        assert read.model_versions == {version: PNGS} and read.row_versions == [version] * PNGS
+        assert read.featurized == PNGS and read.missing_features == 0
+        expected = [server_features(captured, i)[0] for i in read.inference_ids]
+        assert np.allclose(read.image, [s for s, _ in expected], atol=1e-9)
+        assert np.abs(read.embedding - np.array([p for _, p in expected])).max() <= 2e-5
+    with_production = read_traffic(str(tmp_path), "ep", *WINDOW, variants=["B"], model=packages["1"])["B"]
+    gap = np.abs(with_production.embedding - traffic["B"].embedding).max()
+    print(f"\nB's embedding projections featurized with A's package instead: max |Δ| {gap:.3f}")
+    assert gap > 0.01
+
+
+def test_records_naming_no_version_take_the_version_their_variant_serves(two_versions, tmp_path):
+    """The package handlers' response names no model: `versions` says what the variant serves; without it
+    the records stay unfeaturized rather than featurized by a guess."""
+    packages, captured = two_versions
+    mine = [r for r in captured.values() if r["cxr"]["variant"] == "B"]
+    records = []
+    for i, record in enumerate(mine):
+        served = json.loads(record["captureData"]["endpointOutput"]["data"])["predictions"][0]
+        handler_output = json.dumps({"predictions": served["probabilities"]})  # the handlers' schema
+        records.append(as_native(record, WHEN + dt.timedelta(seconds=i), handler_output))
+    write(tmp_path, records, variant="B")
+    named = read_traffic(str(tmp_path), "ep", *WINDOW, model=packages.get, versions={"B": "2"})["B"]
+    assert named.model_versions == {"2": PNGS} and named.featurized == PNGS
+    expected = [server_features(captured, r["eventMetadata"]["eventId"])[0] for r in mine]
+    assert np.abs(named.embedding - np.array([p for _, p in expected])).max() <= 2e-5
+    unnamed = read_traffic(str(tmp_path), "ep", *WINDOW, model=packages.get)["B"]
+    assert unnamed.model_versions == {"None": PNGS}
+    assert (unnamed.featurized, unnamed.missing_features, len(unnamed.image)) == (0, PNGS, 0)

@@ -10,6 +10,7 @@ rate change) before it counts as a violation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -236,31 +237,61 @@ def match_labels(traffic: Traffic, labels: pd.DataFrame) -> tuple[np.ndarray, np
 def run_checks(
     baseline: Baseline, traffic: Traffic, config: MonitorConfig, labels: pd.DataFrame | None = None
 ) -> pd.DataFrame:
-    """All checks for one variant's window, one row each."""
-    rows = quality_checks(traffic, config)
-    if len(traffic.image) >= config.min_images:
-        rows += statistical_checks(baseline, traffic, config)
-    else:
-        rows.append(
-            {
-                **_row("volume", "served_images", len(traffic.image), config.min_images, None),
-                "violation": False,
-            }
-        )
-    rows += performance_checks(baseline, traffic, labels, config)
-    table = pd.DataFrame(rows)
+    """All checks for one variant's window against one baseline, one row each."""
+    table = pd.DataFrame(quality_checks(traffic, config) + model_checks(baseline, traffic, config, labels))
     table.insert(0, "variant", traffic.variant)
     return table
 
 
+def check_variant(
+    traffic: Traffic,
+    baselines: Mapping[str, Baseline | str],
+    config: MonitorConfig,
+    labels: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """All checks for one variant's window: data quality over all of it; drift and performance for each
+    model version that served it, against that version's own baseline (`baselines`: version → baseline,
+    or why it has none). A version without a baseline is a `baseline` violation; it is never compared with
+    another model's baseline. Rows carry `model_version`."""
+    tables = [pd.DataFrame(quality_checks(traffic, config)).assign(model_version=None)]
+    for version in sorted(traffic.model_versions):
+        reference = baselines.get(version, f"no baseline was looked up for model version {version}")
+        if isinstance(reference, Baseline):
+            rows = model_checks(reference, traffic.of_version(version), config, labels)
+        else:
+            served = traffic.model_versions[version]
+            rows = [{**_row("baseline", f"model_version.{version}", served, 0.0, None), "violation": True,
+                     "note": f"{served} served record(s) not checked: {reference}"}]  # fmt: skip
+        tables.append(pd.DataFrame(rows).assign(model_version=version))
+    if not traffic.model_versions:
+        tables.append(pd.DataFrame(model_checks(None, traffic, config, labels)).assign(model_version=None))
+    table = pd.concat(tables, ignore_index=True)
+    table.insert(0, "variant", traffic.variant)
+    return table
+
+
+def model_checks(
+    baseline: Baseline | None, traffic: Traffic, config: MonitorConfig, labels: pd.DataFrame | None = None
+) -> list[dict[str, Any]]:
+    """Drift (when the window has enough images; else a `volume` row) and performance against a baseline."""
+    if baseline is None or len(traffic.image) < config.min_images:
+        volume = _row("volume", "served_images", len(traffic.image), config.min_images, None)
+        rows = [{**volume, "violation": False}]
+    else:
+        rows = statistical_checks(baseline, traffic, config)
+    return rows + (performance_checks(baseline, traffic, labels, config) if baseline is not None else [])
+
+
 def violations(results: pd.DataFrame) -> list[dict[str, Any]]:
-    """The violated rows as dicts: check, feature, statistic, threshold, p_value, variant."""
+    """The violated rows as dicts: variant, check, feature, statistic, threshold, p_value (and the model
+    version and a note, where the results have them)."""
     if results.empty:
         return []
     keep = ["variant", "check", "feature", "statistic", "threshold", "p_value"]
+    keep += [c for c in ("model_version", "note") if c in results.columns]
     return [
         {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
-        for row in results.loc[results["violation"], keep].to_dict(orient="records")
+        for row in results.loc[results["violation"].astype(bool), keep].to_dict(orient="records")
     ]
 
 
@@ -268,10 +299,13 @@ def constraint_violations(found: list[dict[str, Any]]) -> dict[str, Any]:
     """Model Monitor-shaped `constraint_violations.json`."""
     entries = []
     for v in found:
-        text = f"{v['check']} on {v['feature']} (variant {v['variant']}): statistic {v['statistic']:.4g}"
-        text += f" vs threshold {v['threshold']:.4g}"
+        served_by = f", model version {v['model_version']}" if v.get("model_version") is not None else ""
+        text = f"{v['check']} on {v['feature']} (variant {v['variant']}{served_by}):"
+        text += f" statistic {v['statistic']:.4g} vs threshold {v['threshold']:.4g}"
         if v.get("p_value") is not None:
             text += f", p-value {v['p_value']:.3g}"
+        if v.get("note"):
+            text += f"; {v['note']}"
         entries.append(
             {"feature_name": v["feature"], "constraint_check_type": v["check"], "description": text}
         )

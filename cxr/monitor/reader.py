@@ -5,9 +5,10 @@ that are not valid capture records are counted as malformed, never fatal. Each s
 row of features (image statistics, embedding projection) and its predicted probabilities.
 
 Records of the cxr server carry their features in a `cxr` block. SageMaker's own Data Capture records
-(real-time endpoints) have none: given a model package, their captured input is decoded (and cropped) in
-the parsing workers, then featurized in one batched pass (`cxr.monitor.featurize`); without one, or when
-the input cannot be decoded, they count as served without features.
+(real-time endpoints) have none: given the package of the model version that served them, their captured
+input is decoded (and cropped) in the parsing workers, then featurized in one batched pass per version
+(`cxr.monitor.featurize`); without one, or when the input cannot be decoded, they count as served without
+features. Every row keeps the model version that served it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import datetime as dt
 import json
 import os
 from collections import Counter
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ from cxr.monitor.featurize import Featurizer
 from cxr.serve.decoder import decode_request
 
 EMBEDDING_DIM = 32
+ANY_VERSION = "*"  # settings or featurizer for records of any model version
 Row = tuple[list[float] | None, list[float] | None, list[float], np.ndarray | None]  # stats, proj, p, crop
 
 
@@ -50,7 +53,8 @@ class Traffic:
     inference_ids: list[str] = field(default_factory=list)
     image_ids: list[str | None] = field(default_factory=list)
     times: list[str] = field(default_factory=list)
-    model_versions: Counter = field(default_factory=Counter)
+    model_versions: Counter = field(default_factory=Counter)  # served records per model version
+    row_versions: list[str] = field(default_factory=list)  # the model version of each row
     files: int = 0
     featurized: int = 0  # rows whose features the monitor computed (SageMaker-native records)
 
@@ -63,6 +67,25 @@ class Traffic:
     def rejected(self) -> int:
         """Requests answered with a 4xx."""
         return int(sum(n for s, n in self.statuses.items() if 400 <= s < 500))
+
+    def of_version(self, version: str) -> Traffic:
+        """The rows this model version served (its served records as the record counts)."""
+        pick = [i for i, v in enumerate(self.row_versions) if v == version]
+        served = int(self.model_versions.get(version, 0))
+        return Traffic(
+            self.variant,
+            records=served,
+            statuses=Counter({200: served}),
+            image=self.image[pick],
+            embedding=self.embedding[pick],
+            probabilities=self.probabilities[pick],
+            inference_ids=[self.inference_ids[i] for i in pick],
+            image_ids=[self.image_ids[i] for i in pick],
+            times=[self.times[i] for i in pick],
+            model_versions=Counter({version: served}),
+            row_versions=[version] * len(pick),
+            files=self.files,
+        )
 
     def summary(self) -> dict[str, Any]:
         """Counts for reports and cards."""
@@ -145,16 +168,23 @@ def _image_id(metadata: dict[str, Any]) -> str | None:
 
 
 def parse_file(
-    path: str, start_text: str, end_text: str, settings: dict[str, Any] | None = None
+    path: str,
+    start_text: str,
+    end_text: str,
+    settings: dict[str, dict[str, Any]] | None = None,
+    version: str | None = None,
 ) -> dict[str, Any]:
     """Parse one capture file into plain lists (picklable across processes).
 
-    With `settings` (a package's `image_size` and `crop`), records without features get their captured
-    input decoded and cropped: `crops` holds those crops, `pending` their row indices.
+    `settings` maps a model version (or ANY_VERSION) to its package's `image_size` and `crop`: records of
+    that version without features get their captured input decoded and cropped (`crops` holds the crops,
+    `pending` their row indices); `unfeatured` counts, per version, those left without. `version` is the
+    model version of records that name none.
     """
     out: dict[str, Any] = {"records": 0, "malformed": 0, "statuses": Counter(), "missing": 0, "image": [],
                            "embedding": [], "probabilities": [], "ids": [], "image_ids": [], "times": [],
-                           "versions": Counter(), "crops": [], "pending": []}  # fmt: skip
+                           "versions": Counter(), "row_versions": [], "crops": [], "pending": [],
+                           "unfeatured": Counter()}  # fmt: skip
     for line in _read(path).splitlines():
         if not line.strip():
             continue
@@ -173,7 +203,7 @@ def parse_file(
         out["records"] += 1
         out["statuses"][status] += 1
         if status == 200:
-            _add_served(out, record, extra, event_id, when, settings)
+            _add_served(out, record, extra, event_id, when, settings or {}, version)
     return out
 
 
@@ -183,14 +213,19 @@ def _add_served(
     extra: dict[str, Any],
     event_id: str,
     when: str,
-    settings: dict[str, Any] | None,
+    settings: dict[str, dict[str, Any]],
+    default_version: str | None,
 ) -> None:
     output = _output(record)
     served_by = output.get("model") if isinstance(output, dict) else None  # the cxr server's response
-    version = extra.get("model_version", served_by.get("version") if isinstance(served_by, dict) else None)
-    out["versions"][str(version)] += 1
+    named = extra.get("model_version", served_by.get("version") if isinstance(served_by, dict) else None)
+    version = str(named if named is not None else default_version)
+    out["versions"][version] += 1
+    package_settings = settings.get(version, settings.get(ANY_VERSION))
+    if "features" not in extra and package_settings is None:
+        out["unfeatured"][version] += 1
     try:
-        rows = _rows(record, extra, output, settings)
+        rows = _rows(record, extra, output, package_settings)
     except (ValueError, KeyError, TypeError, AttributeError, cv2.error):
         out["missing"] += 1
         return
@@ -208,6 +243,7 @@ def _add_served(
         out["ids"].append(event_id if len(rows) == 1 else f"{event_id}#{index}")
         out["image_ids"].append(image_id if len(rows) == 1 else None)
         out["times"].append(when)
+        out["row_versions"].append(version)
 
 
 def _rows(
@@ -271,6 +307,9 @@ def _iso(moment: dt.datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+Packages = Callable[[str], str | Path | None]
+
+
 def read_traffic(
     uri: str,
     endpoint: str,
@@ -278,53 +317,96 @@ def read_traffic(
     end: dt.datetime,
     variants: list[str] | None = None,
     workers: int | None = None,
-    model: str | Path | None = None,
+    model: str | Path | Packages | None = None,
+    versions: Mapping[str, str] | None = None,
 ) -> dict[str, Traffic]:
     """Captured traffic per variant in [start, end).
 
-    `model` (a package or unpacked directory, normally the production model's) featurizes records that
-    carry no features (SageMaker Data Capture); without it they count as missing features.
+    `model` featurizes records that carry no features (SageMaker Data Capture): one package (or unpacked
+    directory) for every record, or a function giving a model version's package (None when it has none),
+    so that each record is featurized by the model that served it; records left without count as missing
+    features. `versions` names the model version each variant serves, for records that name none.
     """
     variants = variants or list_variants(uri, endpoint)
-    featurizer = Featurizer(model) if model is not None else None
+    featurizers = _Featurizers(model)
     result = {}
     for variant in variants:
         files = list_capture_files(uri, endpoint, variant, start, end)
         traffic = Traffic(variant, files=len(files))
-        settings = featurizer.settings if featurizer else None
-        parts = _parse_all(files, _iso(start), _iso(end), workers, settings)
-        if featurizer is not None:
-            traffic.featurized = _featurize(parts, featurizer)
+        version = (versions or {}).get(variant)
+        parts = _parse_all(files, _iso(start), _iso(end), workers, featurizers.first_pass(), version)
+        wanted = featurizers.settings({v for part in parts for v in part["unfeatured"]})
+        again = [i for i, part in enumerate(parts) if wanted.keys() & part["unfeatured"].keys()]
+        if again:  # now that their versions' packages are known, decode the records left without features
+            reparsed = _parse_all([files[i] for i in again], _iso(start), _iso(end), workers, wanted, version)
+            for i, part in zip(again, reparsed, strict=True):
+                parts[i] = part
+        traffic.featurized = _featurize(parts, featurizers)
         _merge(traffic, parts)
         result[variant] = traffic
     return result
 
 
+class _Featurizers:
+    """The featurizer of each model version: one package for all, or each version's own (loaded once)."""
+
+    def __init__(self, model: str | Path | Packages | None):
+        self.shared = Featurizer(model) if isinstance(model, str | Path) else None
+        self.lookup = model if callable(model) else None
+        self.loaded: dict[str, Featurizer | None] = {}
+
+    def get(self, version: str) -> Featurizer | None:
+        """The featurizer for records of `version`, or None."""
+        if self.lookup is None:
+            return self.shared
+        if version not in self.loaded:
+            package = self.lookup(version)
+            self.loaded[version] = Featurizer(package) if package is not None else None
+        return self.loaded[version]
+
+    def first_pass(self) -> dict[str, dict[str, Any]]:
+        """Parsing settings before any version is known: the shared package's, for every version."""
+        return {ANY_VERSION: self.shared.settings} if self.shared is not None else {}
+
+    def settings(self, versions: set[str]) -> dict[str, dict[str, Any]]:
+        """Parsing settings of those `versions` that have their own package."""
+        found = {v: self.get(v) for v in versions} if self.lookup is not None else {}
+        return {v: f.settings for v, f in found.items() if f is not None}
+
+
 def _parse_all(
-    files: list[str], start: str, end: str, workers: int | None, settings: dict[str, Any] | None
+    files: list[str],
+    start: str,
+    end: str,
+    workers: int | None,
+    settings: dict[str, dict[str, Any]],
+    version: str | None,
 ) -> list[dict[str, Any]]:
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(files) < 4:
-        return [parse_file(f, start, end, settings) for f in files]
+        return [parse_file(f, start, end, settings, version) for f in files]
     n = len(files)
     with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(parse_file, files, [start] * n, [end] * n, [settings] * n, chunksize=4))
+        every = ([start] * n, [end] * n, [settings] * n, [version] * n)
+        return list(pool.map(parse_file, files, *every, chunksize=4))
 
 
-def _featurize(parts: list[dict[str, Any]], featurizer: Featurizer) -> int:
-    """Fill in the pending rows of every part with one batched pass of the model; returns their count."""
-    crops = [crop for part in parts for crop in part["crops"]]
-    if not crops:
-        return 0
-    stats, projections = featurizer.features(np.stack(crops))
-    offset = 0
+def _featurize(parts: list[dict[str, Any]], featurizers: _Featurizers) -> int:
+    """Fill in the pending rows of every part, one batched pass per model version; returns their count."""
+    pending: dict[str, list[tuple[dict[str, Any], int, np.ndarray]]] = {}
     for part in parts:
-        for index in part["pending"]:
-            part["image"][index] = stats[offset].tolist()
-            part["embedding"][index] = projections[offset].tolist()
-            offset += 1
+        for index, crop in zip(part["pending"], part["crops"], strict=True):
+            pending.setdefault(part["row_versions"][index], []).append((part, index, crop))
         part["crops"] = []
-    return len(crops)
+    for version, rows in pending.items():
+        featurizer = featurizers.get(version)
+        if featurizer is None:  # cannot happen: crops are only made for versions with a package
+            raise RuntimeError(f"no model package for version {version}")
+        stats, projections = featurizer.features(np.stack([crop for _, _, crop in rows]))
+        for (part, index, _), image, embedding in zip(rows, stats, projections, strict=True):
+            part["image"][index] = image.tolist()
+            part["embedding"][index] = embedding.tolist()
+    return sum(len(rows) for rows in pending.values())
 
 
 def _merge(traffic: Traffic, parts: list[dict[str, Any]]) -> None:
@@ -335,6 +417,7 @@ def _merge(traffic: Traffic, parts: list[dict[str, Any]]) -> None:
         traffic.statuses.update(part["statuses"])
         traffic.missing_features += part["missing"]
         traffic.model_versions.update(part["versions"])
+        traffic.row_versions += part["row_versions"]
         images += part["image"]
         embeddings += part["embedding"]
         probabilities += part["probabilities"]

@@ -41,7 +41,9 @@ def write_reports(directory: str | Path, results: pd.DataFrame, found: list[dict
     return paths
 
 
-def distribution_chart(baseline: Baseline, traffic: Traffic, features: list[str], limit: int = 400) -> dict:
+def distribution_chart(
+    baseline: Baseline, traffic: Traffic, features: list[str], limit: int = 400, title: str | None = None
+) -> dict:
     """Baseline vs window density of the given features (image.* or probability.*), one facet each."""
     base, window = baseline.columns(), _traffic_columns(traffic)
     rng = np.random.default_rng(0)
@@ -72,7 +74,7 @@ def distribution_chart(baseline: Baseline, traffic: Traffic, features: list[str]
     ]
     return {
         "$schema": SCHEMA,
-        "title": f"Baseline vs window, variant {traffic.variant}",
+        "title": title or f"Baseline vs window, variant {traffic.variant}",
         "data": {"values": values},
         "concat": panels,
         "columns": 4,
