@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import threading
 
@@ -24,8 +25,10 @@ class Router:
 
     def set_weights(self, weights: dict[str, float]) -> dict[str, float]:
         """Replace the weights (normalised to sum 1); variants are fixed at start-up."""
-        if not weights or any((not isinstance(w, int | float)) or w < 0 for w in weights.values()):
-            raise RequestError("weights must be a non-empty mapping of variant to a non-negative number")
+        if not weights or not all(_valid_weight(w) for w in weights.values()):
+            raise RequestError(
+                f"weights must map each variant to a finite, non-negative number, got {weights!r}"[:300]
+            )
         total = float(sum(weights.values()))
         if total <= 0:
             raise RequestError("at least one weight must be positive")
@@ -50,6 +53,11 @@ class Router:
             if point < cumulative:
                 return name
         return next(reversed(weights))
+
+
+def _valid_weight(weight: object) -> bool:
+    """A finite, non-negative number (booleans, NaN and infinities are not weights)."""
+    return isinstance(weight, int | float) and not isinstance(weight, bool) and 0 <= weight < math.inf
 
 
 def _unit_hash(key: str) -> float:
