@@ -126,29 +126,138 @@ def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-def dicom_bytes(pixels: np.ndarray, monochrome1: bool = False, with_pixels: bool = True) -> bytes:
-    """A minimal DICOM file (secondary capture) holding `pixels` and identifying patient tags."""
+def to_12_bit(pixels: np.ndarray) -> np.ndarray:
+    """8-bit gray values as 12-bit values in a 16-bit array (0..255 → 0..4095)."""
+    return np.round(pixels.astype(np.float64) * 4095 / 255).astype(np.uint16)
+
+
+def dicom_dataset(rows: int, columns: int, transfer_syntax: str | None = None):
+    """A secondary-capture dataset header (16-bit, BitsStored 12) with identifying patient tags."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
     ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.PatientName, ds.PatientID = "Doe^Jane", "PID-SECRET-4242"
     ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
+    ds.Rows, ds.Columns = rows, columns
     ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 12, 11
     ds.PixelRepresentation = 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    return ds
+
+
+def saved(ds) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def dicom_bytes(
+    pixels: np.ndarray, monochrome1: bool = False, with_pixels: bool = True, window: bool = True
+) -> bytes:
+    """A minimal DICOM file (secondary capture) holding 8-bit `pixels` as 12-bit values."""
+    ds = dicom_dataset(*pixels.shape)
     ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
-    ds.WindowCenter, ds.WindowWidth = 2048, 4096  # the full 12-bit range: windowing is linear here
-    values = np.round(pixels.astype(np.float64) * 4095 / 255).astype(np.uint16)  # 8-bit → 12-bit
+    if window:
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096  # the full 12-bit range: windowing is linear here
+    values = to_12_bit(pixels)
     if monochrome1:
         values = 4095 - values
     if with_pixels:
         ds.PixelData = values.tobytes()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return saved(ds)
+
+
+def _explicit_header(group: int, element: int, vr: bytes, length: int) -> bytes:
+    return struct.pack("<HH2sHI", group, element, vr, 0, length)
+
+
+def deflated_dicom(pixels: np.ndarray, frames: int = 1, padding: int = 0) -> bytes:
+    """A Deflated Explicit VR Little Endian DICOM: `frames` copies of `pixels` (8-bit), then `padding`
+    zero bytes of Data Set Trailing Padding; streamed, so gigabytes inflated cost megabytes here."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = dicom_dataset(*pixels.shape, DeflatedExplicitVRLittleEndian)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    out = DicomBytesIO()
+    out.write(ds.preamble + b"DICM")
+    write_file_meta_info(out, ds.file_meta)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [deflate.compress(body.getvalue())]
+    frame = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    size = len(frame) * frames
+    parts.append(deflate.compress(_explicit_header(0x7FE0, 0x0010, b"OB", size + size % 2)))
+    for _ in range(frames):
+        parts.append(deflate.compress(frame))
+    parts.append(deflate.compress(b"\0" * (size % 2)))
+    if padding:
+        parts.append(deflate.compress(_explicit_header(0xFFFC, 0xFFFC, b"OB", padding)))
+        chunk = bytes(1 << 24)
+        for start in range(0, padding, len(chunk)):
+            parts.append(deflate.compress(chunk[: min(len(chunk), padding - start)]))
+    parts.append(deflate.flush())
+    return out.getvalue() + b"".join(parts)
+
+
+def jpeg_multiframe_dicom(frames: int, side: int = 1024) -> bytes:
+    """An encapsulated JPEG Baseline DICOM of `frames` black side×side frames (~13 kB each)."""
+    import cv2
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    jpeg = cv2.imencode(".jpg", np.zeros((side, side), np.uint8))[1].tobytes()
+    ds = dicom_dataset(side, side, JPEGBaseline8Bit)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.NumberOfFrames = frames
+    ds.PixelData = encapsulate([jpeg] * frames)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return saved(ds)
+
+
+def black_png_batch(count: int = 64, side: int = 6000) -> bytes:
+    """A JSON batch of `count` black side×side PNGs: ~35 kB each to send, 36 MP each to decode."""
+    import base64
+    import json
+
+    import cv2
+
+    png = cv2.imencode(".png", np.zeros((side, side), np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])[1]
+    encoded = base64.b64encode(png.tobytes()).decode()
+    return json.dumps({"instances": [encoded] * count}).encode()
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """A process's peak resident set size (VmHWM), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+def dicom_with_voi_lut(pixels: np.ndarray, declared_bits: int = 12) -> bytes:
+    """16-bit stored values (BitsStored 16) whose VOI LUT maps them onto 12-bit output values; the LUT
+    descriptor declares `declared_bits` bits per entry (files often say 16 for 12-bit entries)."""
+    from pydicom.dataset import Dataset
+
+    ds = dicom_dataset(*pixels.shape)
+    ds.BitsStored, ds.HighBit = 16, 15
+    item = Dataset()
+    item.LUTDescriptor = [0, 0, declared_bits]  # 0 entries means 65,536
+    item.LUTData = np.round(np.arange(65536) / 65535 * 4095).astype("<u2").tobytes()
+    item["LUTData"].VR = "OW"
+    ds.VOILUTSequence = [item]
+    ds.PixelData = (pixels.astype(np.uint16) * 257).tobytes()  # 0..255 → 0..65535
+    return saved(ds)

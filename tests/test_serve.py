@@ -20,7 +20,16 @@ from cxr.data.loader import ShardDataset
 from cxr.train import predict
 
 from .conftest import free_port
-from .serving_support import CROP, LiveServer, decompression_bomb, dicom_bytes, make_package, npy_bytes
+from .serving_support import (
+    CROP,
+    LiveServer,
+    decompression_bomb,
+    dicom_bytes,
+    dicom_with_voi_lut,
+    make_package,
+    npy_bytes,
+    to_12_bit,
+)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +110,37 @@ def test_nih_quirks_are_served(server, nih_root, tmp_path):
     deep = tmp_path / "deep.png"
     Image.fromarray((np.arange(256 * 256).reshape(256, 256) % 65536).astype(np.uint16)).save(deep)
     assert server.post(deep.read_bytes(), "image/png")[0] == 200
+
+
+def real_pixels(nih_root, index: int) -> tuple[bytes, np.ndarray]:
+    png = real_png(nih_root, index)[1]
+    return png, cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+
+
+@pytest.mark.parametrize("index", [3, 55])  # values spanning 0..255, and only 0..161
+def test_12_bit_data_in_16_bit_words_keep_their_brightness(server, nih_root, index):
+    png, pixels = real_pixels(nih_root, index)
+    reference = probabilities(server.post(png, "image/png")[1])
+    twelve_bit_png = cv2.imencode(".png", to_12_bit(pixels))[1].tobytes()
+    payloads = {
+        "16-bit PNG of 12-bit values": (twelve_bit_png, "image/png"),
+        "DICOM, BitsStored 12, no window": (dicom_bytes(pixels, window=False), "application/dicom"),
+        "DICOM, BitsStored 16, 12-bit VOI LUT": (dicom_with_voi_lut(pixels), "application/dicom"),
+        "DICOM, 12-bit VOI LUT declared 16-bit": (dicom_with_voi_lut(pixels, 16), "application/dicom"),
+    }
+    served = {name: server.post(*payload) for name, payload in payloads.items()}
+    assert all(status == 200 for status, _, _ in served.values()), served
+    far = {name: np.abs(probabilities(body) - reference).max() for name, (_, body, _) in served.items()}
+    assert max(far.values()) < 1e-5, far
+
+
+def test_admin_weights_refuse_non_finite_and_negative(server, nih_root):
+    before = server.get("/admin/weights")[1]
+    for text in ('{"A": NaN}', '{"A": Infinity}', '{"A": -Infinity}', '{"A": -1}', '{"A": true}'):
+        status, body, _ = server.request("POST", "/admin/weights", text.encode())
+        assert status == 400 and "finite, non-negative" in json.loads(body)["error"], (text, body)
+    assert server.get("/admin/weights")[1] == before
+    assert server.post(real_png(nih_root)[1], "image/png")[0] == 200
 
 
 def bad_inputs(nih_root) -> list[tuple[str, bytes, str | None, dict]]:

@@ -1,6 +1,6 @@
 """The HTTP server: SageMaker's container contract plus metrics, A/B routing and capture.
 
-GET  /ping            200 when the models are loaded
+GET  /ping            200 when the models are loaded (503 when configured capture cannot make records durable)
 POST /invocations     image/png, image/jpeg, application/dicom, application/x-npy, application/json batch
 GET  /metrics         Prometheus text format
 GET  /models          the served variants
@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,10 +28,11 @@ from cxr.data.images import encode_png
 from cxr.features import image_stats, project_embedding
 from cxr.inference import prepare
 from cxr.serve.batcher import DynamicBatcher, Scored
-from cxr.serve.capture import CaptureWriter, capture_record, new_event_id
+from cxr.serve.capture import CaptureUnavailable, CaptureWriter, capture_record, new_event_id
 from cxr.serve.decoder import DICOM, JSON, DecodedImage, decode_request, media_type
-from cxr.serve.errors import NotAcceptable, PayloadTooLarge, RequestError
+from cxr.serve.errors import NotAcceptable, PayloadTooLarge, RequestError, ServiceUnavailable, ShuttingDown
 from cxr.serve.headers import CUSTOM_ATTRIBUTES, INVOKED_VARIANT, TARGET_VARIANT, route_key
+from cxr.serve.limits import Limits, exceeds
 from cxr.serve.metrics import ServerMetrics
 from cxr.serve.predictor import Predictor, load_predictor
 from cxr.serve.router import Router
@@ -56,6 +58,8 @@ class ServerConfig:
     max_wait_ms: float = 5.0
     max_body_mb: float = 64.0
     threads: int | None = None
+    limits: Limits = field(default_factory=Limits)
+    capture_wait_seconds: float = 1.0  # how long a request waits for room in a full capture queue
 
 
 @dataclass
@@ -99,11 +103,17 @@ class Server:
         )
         self.router = Router(config.weights or default)
         self.capture = (
-            CaptureWriter(config.capture, config.endpoint_name, config.capture_sample_percent)
+            CaptureWriter(
+                config.capture, config.endpoint_name, config.capture_sample_percent,
+                on_written=self.metrics.captured.inc, on_lost=self.metrics.capture_lost.inc,
+            )
             if config.capture
             else None
-        )
+        )  # fmt: skip
+        if self.capture is not None:
+            self.metrics.watch_capture(self.capture)
         self.cpu_pool = ThreadPoolExecutor(2, thread_name_prefix="decode")
+        self.stopping = threading.Event()  # set on SIGTERM: long work (explanations) is abandoned
         self.served = 0
         for variant in self.variants.values():
             info = variant.info
@@ -125,37 +135,46 @@ class Server:
             )
             variant.batcher.start()
 
+    async def begin_shutdown(self, _app: web.Application | None = None) -> None:
+        """SIGTERM: explanations in progress stop at their next image, so in-flight requests end soon."""
+        self.stopping.set()
+
     async def stop(self, _app: web.Application | None = None) -> None:
         """Drain batchers, flush capture (also on SIGTERM)."""
+        self.stopping.set()
         for variant in self.variants.values():
             if variant.batcher is not None:
                 await variant.batcher.stop()
         if self.capture is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
-        self.cpu_pool.shutdown(wait=True)
+            await asyncio.get_running_loop().run_in_executor(None, self.capture.close, 60.0)
+        self.cpu_pool.shutdown(wait=True, cancel_futures=True)
 
     # -- handlers -------------------------------------------------------------------------------------------
 
     async def ping(self, request: web.Request) -> web.Response:
-        """SageMaker health check."""
+        """SageMaker health check: 503 while configured capture cannot make records durable."""
+        if self.capture is not None and not self.capture.healthy:
+            reason = self.capture.failure or "data capture is closed"
+            return web.json_response({"status": "unhealthy", "reason": reason}, status=503)
         return web.json_response({"status": "healthy", "variants": sorted(self.variants)})
 
     async def invocations(self, request: web.Request) -> web.Response:
         """Score one image or a JSON batch; 4xx with a message for any bad input."""
         start = time.perf_counter()
         variant_name = "none"
+        limits = self.config.limits
         try:
             variant_name = self.router.choose(route_key(request.headers), request.headers.get(TARGET_VARIANT))
             variant = self.variants[variant_name]
             accept = media_type(request.headers.get("Accept"))
             if accept not in ("", "*/*", JSON, "application/*"):
                 raise NotAcceptable(f"cannot produce {accept!r}; responses are {JSON}")
+            explain = _explain_request(request, limits)
             body = await _read_body(request)
             loop = asyncio.get_running_loop()
-            images = await loop.run_in_executor(
-                self.cpu_pool, decode_request, body, request.headers.get("Content-Type")
-            )
-            explain = _explain_request(request)
+            content_type = request.headers.get("Content-Type")
+            images = await loop.run_in_executor(self.cpu_pool, decode_request, body, content_type, limits)
+            _check_explanations(len(images), explain, limits)
             crops = await loop.run_in_executor(self.cpu_pool, _prepare_all, images, variant.metadata)
             batcher = variant.batcher
             if batcher is None:
@@ -165,18 +184,20 @@ class Server:
             event_id = new_event_id()
             response = self._response(variant, scored, heatmaps, event_id, start)
             text = json.dumps(response)
+            await self._capture(variant, request, body, images, crops, scored, text, event_id)
             self._record(variant, 200, start, scored)
-            self._capture(variant, request, body, images, crops, scored, text, event_id)
             self.served += 1
             return web.Response(text=text, content_type=JSON, headers={INVOKED_VARIANT: variant.name})
         except RequestError as error:
-            self._record_status(variant_name, error.status_code, start)
-            self._capture_rejection(request, variant_name, error)
-            return web.json_response({"error": str(error)}, status=error.status_code)
-        except Exception:
+            return await self._error(request, variant_name, error.status_code, str(error), start)
+        except CaptureUnavailable as error:  # not captured: capture is what failed
+            return await self._error(request, variant_name, 503, str(error), start, capture=False)
+        except ServiceUnavailable as error:
+            return await self._error(request, variant_name, 503, str(error), start)
+        except Exception as error:
             log.exception("internal error while serving a request")
-            self._record_status(variant_name, 500, start)
-            return web.json_response({"error": "internal server error"}, status=500)
+            detail = f"internal server error: {type(error).__name__}: {error}"
+            return await self._error(request, variant_name, 500, "internal server error", start, detail)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         """Prometheus scrape target."""
@@ -200,7 +221,7 @@ class Server:
                 if not isinstance(payload, dict):
                     raise RequestError("send a JSON object of variant → weight")
                 self.router.set_weights(payload)
-            except (ValueError, RequestError) as error:
+            except ValueError as error:
                 status = getattr(error, "status_code", 400)
                 return web.json_response({"error": str(error)}, status=status)
             self._publish_weights()
@@ -241,17 +262,18 @@ class Server:
         if not findings:
             return [{} for _ in crops]
         from cxr.inference import load_model
-        from cxr.serve.explain import grad_cam, overlay_png
+        from cxr.serve.explain import grad_cams, overlay_png
 
         if variant.explainer is None:
             variant.explainer = load_model(self.model_dirs[variant.name])[0]
-        return [
-            {
-                f: base64.b64encode(overlay_png(crop[0], grad_cam(variant.explainer, crop, f))).decode()
-                for f in findings
-            }
-            for crop in crops
-        ]
+        heatmaps = []
+        for crop in crops:
+            if self.stopping.is_set():
+                raise ShuttingDown("the server is shutting down; explanation abandoned, retry")
+            maps = grad_cams(variant.explainer, crop, findings)
+            pairs = zip(findings, maps, strict=True)
+            heatmaps.append({f: base64.b64encode(overlay_png(crop[0], m)).decode() for f, m in pairs})
+        return heatmaps
 
     def _record(self, variant: Variant, status: int, start: float, scored: list[Scored]) -> None:
         self._record_status(variant.name, status, start)
@@ -262,7 +284,7 @@ class Server:
         self.metrics.requests.labels(variant, str(status)).inc()
         self.metrics.latency.labels(variant).observe(time.perf_counter() - start)
 
-    def _capture(
+    async def _capture(
         self,
         variant: Variant,
         request: web.Request,
@@ -273,6 +295,7 @@ class Server:
         output: str,
         event_id: str,
     ) -> None:
+        """Queue the record before the 200 goes out; CaptureUnavailable (a 503) when capture cannot."""
         if self.capture is None or not self.capture.sampled():
             return
         input_type, data = _capturable_input(request, body, images)
@@ -291,29 +314,54 @@ class Server:
         record = capture_record(
             input_type, data, output, event_id, variant.name, version, features, custom_attributes=attributes
         )
-        self.capture.submit(record)
-        self.metrics.captured.inc()
+        try:
+            await self.capture.put(record, self.config.capture_wait_seconds)
+        except CaptureUnavailable as error:
+            self.metrics.capture_refused.labels("served").inc()
+            log.warning("answering 503: %s", error)
+            raise
 
-    def _capture_rejection(self, request: web.Request, variant: str, error: RequestError) -> None:
-        """A rejected request is captured without its payload: status and message only."""
-        if self.capture is None or not self.capture.sampled():
-            return
-        version = self.variants[variant].metadata.get("version") if variant in self.variants else None
-        output = json.dumps({"error": str(error)[:500]})
-        kind = media_type(request.headers.get("Content-Type")) or "unknown"
-        record = capture_record(
-            kind, b"", output, new_event_id(), variant, version, [], status=error.status_code
-        )
-        self.capture.submit(record)
+    async def _error(
+        self,
+        request: web.Request,
+        variant: str,
+        status: int,
+        message: str,
+        start: float,
+        detail: str = "",
+        capture: bool = True,
+    ) -> web.Response:
+        """Answer an error and capture it: status and message (or `detail`), never the payload."""
+        self._record_status(variant, status, start)
+        if capture and self.capture is not None and self.capture.sampled():
+            version = self.variants[variant].metadata.get("version") if variant in self.variants else None
+            output = json.dumps({"error": (detail or message)[:500]})
+            kind = media_type(request.headers.get("Content-Type")) or "unknown"
+            record = capture_record(kind, b"", output, new_event_id(), variant, version, [], status=status)
+            try:
+                await self.capture.put(record, self.config.capture_wait_seconds)
+            except CaptureUnavailable as error:
+                self.metrics.capture_refused.labels("error").inc()
+                log.warning("data capture could not take the record of a %d response: %s", status, error)
+        return web.json_response({"error": message}, status=status)
 
 
-def _explain_request(request: web.Request) -> list[str]:
+def _explain_request(request: web.Request, limits: Limits) -> list[str]:
+    """The distinct findings to explain, in the order asked."""
     raw = request.query.get("explain") or request.headers.get(EXPLAIN) or ""
-    findings = [name.strip() for name in raw.split(",") if name.strip()]
+    findings = list(dict.fromkeys(name.strip() for name in raw.split(",") if name.strip()))
     unknown = [f for f in findings if f not in FINDINGS]
     if unknown:
         raise RequestError(f"cannot explain unknown findings {unknown}; one of {', '.join(FINDINGS)}")
+    _check_explanations(1, findings, limits)
     return findings
+
+
+def _check_explanations(images: int, findings: list[str], limits: Limits) -> None:
+    count = images * len(findings)
+    if count > limits.max_explanations:
+        what = f"{images} image(s) × {len(findings)} finding(s) = {count} Grad-CAM heatmaps"
+        raise PayloadTooLarge(exceeds(what, "max_explanations", limits.max_explanations))
 
 
 def _prepare_all(images: list[DecodedImage], metadata: dict[str, Any]) -> list[np.ndarray]:
@@ -357,6 +405,7 @@ def build_app(config: ServerConfig) -> web.Application:
     app.router.add_get("/models", server.models)
     app.router.add_route("*", "/admin/weights", server.weights)
     app.on_startup.append(server.start)
+    app.on_shutdown.append(server.begin_shutdown)
     app.on_cleanup.append(server.stop)
     return app
 

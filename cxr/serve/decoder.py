@@ -1,9 +1,15 @@
-"""Request bodies → 8-bit grayscale images, per content type, with limits against hostile input.
+"""Request bodies → 8-bit grayscale images, per content type, bounded before any pixel is decoded.
 
 Accepted: `image/png`, `image/jpeg`, `application/dicom`, `application/x-npy` and `application/json`
-(`{"instances": [{"b64": "...", "content_type": "image/png"}, ...]}` or a list of base64 strings). DICOM
-is decoded with pydicom: modality LUT, VOI LUT / windowing, MONOCHROME1 inversion; no tag leaves this
-module, only pixels.
+(`{"instances": [{"b64": "...", "content_type": "image/png"}, ...]}` or a list of base64 strings).
+
+Every image's header is read and checked first (cxr.serve.limits: pixels per image and per request,
+DICOM frames and inflated size); only then is anything decoded. 8-bit images are converted exactly as
+training converts them. A 16-bit PNG says nothing of the bit depth its values were stored with (medical
+exports often put 10-, 12- or 14-bit values unscaled in 16-bit words), so it is mapped from 0 to the
+top of the smallest of 8, 10, 12, 14 or 16 bits that holds its brightest value: 12-bit data keep the
+brightness they were stored with. .npy arrays outside 0..255 are stretched from their own range.
+DICOM: cxr.serve.dicom.
 """
 
 from __future__ import annotations
@@ -12,14 +18,20 @@ import base64
 import binascii
 import io
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image
 
-from cxr.data.images import ImageDecodeError, decode_xray
+from cxr.data.images import ImageDecodeError, to_gray8
+from cxr.serve.dicom import read_dicom, render
 from cxr.serve.errors import PayloadTooLarge, RequestError, UnprocessableImage, UnsupportedMediaType
+from cxr.serve.grayscale import stored_depth_to_uint8, stretch_to_uint8
+from cxr.serve.limits import Limits, exceeds
 
 PNG, JPEG, DICOM, NPY, JSON = (
     "image/png",
@@ -30,8 +42,7 @@ PNG, JPEG, DICOM, NPY, JSON = (
 )
 IMAGE_TYPES = (PNG, JPEG, "image/jpg", "application/x-image")
 ACCEPTED = (PNG, JPEG, DICOM, NPY, JSON)
-MAX_PIXELS = 40_000_000  # larger than any radiograph (a 4k×4k detector is 16 MP)
-MAX_BATCH = 64
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass
@@ -44,127 +55,152 @@ class DecodedImage:
     raw: bytes = field(repr=False, default=b"")  # the payload safe to capture (never DICOM bytes)
 
 
+@dataclass
+class Probed:
+    """An image whose header was read and checked; `decode()` makes its pixels."""
+
+    pixels: int
+    decode: Callable[[], DecodedImage]
+    inflated: int = 0
+
+
 def media_type(header: str | None) -> str:
     """`image/png; charset=x` → `image/png` (lower case); empty when missing."""
     return (header or "").split(";")[0].strip().lower()
 
 
-def decode_request(body: bytes, content_type: str | None) -> list[DecodedImage]:
+def decode_request(
+    body: bytes, content_type: str | None, limits: Limits = DEFAULT_LIMITS
+) -> list[DecodedImage]:
     """Decode a request body into one or more images; raise a RequestError subclass on bad input."""
     kind = media_type(content_type)
     if not kind:
         raise UnsupportedMediaType(f"missing Content-Type; send one of {', '.join(ACCEPTED)}")
     if not body:
         raise RequestError("empty request body")
-    if kind == JSON:
-        return _decode_json_batch(body)
-    return [decode_one(body, kind)]
+    batch = kind == JSON
+    items = _json_items(body, limits) if batch else [(body, kind)]
+    probed: list[Probed] = []
+    for index, (data, item_kind) in enumerate(items):
+        with _instance(index if batch else None):
+            budget = limits.max_inflated_bytes - sum(p.inflated for p in probed)
+            probed.append(probe(data, item_kind, limits, budget))
+    total = sum(p.pixels for p in probed)
+    if total > limits.max_request_pixels:
+        what = f"{len(probed)} image(s) of {total:,} pixels in all"
+        raise PayloadTooLarge(exceeds(what, "max_request_pixels", limits.max_request_pixels))
+    images = []
+    for index, item in enumerate(probed):
+        with _instance(index if batch else None):
+            images.append(item.decode())
+    return images
 
 
-def decode_one(body: bytes, kind: str) -> DecodedImage:
+def decode_one(body: bytes, kind: str, limits: Limits = DEFAULT_LIMITS) -> DecodedImage:
     """Decode a single payload of a known media type."""
+    return probe(body, kind, limits).decode()
+
+
+def probe(body: bytes, kind: str, limits: Limits, inflate_budget: int | None = None) -> Probed:
+    """Read one payload's header and check its limits; nothing is decoded yet."""
     if kind in IMAGE_TYPES:
-        _check_image_header(body)
-        try:
-            pixels = decode_xray(body)
-        except ImageDecodeError as error:
-            raise UnprocessableImage(f"cannot decode {kind}: {error}") from error
-        return DecodedImage(pixels, kind, pixels.shape, body)
+        width, height = _image_size(body, limits)
+        _check_image_pixels(f"image of {width}×{height}", width * height, limits)
+        return Probed(width * height, lambda: _decode_image(body, kind))
     if kind == DICOM:
-        pixels = decode_dicom(body)
-        return DecodedImage(pixels, kind, pixels.shape, b"")
+        header = read_dicom(body, limits, inflate_budget)
+        return Probed(header.pixels, lambda: _decoded(render(header), DICOM, b""), header.inflated)
     if kind == NPY:
-        pixels = _decode_npy(body)
-        return DecodedImage(pixels, kind, pixels.shape, body)
+        shape, dtype, offset = _npy_header(body)
+        size = int(np.prod(shape, dtype=np.int64))
+        _check_image_pixels(f"array of shape {shape}", size, limits)
+        return Probed(size, lambda: _decoded(_npy_pixels(body, shape, dtype, offset), NPY, body))
     raise UnsupportedMediaType(f"unsupported Content-Type {kind!r}; send one of {', '.join(ACCEPTED)}")
 
 
-def _check_image_header(body: bytes) -> None:
-    """Refuse decompression bombs from the header alone, before any pixel is decoded."""
+def _decoded(pixels: np.ndarray, kind: str, raw: bytes) -> DecodedImage:
+    return DecodedImage(pixels, kind, pixels.shape, raw)
+
+
+def _check_image_pixels(what: str, pixels: int, limits: Limits) -> None:
+    if pixels > limits.max_image_pixels:
+        what = f"{what} = {pixels:,} pixels"
+        raise PayloadTooLarge(exceeds(what, "max_image_pixels", limits.max_image_pixels))
+
+
+@contextmanager
+def _instance(index: int | None) -> Iterator[None]:
+    """Prefix errors about one image of a batch with its index."""
     try:
-        with Image.open(io.BytesIO(body)) as probe:
-            width, height = probe.size
+        yield
+    except RequestError as error:
+        if index is None:
+            raise
+        raise type(error)(f"instance {index}: {error}") from error
+
+
+def _image_size(body: bytes, limits: Limits) -> tuple[int, int]:
+    """Width and height from the image header alone (decompression bombs are refused here)."""
+    try:
+        with Image.open(io.BytesIO(body)) as header:
+            return header.size
     except Image.DecompressionBombError as error:
-        raise PayloadTooLarge(f"image exceeds the pixel limit: {error}") from error
+        what = f"image ({str(error)[:120]})"
+        raise PayloadTooLarge(exceeds(what, "max_image_pixels", limits.max_image_pixels)) from error
     except (OSError, SyntaxError, ValueError) as error:
         raise UnprocessableImage(f"not a readable image: {str(error)[:200]}") from error
-    if width * height > MAX_PIXELS:
-        raise PayloadTooLarge(f"image of {width}×{height} pixels exceeds the limit of {MAX_PIXELS:,}")
 
 
-def _decode_npy(body: bytes) -> np.ndarray:
+def _decode_image(body: bytes, kind: str) -> DecodedImage:
+    """PNG/JPEG → gray: 8-bit as training decodes it; 16-bit from the bit depth its values need."""
     try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+        image = cv2.imdecode(np.frombuffer(body, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise ImageDecodeError(f"not a decodable image ({len(body)} bytes)")
+        if image.dtype == np.uint16:
+            colour = image[..., :3] if image.ndim == 3 else image  # alpha says nothing of the depth
+            image = stored_depth_to_uint8(colour)
+        pixels = to_gray8(image)
+    except (ImageDecodeError, cv2.error) as error:
+        raise UnprocessableImage(f"cannot decode {kind}: {error}") from error
+    return _decoded(pixels, kind, body)
+
+
+def _npy_header(body: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of a .npy payload, from its header alone."""
+    stream = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}
+        if version[0] not in read:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, fortran, dtype = read[version[0]](stream)
+    except (ValueError, OSError, EOFError, SyntaxError) as error:
         raise UnprocessableImage(f"not a .npy array: {error}") from error
-    if array.ndim != 2 or array.size == 0:
-        raise UnprocessableImage(f"expected a 2-D grayscale array, got shape {array.shape}")
-    if array.size > MAX_PIXELS:
-        raise PayloadTooLarge(f"array of {array.size:,} pixels exceeds the limit of {MAX_PIXELS:,}")
-    if not np.issubdtype(array.dtype, np.number):
-        raise UnprocessableImage(f"array dtype {array.dtype} is not numeric")
-    if array.dtype != np.uint8:
-        array = _to_uint8(array.astype(np.float64))
-    return np.ascontiguousarray(array)
+    if len(shape) != 2 or 0 in shape:
+        raise UnprocessableImage(f"expected a 2-D grayscale array, got shape {shape}")
+    if dtype.hasobject or not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise UnprocessableImage(f"array dtype {dtype} is not a real number type")
+    if fortran:
+        raise UnprocessableImage("Fortran-ordered arrays are not accepted; send C order")
+    return shape, dtype, stream.tell()
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        raise UnprocessableImage("array holds no finite values")
-    low, high = float(finite.min()), float(finite.max())
-    if low >= 0 and high <= 255:
-        return np.nan_to_num(values, nan=0.0).round().astype(np.uint8)
-    scaled = (np.nan_to_num(values, nan=low) - low) / max(high - low, 1e-12) * 255.0
-    return scaled.round().astype(np.uint8)
-
-
-def decode_dicom(body: bytes) -> np.ndarray:
-    """DICOM bytes → 8-bit grayscale: modality LUT, VOI LUT or window, MONOCHROME1 inverted."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
+def _npy_pixels(body: bytes, shape: tuple[int, ...], dtype: np.dtype, offset: int) -> np.ndarray:
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(body) - offset < count * dtype.itemsize:
+        raise UnprocessableImage(f"truncated .npy array: {len(body) - offset} bytes for {shape} {dtype}")
+    array = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape)
+    if array.dtype == np.uint8:
+        return array.copy()
     try:
-        dataset = pydicom.dcmread(io.BytesIO(body), force=False)
-    except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError, KeyError) as error:
-        raise UnprocessableImage(f"not a readable DICOM file: {str(error)[:200]}") from error
-    if "PixelData" not in dataset:
-        raise UnprocessableImage("DICOM file has no pixel data")
-    rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
-    if rows * columns > MAX_PIXELS:
-        raise PayloadTooLarge(f"DICOM image of {columns}×{rows} pixels exceeds the limit of {MAX_PIXELS:,}")
-    try:
-        pixels = dataset.pixel_array
-        if pixels.ndim == 3:  # multi-frame or colour: the first frame / luminance
-            pixels = pixels[0] if dataset.get("SamplesPerPixel", 1) == 1 else pixels.mean(axis=-1)
-        values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset).astype(np.float64)
-    except Exception as error:  # pydicom and its pixel handlers raise many types on corrupt data
-        raise UnprocessableImage(f"cannot decode DICOM pixel data: {str(error)[:200]}") from error
-    if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
-        low, high = _voi_output_range(dataset)  # the window maps onto this range: keep its meaning
-        image = (np.clip((values - low) / max(high - low, 1e-12), 0, 1) * 255).round().astype(np.uint8)
-    else:
-        image = _to_uint8(values)  # no window in the file: stretch the image's own range
-    if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        image = 255 - image
-    return image
+        return stretch_to_uint8(array)
+    except ValueError as error:
+        raise UnprocessableImage(f"array holds no finite values: {error}") from error
 
 
-def _voi_output_range(dataset: Any) -> tuple[float, float]:
-    """The value range a VOI LUT / window maps onto (as pydicom's apply_voi_lut uses it)."""
-    bits = int(dataset.get("BitsStored", 8))
-    if int(dataset.get("PixelRepresentation", 0)) == 0:
-        low, high = 0.0, float(2**bits - 1)
-    else:
-        low, high = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
-    slope, intercept = dataset.get("RescaleSlope"), dataset.get("RescaleIntercept")
-    if slope is not None and intercept is not None:
-        low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
-    return low, high
-
-
-def _decode_json_batch(body: bytes) -> list[DecodedImage]:
+def _json_items(body: bytes, limits: Limits) -> list[tuple[bytes, str]]:
+    """The base64-decoded payloads of a JSON batch with their content types."""
     try:
         payload: Any = json.loads(body)
     except (ValueError, UnicodeDecodeError) as error:
@@ -172,9 +208,9 @@ def _decode_json_batch(body: bytes) -> list[DecodedImage]:
     items = payload.get("instances") if isinstance(payload, dict) else payload
     if not isinstance(items, list) or not items:
         raise RequestError('JSON body must be {"instances": [...]} or a non-empty list of base64 images')
-    if len(items) > MAX_BATCH:
-        raise PayloadTooLarge(f"{len(items)} images in one request; the limit is {MAX_BATCH}")
-    images = []
+    if len(items) > limits.max_images:
+        raise PayloadTooLarge(exceeds(f"{len(items)} images in one request", "max_images", limits.max_images))
+    decoded = []
     for index, item in enumerate(items):
         text, kind = (
             (item, PNG) if isinstance(item, str) else (_field(item, "b64"), _field(item, "content_type", PNG))
@@ -185,11 +221,8 @@ def _decode_json_batch(body: bytes) -> list[DecodedImage]:
             raise RequestError(f"instance {index}: invalid base64: {error}") from error
         if not data:
             raise RequestError(f"instance {index}: empty image")
-        try:
-            images.append(decode_one(data, media_type(kind)))
-        except RequestError as error:
-            raise type(error)(f"instance {index}: {error}") from error
-    return images
+        decoded.append((data, media_type(kind)))
+    return decoded
 
 
 def _field(item: Any, name: str, default: str | None = None) -> str:

@@ -1,4 +1,5 @@
-"""Request errors with the HTTP status they map to; anything else the server answers is a 5xx bug."""
+"""Errors with the HTTP status they map to: RequestError is the client's (4xx), ServiceUnavailable a
+retryable 503; anything else the server answers is a 500 bug."""
 
 from __future__ import annotations
 
@@ -31,3 +32,13 @@ class NotAcceptable(RequestError):
     """The client asked for a response type the endpoint cannot produce."""
 
     status_code = 406
+
+
+class ServiceUnavailable(Exception):
+    """The server cannot answer this request now (shutting down, or capture cannot keep up); retry."""
+
+    status_code = 503
+
+
+class ShuttingDown(ServiceUnavailable):
+    """Work abandoned because the server is stopping."""
