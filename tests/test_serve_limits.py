@@ -7,6 +7,7 @@ deduplicated and capped, and SIGTERM stops the server even while explanations ru
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import signal
@@ -18,6 +19,9 @@ import numpy as np
 import pytest
 
 from cxr.data.findings import FINDINGS
+from cxr.serve.decoder import decode_request
+from cxr.serve.errors import PayloadTooLarge
+from cxr.serve.limits import Limits, add_limit_arguments, limits_from_args
 
 from .conftest import free_port
 from .serving_support import (
@@ -147,3 +151,16 @@ def test_sigterm_stops_the_server_while_explanations_run(package, nih_root):
         client.join(120)
     assert 500 not in statuses
     assert 503 in statuses, statuses  # explanations still queued were abandoned, not run to the end
+
+
+def test_limits_are_configurable(nih_root):
+    parser = argparse.ArgumentParser()
+    add_limit_arguments(parser)
+    limits = limits_from_args(parser.parse_args(["--max-images", "2", "--max-inflated-mb", "0.5"]))
+    assert limits == Limits(max_images=2, max_inflated_mb=0.5)
+    with pytest.raises(PayloadTooLarge, match=r"max_images=2 \(set with cxr serve --max-images\)"):
+        decode_request(batch(nih_pngs(nih_root, 3)), JSON, limits)
+    with pytest.raises(PayloadTooLarge, match=r"max_inflated_mb=0\.5"):
+        decode_request(deflated_dicom(BLANK), DICOM, limits)  # 1 MB of pixels inflated
+    with pytest.raises(ValueError, match="max_frames must be positive"):
+        Limits(max_frames=0)
