@@ -174,8 +174,8 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
 
 def _rng_state() -> dict[str, Any]:
     """Every RNG's state as tensors and plain values, so checkpoints load with `weights_only=True`."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy_state = [kind, torch.from_numpy(np.asarray(keys, np.int64)), int(pos), int(has_gauss), float(gauss)]
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
