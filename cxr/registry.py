@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -102,10 +103,15 @@ def default_registry_root() -> Path:
     return cxr_home() / "registry"
 
 
+GROUP_NAME = re.compile(r"[A-Za-z0-9](-*[A-Za-z0-9]){0,62}")  # SageMaker's model package group names
+
+
 def check_group(group: str) -> str:
-    """The group name if valid (letters, digits, '-', '_' or '.'); RegistryError otherwise."""
-    if not group or not all(c.isalnum() or c in "-_." for c in group):
-        raise RegistryError(f"invalid model group name {group!r}: use letters, digits, '-', '_' or '.'")
+    """The group name if valid for every backend and as a folder name; RegistryError otherwise."""
+    if not isinstance(group, str) or not GROUP_NAME.fullmatch(group):
+        raise RegistryError(
+            f"invalid model group name {group!r}: 1-63 ASCII letters and digits, '-' between them"
+        )
     return group
 
 

@@ -51,8 +51,10 @@ def test_gate_rules():
 def test_groups_are_separate(tmp_path):
     Registry(tmp_path, "demo").register({"m": b"x"}, {"mean_auroc": 0.9}, {}, status="production")
     assert Registry(tmp_path).production() is None and Registry(tmp_path, "demo").production().version == 1
-    with pytest.raises(RegistryError, match="invalid model group"):
-        Registry(tmp_path, "../escape")
+    for bad in ("../escape", "..", ".", "a/b", "-x", "x_y", "", "a" * 64):
+        with pytest.raises(RegistryError, match="invalid model group"):
+            Registry(tmp_path, bad)
+    assert not (tmp_path.parent / "models").exists()
 
 
 def test_cli_lists_and_approves(tmp_path):
