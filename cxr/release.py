@@ -34,6 +34,15 @@ class Release:
     onnx_check: dict[str, Any]
 
 
+def monitoring_rows(rows: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows the monitoring baseline is drawn from: held out from training (validation and test).
+
+    A trained model is more confident on the images it was fitted to; a baseline of those would make
+    unchanged production traffic drift by construction.
+    """
+    return np.sort(np.concatenate([rows["val"], rows["test"]]))
+
+
 def production_auroc(registry: ModelRegistry, cache: ShardCache, rows: np.ndarray) -> dict[str, float] | None:
     """Per-finding AUROC of the registry's production model on these cache rows (None without one)."""
     production = registry.production()
@@ -42,6 +51,14 @@ def production_auroc(registry: ModelRegistry, cache: ShardCache, rows: np.ndarra
     probs = score_package(production.package, cache, rows)
     labels = cache.labels[rows]
     return {f: auroc_or_nan(labels[:, k], probs[:, k]) for k, f in enumerate(FINDINGS)}
+
+
+def registration_status(decision: GateDecision, deploys: bool) -> str:
+    """The registry status a gate decision earns: `production` names what serves, so when a deploy step
+    follows, a promoted version is `approved` until that deploy succeeds (the deploy marks it production)."""
+    if not decision.promote:
+        return "candidate"
+    return "approved" if deploys else "production"
 
 
 def release_model(
@@ -53,10 +70,15 @@ def release_model(
     decision: GateDecision,
     cache: ShardCache,
     test_rows: np.ndarray,
+    status: str | None = None,
+    files: dict[str, str | Path | bytes] | None = None,
 ) -> Release:
-    """Package, verify the ONNX export on the test rows, register with the gate's status, stamp the version.
+    """Package, verify the ONNX export on the test rows, register, stamp the version; status comes last.
 
-    `package_settings` needs image_size, crop and dropout.
+    `package_settings` needs image_size, crop and dropout. The version is registered as a candidate, gets
+    its stamped package, card and `files` (e.g. the monitoring baseline), and only then its `status`
+    (default: the gate's, as `registration_status` without a deploy step), so a failure anywhere leaves
+    no production version with missing files.
     """
     thresholds = {row["finding"]: row["threshold"] for row in metrics.get("per_class", [])}
     metadata = {
@@ -77,7 +99,7 @@ def release_model(
             {"model.tar.gz": draft, "metrics.json": json.dumps(metrics).encode()},
             metrics={"mean_auroc": metrics["mean_auroc"], "auroc": metrics["auroc"]},
             lineage=lineage,
-            status="production" if decision.promote else "candidate",
+            status="candidate",
             decision=decision.text(),
         )
         card = render_model_card(
@@ -91,6 +113,9 @@ def release_model(
             served_onnx,
         )
         version = registry.put_files(
-            version.version, {"model_card.md": card.encode(), "model.tar.gz": stamped}
+            version.version, {**(files or {}), "model_card.md": card.encode(), "model.tar.gz": stamped}
         )
+    status = status or registration_status(decision, deploys=False)
+    if status != "candidate":
+        version = registry.set_status(version.version, status, decision.text())
     return Release(version, onnx_check)

@@ -14,7 +14,6 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from metaflow import FlowSpec, IncludeFile, Parameter, card, current, resources, retry, schedule, step
 from metaflow.cards import Markdown, Table, VegaChart
@@ -44,7 +43,7 @@ from cxr.gate import promotion_gate
 from cxr.model import CXRNet
 from cxr.monitor.baseline import compute_baseline
 from cxr.registry import DEFAULT_GROUP, open_registry
-from cxr.release import production_auroc, release_model
+from cxr.release import monitoring_rows, production_auroc, registration_status, release_model
 from cxr.train import BEST, LAST, TrainConfig, TrainResult, checkpoint_dir, predict
 from cxr.train import train as train_model
 
@@ -102,10 +101,11 @@ class CXRTrainFlow(FlowSpec):
     5. train: DenseNet121 classifier, checkpointed every epoch (`resume` continues mid-training), in
        the step itself (locally or on AWS Batch) or as a SageMaker managed spot training job.
     6. evaluate: AUROC with CIs, AUPRC, operating points, calibration, subgroups; cards with plots;
-       the monitoring baseline (input, embedding and prediction distributions of train/val images).
+       the monitoring baseline (input, embedding and prediction distributions of held-out images).
     7. register: package (SageMaker layout), gate against production on the same test split, register
-       (local registry or SageMaker Model Registry).
-    8. deploy: when enabled, release a promoted version to SageMaker (staging → smoke test → production).
+       (local registry or SageMaker Model Registry); with a deploy step, a promoted version is `approved`.
+    8. deploy: when enabled, release a promoted version to SageMaker (staging → smoke test → production);
+       only a version that serves becomes `production` in the registry.
     9. end: print where to look next.
     """
 
@@ -270,10 +270,9 @@ class CXRTrainFlow(FlowSpec):
         self.metrics = report.to_dict()
         self.test_predictions = pd.DataFrame(test_probs, columns=[f"prob_{f}" for f in FINDINGS])
         self.test_predictions.insert(0, "Image Index", test_meta["image_id"])
-        reference_rows = np.concatenate([self.cache_rows["train"], self.cache_rows["val"]])
         thresholds = {row["finding"]: row["threshold"] for row in self.metrics["per_class"]}
         self.baseline = compute_baseline(
-            model, cache, reference_rows, crop, thresholds, self.metrics["auroc"]
+            model, cache, monitoring_rows(self.cache_rows), crop, thresholds, self.metrics["auroc"]
         )
         print(report.table())
         _metrics_card(report)
@@ -304,13 +303,11 @@ class CXRTrainFlow(FlowSpec):
         train = self.config["train"]
         settings = {"image_size": int(self.config["preprocess"]["size"]), "crop": int(train["crop"]),
                     "dropout": float(train.get("dropout", 0.3))}  # fmt: skip
-        test_rows = self.cache_rows["test"]
-        release = release_model(
-            registry, self.model_state, settings, self.metrics, lineage, decision, cache, test_rows
-        )
-        with tempfile.TemporaryDirectory() as work:  # what MonitorFlow compares traffic with
-            files = self.baseline.save(work)
-            registry.put_files(release.version.version, {path.name: path for path in files})
+        status = registration_status(decision, deploys=self._deploys())
+        with tempfile.TemporaryDirectory() as work:  # the baseline: what MonitorFlow compares traffic with
+            baseline = {path.name: path for path in self.baseline.save(work)}
+            release = release_model(registry, self.model_state, settings, self.metrics, lineage, decision,
+                                    cache, self.cache_rows["test"], status, baseline)  # fmt: skip
         self.onnx_check = release.onnx_check
         self.model_version, self.model_status = release.version.version, release.version.status
         self.model_group, self.model_package = registry.group, str(release.version.package)
@@ -324,13 +321,14 @@ class CXRTrainFlow(FlowSpec):
         smoke test → production (the same path as `cxr deploy release`); otherwise nothing."""
         self.deployment = None
         section = self.config.get("deploy") or {}
-        if not section.get("enabled") or self.model_status != "production":
-            print("deploy: skipped (deploy.enabled is false or the version is not production)")
+        if not self._deploys() or self.model_status != "approved":
+            print("deploy: skipped (deploy.enabled is false or the gate did not promote the version)")
             self.next(self.end)
             return
         registry = open_configured_registry(self.config["registry"], self.config["data"])
         artifacts = remote_prefix(section.get("artifacts", "auto"), "cxr-deploy")
         report = release_configured({**section, "artifacts": artifacts}, registry, self.model_version)
+        self.model_status = registry.get(self.model_version).status  # production once it serves
         self.deployment = {
             "endpoints": [d.endpoint for d in report.production],
             "actions": [d.action for d in report.production],
@@ -339,6 +337,9 @@ class CXRTrainFlow(FlowSpec):
         }
         print(report.message)
         self.next(self.end)
+
+    def _deploys(self) -> bool:
+        return bool((self.config.get("deploy") or {}).get("enabled"))
 
     @step
     def end(self):

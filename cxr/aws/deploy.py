@@ -206,7 +206,8 @@ def release(
         other_url = artifact_url(other, s3_prefix, registry.group, clients.s3, settings.kms_key_id)
         models["B"] = (f"{registry.group}-v{other.version}", other_url, (weights or {}).get("B", 0.1))
     production = _serving(clients, settings, models)
-    if production is not None:  # idempotent: the same release again changes nothing
+    if production is not None:  # idempotent: the same release again changes nothing but the registry
+        _mark_production(registry, chosen, settings.name)  # where an earlier release stopped short of it
         unchanged = Deployment(f"{settings.name}-staging", "unchanged", "")
         message = f"version {version} already serving on {settings.name}; nothing changed"
         return ReleaseReport(
@@ -238,16 +239,20 @@ def release(
             f"production smoke test failed after deploying version {version}: "
             f"{report.production_smoke.problems}; {undone}"
         )
-    if chosen.status != "production":
-        registry.set_status(
-            chosen.version, "production", f"{chosen.decision}\nDeployed to {settings.name}.".strip()
-        )
+    _mark_production(registry, chosen, settings.name)
     if not keep_staging:
         clients.sagemaker.delete_endpoint(EndpointName=staging_name)
         if staging.alarms:
             clients.cloudwatch.delete_alarms(AlarmNames=staging.alarms)
     report.message = _summary(report, settings)
     return report
+
+
+def _mark_production(registry: Any, version: ModelVersion, endpoint: str) -> None:
+    """The registry names as production what serves on the production endpoint."""
+    if version.status != "production":
+        decision = f"{version.decision}\nDeployed to {endpoint}.".strip()
+        registry.set_status(version.version, "production", decision)
 
 
 def _undo(clients: Clients, settings: ep.EndpointSettings, deployments: list[Deployment]) -> str:
