@@ -31,11 +31,15 @@ def promotion_gate(
     min_improvement: float = 0.0,
     max_finding_drop: float = 0.02,
     manual: bool = False,
+    refused: str | None = None,
 ) -> GateDecision:
     """Promote if mean AUROC beats production by `min_improvement` and no finding drops by more than
-    `max_finding_drop`; both AUROC sets must come from the same test split. Manual mode never promotes."""
+    `max_finding_drop`; both AUROC sets must come from the same test images, unseen by both models.
+    Manual mode never promotes; nor does a comparison `refused` for the reason given."""
     cand = np.array([candidate_auroc.get(f, np.nan) for f in FINDINGS], dtype=float)
     cand_mean = float(np.nanmean(cand))
+    if refused:
+        return GateDecision(False, [f"no fair comparison with production: {refused}"])
     if manual:
         return GateDecision(
             False, [f"manual approval mode (mean AUROC {cand_mean:.4f}); run `cxr registry approve`"]

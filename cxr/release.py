@@ -7,6 +7,7 @@ Files reach the registry only through its API (`register`, `put_files`), so eith
 
 from __future__ import annotations
 
+import gzip
 import json
 import tempfile
 from dataclasses import dataclass
@@ -43,13 +44,71 @@ def monitoring_rows(rows: dict[str, np.ndarray]) -> np.ndarray:
     return np.sort(np.concatenate([rows["val"], rows["test"]]))
 
 
-def production_auroc(registry: ModelRegistry, cache: ShardCache, rows: np.ndarray) -> dict[str, float] | None:
-    """Per-finding AUROC of the registry's production model on these cache rows (None without one)."""
+SPLIT_FILE = "split_images.json.gz"  # beside each version: the images it was fitted to and tested on
+
+
+def split_record(image_ids: Any, rows: dict[str, np.ndarray]) -> bytes:
+    """The registry file naming a version's images: `fitted` (train + val) and `test` image ids."""
+    ids = np.asarray(image_ids)
+    fitted = sorted(ids[np.concatenate([rows["train"], rows["val"]])].tolist())
+    record = {"fitted": fitted, "test": sorted(ids[rows["test"]].tolist())}
+    return gzip.compress(json.dumps(record).encode(), mtime=0)
+
+
+def fitted_images(version: ModelVersion) -> set[str] | None:
+    """Image ids a registered version was trained or selected on (None when it recorded none)."""
+    path = version.directory / SPLIT_FILE
+    if not path.is_file():
+        return None
+    return set(json.loads(gzip.decompress(path.read_bytes()))["fitted"])
+
+
+@dataclass
+class Comparison:
+    """Candidate and production AUROC on the same test images, none of which either model was fitted to."""
+
+    candidate: dict[str, float]
+    production: dict[str, float] | None
+    images: int
+    excluded: int = 0
+    refused: str | None = None
+
+
+def compare_with_production(
+    registry: ModelRegistry,
+    cache: ShardCache,
+    test_rows: np.ndarray,
+    candidate_probs: np.ndarray,
+    min_share: float = 0.5,
+) -> Comparison:
+    """Score production on the candidate's test rows that production never trained on.
+
+    Test rows in production's recorded training or validation images are left out of both sides; when
+    production recorded none, or fewer than `min_share` of the test rows remain, the comparison is refused
+    with the reason (the gate then keeps the candidate for a manual decision).
+    """
+    labels = cache.labels[test_rows]
     production = registry.production()
     if production is None:
-        return None
-    probs = score_package(production.package, cache, rows)
-    labels = cache.labels[rows]
+        return Comparison(_aurocs(labels, candidate_probs), None, len(test_rows))
+    fitted = fitted_images(production)
+    if fitted is None:
+        reason = (f"production version {production.version} recorded no training images, so its test AUROC "
+                  "could be inflated: compare by hand and `cxr registry approve` if warranted")  # fmt: skip
+        return Comparison(_aurocs(labels, candidate_probs), None, 0, len(test_rows), reason)
+    clean = ~cache.meta["image_id"].iloc[test_rows].isin(fitted).to_numpy()
+    images, excluded = int(clean.sum()), int((~clean).sum())
+    if images < min_share * len(test_rows):
+        reason = (f"production version {production.version} was trained on {excluded:,} of the "
+                  f"{len(test_rows):,} test images; fix the test set (NIH's test_list.txt in the data root) "
+                  "so that both models are compared on images neither has seen")  # fmt: skip
+        return Comparison(_aurocs(labels, candidate_probs), None, images, excluded, reason)
+    production_probs = score_package(production.package, cache, test_rows[clean])
+    candidate = _aurocs(labels[clean], candidate_probs[clean])
+    return Comparison(candidate, _aurocs(labels[clean], production_probs), images, excluded)
+
+
+def _aurocs(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return {f: auroc_or_nan(labels[:, k], probs[:, k]) for k, f in enumerate(FINDINGS)}
 
 

@@ -43,7 +43,14 @@ from cxr.gate import promotion_gate
 from cxr.model import CXRNet
 from cxr.monitor.baseline import compute_baseline
 from cxr.registry import DEFAULT_GROUP, open_registry
-from cxr.release import monitoring_rows, production_auroc, registration_status, release_model
+from cxr.release import (
+    SPLIT_FILE,
+    compare_with_production,
+    monitoring_rows,
+    registration_status,
+    release_model,
+    split_record,
+)
 from cxr.train import BEST, LAST, TrainConfig, TrainResult, checkpoint_dir, predict
 from cxr.train import train as train_model
 
@@ -280,19 +287,24 @@ class CXRTrainFlow(FlowSpec):
 
     @step
     def register(self):
-        """Compare with production on this test split, package (verified ONNX export), register (gated)."""
+        """Compare with production on this run's test images that production never trained on, package
+        (verified ONNX export), register (gated) with the images this version was fitted to and tested on."""
         rules = self.config["registry"]
         registry = open_configured_registry(rules, self.config["data"])
         cache = cache_store.open_cache(self.data_cache["local_dir"], self.data_cache["uri"])
-        self.production_auroc = production_auroc(registry, cache, self.cache_rows["test"])
+        test_rows = self.cache_rows["test"]
+        probs = self.test_predictions[[f"prob_{f}" for f in FINDINGS]].to_numpy()
+        comparison = compare_with_production(registry, cache, test_rows, probs)
+        self.production_auroc = comparison.production
         decision = promotion_gate(
-            self.metrics["auroc"],
-            self.production_auroc,
+            comparison.candidate,
+            comparison.production,
             float(rules["min_improvement"]),
             float(rules["max_finding_drop"]),
             bool(rules["manual_approval"]),
+            comparison.refused,
         )
-        self.gate = decision.__dict__
+        self.gate = {**decision.__dict__, "images": comparison.images, "excluded": comparison.excluded}
         lineage = {
             "flow run": current.pathspec.rsplit("/", 2)[0],
             "data root": self.data_root,
@@ -305,9 +317,10 @@ class CXRTrainFlow(FlowSpec):
                     "dropout": float(train.get("dropout", 0.3))}  # fmt: skip
         status = registration_status(decision, deploys=self._deploys())
         with tempfile.TemporaryDirectory() as work:  # the baseline: what MonitorFlow compares traffic with
-            baseline = {path.name: path for path in self.baseline.save(work)}
+            files = {path.name: path for path in self.baseline.save(work)}
+            files[SPLIT_FILE] = split_record(cache.meta["image_id"], self.cache_rows)  # for later gates
             release = release_model(registry, self.model_state, settings, self.metrics, lineage, decision,
-                                    cache, self.cache_rows["test"], status, baseline)  # fmt: skip
+                                    cache, test_rows, status, files)  # fmt: skip
         self.onnx_check = release.onnx_check
         self.model_version, self.model_status = release.version.version, release.version.status
         self.model_group, self.model_package = registry.group, str(release.version.package)

@@ -92,6 +92,20 @@ def test_whole_pipeline_on_demo_data(tmp_path):
     assert production_auroc["Atelectasis"] == pytest.approx(metrics["auroc"]["Atelectasis"])  # same model
     assert gate["promote"] is False and "does not beat" in " ".join(gate["reasons"])  # identical, no gain
     assert Registry(group="demo").get(again["end"].task["model_version"].data).status == "candidate"
+    assert (gate["images"], gate["excluded"]) == (len(predictions), 0)
+
+    quick = write_config(tmp_path, epochs=1)
+    moved = run_flow(tmp_path, quick, seed=1)  # another split: some of its test images trained production
+    gate, tested = moved["register"].task["gate"].data, len(moved["end"].task["test_predictions"].data)
+    assert gate["excluded"] > 0 and gate["images"] + gate["excluded"] == tested  # compared on the others
+    assert moved["register"].task["production_auroc"].data is not None
+
+    quick.write_text(quick.read_text().replace("ratios: [0.6, 0.2, 0.2]", "ratios: [0.2, 0.2, 0.6]"))
+    grown = run_flow(tmp_path, quick)  # most of this test split trained production: no fair comparison
+    gate = grown["register"].task["gate"].data
+    assert gate["promote"] is False and gate["excluded"] > gate["images"]
+    assert "no fair comparison" in gate["reasons"][0] and "test_list.txt" in gate["reasons"][0]
+    assert grown["register"].task["production_auroc"].data is None  # production was not scored
 
 
 @pytest.mark.slow
