@@ -8,6 +8,7 @@ import os
 import sys
 
 from cxr.config import DEFAULT_CONFIG, cxr_home
+from cxr.serve.limits import add_limit_arguments, limits_from_args
 
 DEFAULT_DEPLOY = DEFAULT_CONFIG.parent / "deploy.yaml"
 
@@ -107,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
         models=models, weights=weights, host=args.host, port=args.port, capture=args.capture,
         capture_sample_percent=args.capture_sample, endpoint_name=args.endpoint_name, backend=args.backend,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads,
-        max_body_mb=args.max_body_mb,
+        max_body_mb=args.max_body_mb, limits=limits_from_args(args),
     )  # fmt: skip
     print(f"serving {', '.join(f'{k}={v}' for k, v in models.items())} on http://{args.host}:{args.port}")
     serve(config)
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
     srv.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
     srv.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted")
+    add_limit_arguments(srv)
     srv.set_defaults(func=_serve)
 
     gw = commands.add_parser("gateway", help="A/B gateway in front of serverless SageMaker endpoints")
