@@ -1,13 +1,17 @@
 """Decode NIH chest X-ray files into 8-bit grayscale arrays, and resize them.
 
 Real quirks of the release handled here: most PNGs are 8-bit grayscale, a few are RGBA (the gray value
-repeated in R, G and B, opaque alpha), and 16-bit files are scaled linearly from the full 16-bit range.
+repeated in R, G and B, opaque alpha). 16-bit files are scaled from the bit depth their values need (the
+smallest of 8, 10, 12, 14 or 16 bits holding the brightest value), so 12-bit data stored in 16-bit words
+keep their brightness.
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
+
+from cxr.data.grayscale import stored_depth_to_uint8
 
 cv2.setNumThreads(1)  # parallelism is across images (processes), never inside one decode
 
@@ -29,7 +33,7 @@ def decode_xray(data: bytes) -> np.ndarray:
 def to_gray8(image: np.ndarray) -> np.ndarray:
     """Convert a decoded array (gray, BGR, BGRA; 8- or 16-bit) to 2-D uint8 grayscale."""
     if image.dtype == np.uint16:
-        image = ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        image = stored_depth_to_uint8(image[..., :3] if image.ndim == 3 else image)  # alpha: not depth
     elif image.dtype != np.uint8:
         raise ImageDecodeError(f"unsupported pixel type {image.dtype}")
     if image.ndim == 2:

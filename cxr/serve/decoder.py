@@ -27,10 +27,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from cxr.data.images import ImageDecodeError, to_gray8
+from cxr.data.grayscale import stretch_to_uint8
+from cxr.data.images import ImageDecodeError, decode_xray
 from cxr.serve.dicom import read_dicom, render
 from cxr.serve.errors import PayloadTooLarge, RequestError, UnprocessableImage, UnsupportedMediaType
-from cxr.serve.grayscale import stored_depth_to_uint8, stretch_to_uint8
 from cxr.serve.limits import Limits, exceeds
 
 PNG, JPEG, DICOM, NPY, JSON = (
@@ -152,15 +152,9 @@ def _image_size(body: bytes, limits: Limits) -> tuple[int, int]:
 
 
 def _decode_image(body: bytes, kind: str) -> DecodedImage:
-    """PNG/JPEG → gray: 8-bit as training decodes it; 16-bit from the bit depth its values need."""
+    """PNG/JPEG → gray exactly as training decodes it (16-bit from the bit depth its values need)."""
     try:
-        image = cv2.imdecode(np.frombuffer(body, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            raise ImageDecodeError(f"not a decodable image ({len(body)} bytes)")
-        if image.dtype == np.uint16:
-            colour = image[..., :3] if image.ndim == 3 else image  # alpha says nothing of the depth
-            image = stored_depth_to_uint8(colour)
-        pixels = to_gray8(image)
+        pixels = decode_xray(body)
     except (ImageDecodeError, cv2.error) as error:
         raise UnprocessableImage(f"cannot decode {kind}: {error}") from error
     return _decoded(pixels, kind, body)

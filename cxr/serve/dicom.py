@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from cxr.data.grayscale import window_to_uint8
 from cxr.serve.errors import PayloadTooLarge, RequestError, UnprocessableImage
-from cxr.serve.grayscale import window_to_uint8
 from cxr.serve.limits import Limits, exceeds
 
 INFLATE_CHUNK = 1 << 20
