@@ -23,12 +23,20 @@ def test_real_images_decode_to_8bit_gray(nih_root):
     assert rgba == 3
 
 
-def test_16bit_png_is_scaled_from_the_full_range(tmp_path):
+def test_16bit_png_is_scaled_from_the_full_range_when_its_values_need_it(tmp_path):
     values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
     path = tmp_path / "deep.png"
     Image.fromarray(values).save(path)  # PIL writes a 16-bit grayscale PNG
     assert Image.open(path).mode.startswith("I")
     assert decode_xray(path.read_bytes()).tolist() == [[0, 1, 128, 255]]
+
+
+def test_12_bit_data_in_a_16_bit_png_keep_their_brightness(nih_root, tmp_path):
+    original = decode_xray((nih_root / "images_001" / "images" / "00000442_000.png").read_bytes())
+    twelve_bit = np.round(original.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    path = tmp_path / "twelve.png"
+    Image.fromarray(twelve_bit).save(path)
+    assert np.abs(decode_xray(path.read_bytes()).astype(int) - original).max() <= 1
 
 
 @pytest.mark.parametrize("data", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
