@@ -93,6 +93,14 @@ def test_s3_prefix_on_loopback(s3, nih_root):
     assert line.split(",")[3] == str(first["patient_id"])
     assert np.isfinite(catalog.labels).all()
 
+    from cxr.data.prepare import split_catalog
+
+    assert split_catalog(catalog, "s3://cxr-data/nih", {})[1] == "stratified by patient"  # no list: ratios
+    test_names = [p.name for p in paths[:2]]
+    s3.put_object(Bucket="cxr-data", Key="nih/test_list.txt", Body="\n".join(test_names).encode())
+    split, method = split_catalog(catalog, "s3://cxr-data/nih", {})
+    assert method.startswith("official") and sorted(catalog.meta["image_id"].iloc[split.test]) == test_names
+
 
 def test_extracted_and_packed_archives_together(tmp_path, nih_root):
     root = nih_like_root(tmp_path, nih_root)

@@ -9,6 +9,7 @@ from typing import Any
 from cxr.config import cxr_home
 from cxr.data.catalog import Catalog
 from cxr.data.metadata import read_split_list
+from cxr.data.sources import s3_client, split_s3_uri
 from cxr.data.split import Split, official_split, patient_split
 from cxr.data.synthetic import make_demo_dataset
 
@@ -33,11 +34,24 @@ def split_catalog(catalog: Catalog, root: str, split: dict[str, Any]) -> tuple[S
     ratios = tuple(split.get("ratios", (0.7, 0.1, 0.2)))
     seed = int(split.get("seed", 0))
     patients = catalog.meta["patient_id"].to_numpy()
-    test_list = Path(root) / TEST_LIST
-    if split.get("use_official", True) and not root.startswith("s3://") and test_list.is_file():
+    test_list = official_test_list(root) if split.get("use_official", True) else None
+    if test_list is not None:
         val_share = ratios[1] / max(ratios[0] + ratios[1], 1e-9)
-        official = official_split(
-            catalog.meta["image_id"], patients, catalog.labels, read_split_list(test_list), val_share, seed
-        )
+        ids = catalog.meta["image_id"]
+        official = official_split(ids, patients, catalog.labels, test_list, val_share, seed)
         return official, "official test list, train/val by patient"
     return patient_split(patients, catalog.labels, ratios, seed), "stratified by patient"
+
+
+def official_test_list(root: str) -> list[str] | None:
+    """The image names of `test_list.txt` in a root directory or `s3://` prefix (None without one)."""
+    if not root.startswith("s3://"):
+        path = Path(root) / TEST_LIST
+        return read_split_list(path) if path.is_file() else None
+    bucket, prefix = split_s3_uri(root)
+    client = s3_client()
+    try:
+        body = client.get_object(Bucket=bucket, Key=prefix + TEST_LIST)["Body"].read()
+    except client.exceptions.NoSuchKey:
+        return None
+    return [line.strip() for line in body.decode("utf-8").splitlines() if line.strip()]
