@@ -104,6 +104,7 @@ def test_log_watch_times_tasks_and_their_silences(scale) -> None:
     ]
     for now, line in lines:
         watch.feed(line, now)
+    assert watch.run_id == "7"
     assert sorted(watch.intervals("preprocess")) == [(1.0, 31.0), (2.0, 9.0)]
     assert watch.silence["preprocess"] == 30.0 and watch.run_silence == 22.0
     assert scale.timing(watch.intervals("preprocess")) == "30 s (37 s summed)"
