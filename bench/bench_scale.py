@@ -5,10 +5,12 @@ twelve `images_XXX/images/` folders of the real archives, made by hard links (sy
 filesystems) to the real NIH images in ../shared/nih, cycling through them: no image bytes are copied.
 Then runs `flows/train_flow.py run` on it with config/rehearsal.yaml (real 256/224 sizes, training capped
 to a few batches) on Metaflow's local datastore in a scratch directory with a fresh CXR_HOME, and prints
-each step's wall time (read back with the Metaflow client), the memory its processes held (PSS, sampled
-every second, loader workers counted with their task), how many of its tasks ran at once, and the
-longest its tasks went without a log line reaching the run's log; then the machine's memory in use
-before and at the peak of the run.
+per step: its wall time (its tasks' first to last line in the run's log, which the runtime writes when
+it starts and reaps them), the time in the step's code (read back with the Metaflow client: task creation
+to `_task_ok`), how many tasks it had and ran at once, the memory its processes held (PSS sampled every
+second, card renderers and loader workers counted with their task), and the longest its tasks went
+without a line reaching the run's log; then the whole run's time and the machine's memory in use before
+and at its peak.
 
     python3 bench/bench_scale.py                 # the full rehearsal (over an hour on 2 CPU cores)
     python3 bench/bench_scale.py --rows 2000     # a smoke run over the first 2,000 metadata rows
@@ -265,7 +267,7 @@ def run_flow(root: Path, log_path: Path, env: dict[str, str], max_workers: int |
     sampler, watch = MemorySampler(), LogWatch()
     begin = time.monotonic()
     with (
-        log_path.open("w") as log,
+        log_path.open("w", encoding="utf-8") as log,
         subprocess.Popen(
             command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         ) as process,
