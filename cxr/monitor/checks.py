@@ -24,6 +24,10 @@ from cxr.monitor.baseline import IMAGE_FEATURES, Baseline
 from cxr.monitor.reader import Traffic
 
 FAMILIES = ("input_drift", "embedding_drift", "prediction_drift", "positive_rate_shift")
+# Probabilities are compared above this floor: a trained model's confident negatives lie far below it, where
+# backends differ only in rounding and underflow (PyTorch's 1e-30 is ONNX Runtime's 0, or 0 after a 6-digit
+# response), which would otherwise read as a shift of the whole distribution's lower tail.
+PROBABILITY_FLOOR = 1e-4
 PATIENT_COLUMN = "patient_id"  # optional in the ground truth: a pseudonymous patient key
 NO_PATIENTS = (
     "ground truth has no patient_id: the CI resamples images, too narrow when patients have several images"
@@ -131,8 +135,12 @@ def statistical_checks(baseline: Baseline, traffic: Traffic, config: MonitorConf
     rows += _decide([_row("embedding_drift", "embedding.projection", mmd, 0.0, p)], family_alpha, 0.0)
 
     pred_rows = []
+    reference, window = (  # in one dtype, so the floor is one value on both sides
+        np.maximum(np.asarray(p, np.float64), PROBABILITY_FLOOR)
+        for p in (baseline.probabilities, traffic.probabilities)
+    )
     for i, finding in enumerate(FINDINGS):
-        result = stats.ks_2samp(baseline.probabilities[:, i], traffic.probabilities[:, i])
+        result = stats.ks_2samp(reference[:, i], window[:, i])
         pred_rows.append(
             _row("prediction_drift", f"probability.{finding}", result.statistic, config.min_ks, result.pvalue)
         )
