@@ -174,6 +174,7 @@ class CXRTrainFlow(FlowSpec):
         )
         self.next(self.preprocess, foreach="shard_indices")
 
+    @retry(times=2)  # a shard stopped by a store that keeps failing is read again; finished shards are kept
     @step
     def preprocess(self):
         """Build one shard (reused when an earlier or interrupted run already wrote it) and share it."""
