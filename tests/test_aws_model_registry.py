@@ -118,7 +118,7 @@ def test_errors_and_reopening(s3, bucket):
         registry.register({"model.tar.gz": "/nonexistent/model.tar.gz"}, {"mean_auroc": 0.8}, {})
     with pytest.raises(RegistryError, match=r"invalid model group name '\.\./escape'"):
         SageMakerRegistry(f"s3://{bucket}/models", "../escape")
-    with pytest.raises(RegistryError, match="for SageMaker: up to 63 letters"):
+    with pytest.raises(RegistryError, match="invalid model group name 'chest_xray'"):
         SageMakerRegistry(f"s3://{bucket}/models", "chest_xray")
     with pytest.raises(RegistryError, match="invalid s3_prefix"):
         SageMakerRegistry(f"/local/{bucket}", group)

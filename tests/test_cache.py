@@ -142,13 +142,19 @@ def test_new_root_with_the_same_names_gets_a_new_key(tmp_path, nih_root):
     assert archives["a"] != archives["b"]
 
 
-def test_s3_key_follows_object_content(s3, tmp_path, nih_root):
-    s3.create_bucket(Bucket="cxr-key")
-    paths = real_images(nih_root, 4)
-    s3.put_object(Bucket="cxr-key", Key="nih/Data_Entry_2017_v2020.csv",
+def s3_root(s3, bucket, nih_root, paths):
+    """An s3:// NIH root holding `paths` and their metadata rows."""
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="nih/Data_Entry_2017_v2020.csv",
                   Body=metadata_rows(nih_root, paths).to_csv(index=False).encode())  # fmt: skip
     for path in paths:
-        s3.put_object(Bucket="cxr-key", Key=f"nih/images/{path.name}", Body=path.read_bytes())
+        s3.put_object(Bucket=bucket, Key=f"nih/images/{path.name}", Body=path.read_bytes())
+    return f"s3://{bucket}/nih"
+
+
+def test_s3_key_follows_object_content(s3, tmp_path, nih_root):
+    paths = real_images(nih_root, 4)
+    s3_root(s3, "cxr-key", nih_root, paths)
     key = key_of("s3://cxr-key/nih")
     assert key_of("s3://cxr-key/nih") == key
     s3.put_object(Bucket="cxr-key", Key=f"nih/images/{paths[0].name}", Body=paths[1].read_bytes())
@@ -217,12 +223,8 @@ def test_transient_s3_errors_are_retried_and_never_recorded(s3, tmp_path, nih_ro
 
     monkeypatch.setattr(botocore.retries.standard.ExponentialBackoff, "delay_amount", lambda *_: 0)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
-    s3.create_bucket(Bucket="cxr-flaky")
     paths = real_images(nih_root, 6)
-    s3.put_object(Bucket="cxr-flaky", Key="nih/Data_Entry_2017_v2020.csv",
-                  Body=metadata_rows(nih_root, paths).to_csv(index=False).encode())  # fmt: skip
-    for path in paths:
-        s3.put_object(Bucket="cxr-flaky", Key=f"nih/images/{path.name}", Body=path.read_bytes())
+    s3_root(s3, "cxr-flaky", nih_root, paths)
     catalog, _ = load_catalog("s3://cxr-flaky/nih")
     ids = catalog.meta["image_id"].tolist()
     flaky, down = f"nih/images/{ids[0]}", f"nih/images/{ids[4]}"  # shards of 3: one in each

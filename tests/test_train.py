@@ -39,66 +39,38 @@ def test_training_records_history_and_checkpoints(tiny, tmp_path):
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
 
 
-def test_killed_run_resumes_from_last_epoch_and_matches_uninterrupted(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers, killed_epoch", [(0, 1), (2, 2)])
+def test_killed_run_resumes_bit_for_bit(tiny, tmp_path, monkeypatch, workers, killed_epoch):
     cache, rows = tiny
-    config = TrainConfig(**CONFIG)
+    config = TrainConfig(**{**CONFIG, "workers": workers})
     straight = train(cache, rows["train"], rows["val"], config, tmp_path / "a", progress=False)
-
     real_epoch = train_module._train_epoch
 
-    def dies_in_epoch_two(*args, **kwargs):
-        if args[8] == 1:  # the epoch argument: 0-based, so this is the second epoch
+    def dies(*args, **kwargs):
+        if args[8] == killed_epoch:  # the 0-based epoch argument
             raise KeyboardInterrupt("killed")
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_epoch", dies_in_epoch_two)
+    monkeypatch.setattr(train_module, "_train_epoch", dies)
     with pytest.raises(KeyboardInterrupt):
         train(cache, rows["train"], rows["val"], config, tmp_path / "b", progress=False)
     monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
     resumed = train(cache, rows["train"], rows["val"], config, tmp_path / "b", progress=False)
-    assert resumed.resumed_from_epoch == 1 and len(resumed.history) == 3
-    for key, value in straight.best_state.items():
-        assert torch.equal(value, resumed.best_state[key]), key
-    assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"])
-
-
-def test_loader_workers_do_not_change_training(tiny, tmp_path):
-    runs = [
-        train(
-            cache,
-            rows["train"],
-            rows["val"],
-            TrainConfig(**{**CONFIG, "workers": workers}),
-            tmp_path / str(workers),
-            progress=False,
-        )
-        for cache, rows in [tiny]
-        for workers in (0, 2)
-    ]
-    serial, parallel = ([h["train_loss"] for h in run.history] for run in runs)
-    assert parallel == pytest.approx(serial, rel=1e-6)
-
-
-def test_killed_run_with_loader_workers_resumes_bit_for_bit(tiny, tmp_path, monkeypatch):
-    cache, rows = tiny
-    config = TrainConfig(**{**CONFIG, "workers": 2})
-    straight = train(cache, rows["train"], rows["val"], config, tmp_path / "a", progress=False)
-    real_epoch = train_module._train_epoch
-
-    def dies_in_epoch_three(*args, **kwargs):
-        if args[8] == 2:
-            raise KeyboardInterrupt("killed")
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_train_epoch", dies_in_epoch_three)
-    with pytest.raises(KeyboardInterrupt):
-        train(cache, rows["train"], rows["val"], config, tmp_path / "b", progress=False)
-    monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
-    resumed = train(cache, rows["train"], rows["val"], config, tmp_path / "b", progress=False)
-    assert resumed.resumed_from_epoch == 2
+    assert resumed.resumed_from_epoch == killed_epoch
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in straight.history]
     for key, value in straight.best_state.items():
         assert torch.equal(value, resumed.best_state[key]), key
+
+
+def test_loader_workers_do_not_change_training(tiny, tmp_path):
+    cache, rows = tiny
+
+    def losses(workers):
+        config = TrainConfig(**{**CONFIG, "workers": workers})
+        run = train(cache, rows["train"], rows["val"], config, tmp_path / str(workers), progress=False)
+        return [h["train_loss"] for h in run.history]
+
+    assert losses(2) == pytest.approx(losses(0), rel=1e-6)
 
 
 class _Payload:

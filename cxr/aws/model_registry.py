@@ -45,7 +45,6 @@ APPROVAL = {
 RECORD = "registry.json"  # metrics, lineage and decision of a version, beside its files
 ETAGS = ".etags.json"  # in a cache folder: the ETag of each file downloaded
 MAX_LINEAGE_PROPERTIES = 40  # SageMaker allows 50 properties per package
-_SAGEMAKER_GROUP = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
 _S3_PREFIX = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,62}(/[A-Za-z0-9_.=+@-]+)*/?")
 
 
@@ -61,7 +60,7 @@ class SageMakerRegistry:
         sagemaker: Any = None,
         s3: Any = None,
     ):
-        self.group = _check_sagemaker_group(group)
+        self.group = check_group(group)
         if not _S3_PREFIX.fullmatch(s3_prefix) or len(s3_prefix) > 160:
             raise RegistryError(
                 f"invalid s3_prefix {s3_prefix!r}: s3://bucket/prefix of letters, digits and '_.=+@-'"
@@ -321,16 +320,6 @@ class SageMakerRegistry:
             arn=package["ModelPackageArn"],
             model_data_url=containers[0].get("ModelDataUrl") if containers else None,
         )
-
-
-def _check_sagemaker_group(group: str) -> str:
-    check_group(group)
-    if not _SAGEMAKER_GROUP.fullmatch(group):
-        raise RegistryError(
-            f"invalid model group name {group!r} for SageMaker: up to 63 letters, digits or '-' "
-            "(no '_' or '.'), starting and ending with a letter or digit"
-        )
-    return group
 
 
 def _check_files(files: dict[str, str | Path | bytes]) -> None:
