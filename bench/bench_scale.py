@@ -312,19 +312,20 @@ def _notes(name: str, task: Any, tasks: int) -> str:
         counts = ", ".join(f"{row['split']} {row['images']:,}" for row in task["split_summary"].data)
         return f"{task['split_method'].data}: {counts} images"
     if name == "plan_preprocess":
-        return f"{len(task['shard_indices'].data)} shards"
+        groups = task["shard_groups"].data
+        return f"{sum(len(g) for g in groups)} shards for {len(groups)} tasks"
     if name == "preprocess":
         return f"{tasks} shard tasks"
     if name == "train":
         epochs, val = task["history"].data, len(task["cache_rows"].data["val"])
         rate = epochs[-1]["img_per_s"]
         device = task["train_device"].data
-        return f"{device}: {len(epochs)} epoch(s) at {rate:.1f} img/s, then {val:,} val images scored"
+        return f"{device}: {len(epochs)} epoch(s) at {rate:.1f} img/s, each then scoring {val:,} val images"
     if name == "evaluate":
         rows, baseline = task["cache_rows"].data, len(task["baseline"].data.probabilities)
-        return (
-            f"val {len(rows['val']):,} + test {len(rows['test']):,} images scored, baseline {baseline:,} more"
-        )
+        scoring = task["scoring"].data
+        return (f"test {len(rows['test']):,} images scored with {scoring['backend']} on {scoring['device']} "
+                f"(val probabilities from training), baseline {baseline:,} more")  # fmt: skip
     if name == "register":
         onnx, compared = task["onnx_check"].data, task["production_auroc"].data is not None
         production = (

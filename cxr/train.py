@@ -23,12 +23,13 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from tqdm import tqdm
 
 from cxr.config import cxr_home
 from cxr.data.cache import ShardCache
 from cxr.data.loader import ShardDataset, make_loader
 from cxr.model import CXRNet
+from cxr.progress import Progress
+from cxr.scoring import score_fast
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class TrainResult:
     resumed_from_epoch: int | None
     device: str
     config: dict[str, Any] = field(default_factory=dict)
+    val_probabilities: np.ndarray | None = None  # the best epoch's, row-aligned with the validation rows
 
 
 def checkpoint_dir(flow_name: str, run_id: str, step: str = "train") -> Path:
@@ -104,11 +106,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
+def build_model(config: TrainConfig, device: torch.device) -> CXRNet:
     """The network on `device`, channels-last when asked."""
     model = CXRNet(pretrained=config.pretrained, dropout=config.dropout).to(device)
     if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
 
 
@@ -159,10 +161,11 @@ def predict(
     model.eval()
     loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
     outputs = []
-    for images, _ in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
-        images = images.to(device, non_blocking=True)
-        with _autocast(device, enabled=True):
-            outputs.append(torch.sigmoid(model(images).float()).cpu())
+    with Progress("predict", len(dataset), enabled=progress) as bar:
+        for images, _ in loader:
+            with _autocast(device, enabled=True):
+                outputs.append(torch.sigmoid(model(images.to(device, non_blocking=True)).float()).cpu())
+            bar.update(len(images))
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, 14), dtype=np.float32)
 
 
@@ -266,7 +269,7 @@ def train(
         loss, rate = _train_epoch(
             step_model, loader, steps, optimizer, scheduler, criterion, config, device, epoch, progress
         )
-        val_probs = predict(model, val_set, workers=0)
+        val_probs = score_fast(model, val_set, f"epoch {epoch} validation", progress=progress).probabilities
         val_auroc = mean_auroc(val_set.labels, val_probs)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val_auroc)
@@ -282,7 +285,12 @@ def train(
         if val_auroc > best["auroc"] or best["epoch"] < 0:
             best = {"auroc": val_auroc, "epoch": epoch}
             _save_atomic(
-                {"model": model.state_dict(), "epoch": epoch, "val_mean_auroc": val_auroc},
+                {
+                    "model": model.state_dict(),
+                    "epoch": epoch,
+                    "val_mean_auroc": val_auroc,
+                    "val_probabilities": torch.from_numpy(val_probs),
+                },
                 checkpoint_dir / BEST,
             )
         _save_atomic(
@@ -300,15 +308,17 @@ def train(
         )
         if on_checkpoint is not None:
             on_checkpoint(checkpoint_dir)  # e.g. copy the checkpoints to S3, so another machine can resume
-    best_state = torch.load(checkpoint_dir / BEST, map_location="cpu", weights_only=True)["model"]
+    best_checkpoint = torch.load(checkpoint_dir / BEST, map_location="cpu", weights_only=True)
+    val_probabilities = best_checkpoint.get("val_probabilities")
     return TrainResult(
-        best_state,
+        best_checkpoint["model"],
         history,
         int(best["epoch"]),
         float(best["auroc"]),
         resumed_from,
         str(device),
         asdict(config),
+        None if val_probabilities is None else val_probabilities.numpy(),
     )
 
 
@@ -332,7 +342,7 @@ def _train_epoch(
 ) -> tuple[float, float]:
     model.train()
     total, seen, start = 0.0, 0, time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
+    bar = Progress(f"epoch {epoch}", steps, unit="batches", enabled=progress)
     for step, (images, labels) in enumerate(loader):
         if step >= steps:
             break
@@ -351,8 +361,7 @@ def _train_epoch(
             scheduler.step()
         total += float(loss.detach()) * len(images)
         seen += len(images)
-        bar.set_postfix(loss=f"{total / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
-        bar.update()
+        bar.update(1, loss=f"{total / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
     bar.close()
     return total / max(seen, 1), seen / max(time.perf_counter() - start, 1e-9)
 

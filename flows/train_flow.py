@@ -42,6 +42,7 @@ from cxr.evaluate import youden_thresholds
 from cxr.gate import promotion_gate
 from cxr.model import CXRNet
 from cxr.monitor.baseline import compute_baseline
+from cxr.progress import Progress
 from cxr.registry import DEFAULT_GROUP, open_registry
 from cxr.release import (
     SPLIT_FILE,
@@ -51,7 +52,8 @@ from cxr.release import (
     release_model,
     split_record,
 )
-from cxr.train import BEST, LAST, TrainConfig, TrainResult, checkpoint_dir, predict
+from cxr.scoring import fastest_predictor, score, score_fast
+from cxr.train import BEST, LAST, TrainConfig, TrainResult, checkpoint_dir
 from cxr.train import train as train_model
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -87,6 +89,14 @@ def open_configured_registry(rules: dict, data: dict):
     if not prefix:
         raise ValueError("registry.backend sagemaker needs registry.s3_prefix (or the S3 datastore for auto)")
     return open_registry(group, "sagemaker", s3_prefix=prefix, kms_key_id=rules.get("kms_key_id"))
+
+
+def shard_groups(shards: int, tasks: int | str = "auto") -> list[list[int]]:
+    """Shard indices dealt round-robin into at most `tasks` preprocess tasks ("auto": this machine's CPUs),
+    so the fan-out fits the machine whatever the scheduler's parallelism."""
+    count = (os.cpu_count() or 1) if tasks in ("auto", None) else int(tasks)
+    count = max(1, min(count, shards))
+    return [list(range(first, shards, count)) for first in range(count)] if shards else [[]]
 
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "config" / "default.yaml")
@@ -168,31 +178,38 @@ class CXRTrainFlow(FlowSpec):
         self.cache_complete = self.cache_plan.complete or bool(
             self.cache_uri and cache_store.is_complete(self.cache_uri)
         )
-        self.shard_indices = list(range(len(self.cache_plan.shards)))
-        print(
-            f"cache {self.data_cache_key}: {len(self.shard_indices)} shards, complete: {self.cache_complete}"
-        )
-        self.next(self.preprocess, foreach="shard_indices")
+        self.shard_groups = shard_groups(len(self.cache_plan.shards), pre.get("tasks", "auto"))
+        shards, tasks = len(self.cache_plan.shards), len(self.shard_groups)
+        print(f"cache {self.data_cache_key}: {shards} shards, {tasks} tasks, complete: {self.cache_complete}")
+        self.next(self.preprocess, foreach="shard_groups")
 
     @retry(times=2)  # a shard stopped by a store that keeps failing is read again; finished shards are kept
     @step
     def preprocess(self):
-        """Build one shard (reused when an earlier or interrupted run already wrote it) and share it."""
-        self.shard_result = None
-        if not self.cache_complete:
-            self.shard_result = build_shard(self.cache_plan, self.input, self.catalog.source)
-            if self.cache_uri:
-                names = [shard_path(self.cache_plan.directory, self.input, s).name for s in (".npy", ".json")]
-                cache_store.publish(self.cache_plan.directory, self.cache_uri, names)
+        """Build this task's shards one after another (each reused when an earlier or interrupted run
+        already wrote it) and share them."""
+        self.shard_results = []
+        if self.cache_complete:
+            self.next(self.join_preprocess)
+            return
+        plan, source = self.cache_plan, self.catalog.source
+        with Progress(f"preprocess task {self.index}", sum(len(plan.shards[i]) for i in self.input)) as bar:
+            for index in self.input:
+                self.shard_results.append(build_shard(plan, index, source))
+                if self.cache_uri:
+                    names = [shard_path(plan.directory, index, s).name for s in (".npy", ".json")]
+                    cache_store.publish(plan.directory, self.cache_uri, names)
+                bar.update(len(plan.shards[index]))
         self.next(self.join_preprocess)
 
     @step
     def join_preprocess(self, inputs):
         """Finalize the cache (table, labels, manifest over all shards) and record where it lives."""
-        self.merge_artifacts(inputs, exclude=["shard_result"])
+        self.merge_artifacts(inputs, exclude=["shard_results"])
         plan = self.cache_plan
         if not self.cache_complete:
-            finalize_cache(plan, self.catalog, [inp.shard_result for inp in inputs])
+            results = sorted((r for inp in inputs for r in inp.shard_results), key=lambda r: r.index)
+            finalize_cache(plan, self.catalog, results)
             if self.cache_uri:
                 cache_store.publish(plan.directory, self.cache_uri, TABLE_FILES)
         self.data_cache = {
@@ -217,6 +234,7 @@ class CXRTrainFlow(FlowSpec):
         else:
             result = self._train_here(cache, run)
         self.model_state, self.history = result.best_state, result.history
+        self.val_probabilities = result.val_probabilities  # the best epoch's, reused by evaluate
         self.best_epoch, self.best_val_auroc = result.best_epoch, result.best_val_auroc
         self.resumed_from_epoch, self.train_device = result.resumed_from_epoch, result.device
         current.card.append(Markdown(f"## Training on {result.device}: best epoch {result.best_epoch}"))
@@ -261,16 +279,25 @@ class CXRTrainFlow(FlowSpec):
         )
 
     @card(type="blank")
+    @resources(gpu=1, cpu=8, memory=32000)
     @step
     def evaluate(self):
-        """Score val (to choose thresholds) and test; AUROC with CIs, AUPRC, operating points, calibration."""
+        """Thresholds from the validation probabilities of training's best epoch; test scored once with the
+        fastest verified backend (GPU, else ONNX Runtime); AUROC with CIs, AUPRC, operating points,
+        calibration; the monitoring baseline from held-out images, scored the same way."""
         cache = cache_store.open_cache(self.data_cache["local_dir"], self.data_cache["uri"])
         model = CXRNet(pretrained=False, dropout=float(self.config["train"].get("dropout", 0.3)))
         model.load_state_dict(self.model_state)
         crop = int(self.config["train"]["crop"])
         val, test = (ShardDataset(cache, self.cache_rows[s], crop=crop) for s in ("val", "test"))
-        thresholds = youden_thresholds(val.labels, predict(model, val))
-        test_probs = predict(model, test, progress=True)
+        val_probs = getattr(self, "val_probabilities", None)
+        if val_probs is None or len(val_probs) != len(val):  # e.g. trained by a SageMaker job
+            val_probs = score_fast(model, val, "validation").probabilities
+        thresholds = youden_thresholds(val.labels, val_probs)
+        with tempfile.TemporaryDirectory() as work:  # the session keeps the exported graph in memory
+            predictor, self.scoring = fastest_predictor(model, test, work)
+        print(f"scoring {len(test):,} test images with {self.scoring}")
+        test_probs = score(predictor, test, "test").probabilities
         test_meta = cache.meta.iloc[self.cache_rows["test"]].reset_index(drop=True)
         report = evaluate_predictions(
             test.labels, test_probs, test_meta, thresholds, int(self.config["evaluate"]["n_boot"])
@@ -280,12 +307,13 @@ class CXRTrainFlow(FlowSpec):
         self.test_predictions.insert(0, "Image Index", test_meta["image_id"])
         thresholds = {row["finding"]: row["threshold"] for row in self.metrics["per_class"]}
         self.baseline = compute_baseline(
-            model, cache, monitoring_rows(self.cache_rows), crop, thresholds, self.metrics["auroc"]
+            predictor, cache, monitoring_rows(self.cache_rows), crop, thresholds, self.metrics["auroc"]
         )
         print(report.table())
         _metrics_card(report)
         self.next(self.register)
 
+    @resources(gpu=1, cpu=8, memory=32000)  # re-scoring production on the test images
     @step
     def register(self):
         """Compare with production on this run's test images that production never trained on, package

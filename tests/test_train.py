@@ -10,9 +10,11 @@ import torch
 from cxr import train as train_module
 from cxr.data.cache import PreprocessSettings, build_cache, cache_rows
 from cxr.data.catalog import load_catalog
+from cxr.data.loader import ShardDataset
 from cxr.data.split import patient_split
 from cxr.data.synthetic import make_demo_dataset
-from cxr.train import TrainConfig, train
+from cxr.model import CXRNet
+from cxr.train import TrainConfig, predict, train
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,10 @@ def test_training_records_history_and_checkpoints(tiny, tmp_path):
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.best_val_auroc == max(h["val_mean_auroc"] for h in result.history)
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
+    model = CXRNet(pretrained=False).eval()  # the best epoch's validation probabilities come with it
+    model.load_state_dict(result.best_state)
+    val = ShardDataset(cache, rows["val"], crop=CONFIG["crop"])
+    assert np.allclose(result.val_probabilities, predict(model, val), atol=1e-6)
 
 
 @pytest.mark.parametrize("workers, killed_epoch", [(0, 1), (2, 2)])

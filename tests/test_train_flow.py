@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ data:
   root: demo
   demo: {n_patients: 40, max_images_per_patient: 4, size: 64, seed: 0}
 split: {ratios: [0.6, 0.2, 0.2], seed: 0, use_official: true}
-preprocess: {size: 48, shard_size: 30, remote: %(remote)s}
+preprocess: {size: 48, shard_size: 30, remote: %(remote)s, tasks: 3}
 train: {epochs: %(epochs)s, batch_size: 16, crop: 40, pretrained: false, workers: 0, lr: 0.003}
 evaluate: {n_boot: 50}
 registry: {group: auto, min_improvement: 0.0, max_finding_drop: 0.02, manual_approval: false}
@@ -67,9 +68,16 @@ def test_whole_pipeline_on_demo_data(tmp_path):
     )
     summary = {row["split"]: row for row in run["split"].task["split_summary"].data}
     assert sum(row["images"] for row in summary.values()) == len(cache)
+    groups = run["plan_preprocess"].task["shard_groups"].data  # 4 shards dealt to 3 tasks
+    assert len(groups) == 3 and sorted(np.concatenate(groups)) == list(range(len(cache.manifest["shards"])))
+    val_rows = end["cache_rows"].data["val"]  # evaluate takes thresholds from training's best epoch
+    assert run["train"].task["val_probabilities"].data.shape == (len(val_rows), 14)
+    evaluate = run["evaluate"].task
+    assert evaluate["scoring"].data["backend"] == "torch"  # too few test images to repay an ONNX export
+    assert re.search(r"test: \d+/\d+ images \(100%\)", evaluate.stderr)  # progress reaches the run's log
     split, patients = end["split_rows"].data, run["ingest"].task["catalog"].data.meta["patient_id"].to_numpy()
     assert not set(patients[split.train]) & set(patients[split.test])
-    assert len(list(run["preprocess"])) == len(cache.manifest["shards"]) > 1
+    assert len(list(run["preprocess"])) == len(groups) < len(cache.manifest["shards"])
 
     assert [h["epoch"] for h in end["history"].data] == [0, 1]
     metrics, predictions = end["metrics"].data, end["test_predictions"].data
@@ -86,7 +94,7 @@ def test_whole_pipeline_on_demo_data(tmp_path):
 
     again = run_flow(tmp_path)  # same data: the cache is reused and the gate compares with production
     assert again["plan_preprocess"].task["cache_complete"].data
-    assert all(task["shard_result"].data is None for task in again["preprocess"])
+    assert all(task["shard_results"].data == [] for task in again["preprocess"])
     gate = again["register"].task["gate"].data
     production_auroc = again["register"].task["production_auroc"].data
     assert production_auroc["Atelectasis"] == pytest.approx(metrics["auroc"]["Atelectasis"])  # same model

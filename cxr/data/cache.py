@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from cxr.config import cxr_home
 from cxr.data.catalog import Catalog
@@ -38,6 +37,7 @@ from cxr.data.findings import FINDINGS
 from cxr.data.images import ImageDecodeError, decode_xray, resize_square
 from cxr.data.sources import ImageSource, SourceReadError
 from cxr.data.split import Split
+from cxr.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def build_cache(
         return ShardCache(plan.directory)
     workers = max(1, min(workers or os.cpu_count() or 1, len(plan.shards)))
     results = []
-    with tqdm(total=len(catalog), desc="preprocess", unit="img", disable=not progress) as bar:
+    with Progress("preprocess", len(catalog), enabled=progress) as bar:
         if workers == 1:
             for index in range(len(plan.shards)):
                 results.append(build_shard(plan, index, catalog.source))

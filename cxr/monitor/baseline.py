@@ -1,4 +1,4 @@
-"""The monitoring baseline, computed at evaluation time from training/validation images.
+"""The monitoring baseline, computed at evaluation time from held-out (validation and test) images.
 
 It holds samples (capped) of exactly the features the server captures — image statistics of the model's
 input crop, the 32-d projection of the penultimate embedding — and the per-finding probabilities, plus
@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cxr.data.cache import ShardCache
 from cxr.data.findings import FINDINGS
 from cxr.data.loader import ShardDataset, make_loader
 from cxr.features import image_stats, project_embedding
 from cxr.model import CXRNet
+from cxr.progress import Progress
+from cxr.serve.predictor import Predictor
 
 IMAGE_FEATURES = ("mean", "std", "p5", "p50", "p95", "dark_fraction", "bright_fraction")
 MAX_SAMPLES = 2000
@@ -112,9 +113,8 @@ class Baseline:
         }
 
 
-@torch.no_grad()
 def compute_baseline(
-    model: CXRNet,
+    model: CXRNet | Predictor,
     cache: ShardCache,
     rows: np.ndarray,
     crop: int,
@@ -122,19 +122,22 @@ def compute_baseline(
     auroc: dict[str, float] | None = None,
     seed: int = 0,
 ) -> Baseline:
-    """Features of (at most MAX_SAMPLES of) the given cache rows, as the server would capture them."""
-    from cxr.serve.predictor import ServingNet
+    """Features of (at most MAX_SAMPLES of) the given cache rows, as the server would capture them, scored
+    by `model` (a network, or any backend of `cxr.scoring`, e.g. the one evaluation chose)."""
+    from cxr.scoring import NetPredictor
 
     rows = np.asarray(rows)
     if len(rows) > MAX_SAMPLES:
         rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_SAMPLES, replace=False))
-    net = ServingNet(model.eval())
+    predictor = NetPredictor(model) if isinstance(model, CXRNet) else model
     stats, embeddings, probabilities = [], [], []
-    for images, _ in make_loader(ShardDataset(cache, rows, crop=crop), batch_size=64):
-        probs, embedding = net(images)
-        probabilities.append(probs.numpy())
-        embeddings.append(project_embedding(embedding.numpy()))
-        stats += [[image_stats(image[0].numpy())[k] for k in IMAGE_FEATURES] for image in images]
+    with Progress("baseline", len(rows)) as bar:
+        for images, _ in make_loader(ShardDataset(cache, rows, crop=crop), batch_size=64):
+            probs, embedding = predictor.predict(images.numpy())
+            probabilities.append(np.asarray(probs, dtype=np.float32))
+            embeddings.append(project_embedding(np.asarray(embedding, dtype=np.float32)))
+            stats += [[image_stats(image[0].numpy())[k] for k in IMAGE_FEATURES] for image in images]
+            bar.update(len(images))
     return Baseline(
         np.asarray(stats, dtype=np.float64), np.concatenate(embeddings), np.concatenate(probabilities),
         dict(thresholds or {}), dict(auroc or {}),
