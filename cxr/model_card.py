@@ -38,8 +38,8 @@ def render_model_card(
         *(f"- **{key}**: `{value}`" for key, value in lineage.items()),
         "",
         "## Performance (test split)",
-        f"Mean AUROC **{metrics['mean_auroc']:.4f}** (95% bootstrap CI {ci[0]:.4f}–{ci[1]:.4f}) on "
-        f"{metrics.get('n_images', '?')} images;"
+        f"Mean AUROC **{metrics['mean_auroc']:.4f}** (95% bootstrap CI {ci[0]:.4f}–{ci[1]:.4f}, "
+        f"{_resampled(metrics)}) on {metrics.get('n_images', '?')} images;"
         f" thresholds from {metrics.get('thresholds_from', 'validation')}.",
         "",
         "| finding | positives | AUROC (95% CI) | AUPRC | sensitivity | specificity | PPV | ECE |",
@@ -87,3 +87,10 @@ def _subgroup_lines(metrics: dict[str, Any]) -> list[str]:
             f"({gap['best']} vs {gap['worst']}).",
         ]
     return lines
+
+
+def _resampled(metrics: dict[str, Any]) -> str:
+    """What the bootstrap drew: "resampling 1,234 patients" (or images)."""
+    boot = metrics.get("bootstrap") or {}
+    units = boot.get("units")
+    return f"resampling {units:,} {boot.get('resampled', 'images')}" if units else "resampling images"

@@ -11,6 +11,7 @@ from cxr.data.findings import FINDINGS
 from cxr.data.metadata import read_metadata
 from cxr.data.split import patient_split
 from cxr.evaluate import EvaluationError, bootstrap_aurocs, calibration, evaluate, youden_thresholds
+from cxr.model_card import render_model_card
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,8 @@ def test_evaluate_resamples_patients_when_it_knows_them(nih_scores):
     assert overall[0] > overall[1]
     explicit = evaluate(labels[test], scores[test], n_boot=200, patient_ids=meta["patient_id"])
     assert explicit.mean_auroc_ci == by_patient.mean_auroc_ci
+    card = render_model_card(1, by_patient.to_dict(), {}, "promoted")  # the card says what was resampled
+    assert f"resampling {by_patient.n_resampled:,} patients) on {len(test)} images" in card
 
 
 def test_calibration_and_subgroups(data):
