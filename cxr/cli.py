@@ -107,7 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         models=models, weights=weights, host=args.host, port=args.port, capture=args.capture,
         capture_sample_percent=args.capture_sample, endpoint_name=args.endpoint_name, backend=args.backend,
-        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads, sessions=args.sessions,
         max_body_mb=args.max_body_mb, limits=limits_from_args(args),
     )  # fmt: skip
     print(f"serving {', '.join(f'{k}={v}' for k, v in models.items())} on http://{args.host}:{args.port}")
@@ -355,7 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto", help="inference backend")
     srv.add_argument("--max-batch", type=int, default=16, help="largest dynamic batch")
     srv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
-    srv.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    srv.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads per ONNX session (default: all cores)"
+    )
+    srv.add_argument("--sessions", type=int, default=2, help="ONNX Runtime sessions scoring batches at once")
     srv.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted")
     add_limit_arguments(srv)
     srv.set_defaults(func=_serve)

@@ -103,7 +103,9 @@ def compare_with_production(
                   f"{len(test_rows):,} test images; fix the test set (NIH's test_list.txt in the data root) "
                   "so that both models are compared on images neither has seen")  # fmt: skip
         return Comparison(_aurocs(labels, candidate_probs), None, images, excluded, reason)
-    production_probs = score_package(production.package, cache, test_rows[clean])
+    production_probs = score_package(
+        production.package, cache, test_rows[clean], label=f"production v{production.version}"
+    )
     candidate = _aurocs(labels[clean], candidate_probs[clean])
     return Comparison(candidate, _aurocs(labels[clean], production_probs), images, excluded)
 

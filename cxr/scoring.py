@@ -35,6 +35,7 @@ class NetPredictor:
     (probabilities, embeddings)."""
 
     backend = "torch"
+    concurrency = 1
 
     def __init__(self, model: CXRNet, device: torch.device | str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -52,6 +53,7 @@ class OnnxNetPredictor:
     """An exported serving graph under ONNX Runtime on the CPU."""
 
     backend = "onnx"
+    concurrency = 1
 
     def __init__(self, path: str | Path, threads: int | None = None):
         self.session = onnx_session(path, threads)

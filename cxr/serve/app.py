@@ -57,7 +57,8 @@ class ServerConfig:
     max_batch: int = 16
     max_wait_ms: float = 5.0
     max_body_mb: float = 64.0
-    threads: int | None = None
+    threads: int | None = None  # intra-op threads per session (default: all cores)
+    sessions: int = 2  # ONNX Runtime sessions scoring batches at once (one runs while the next fills)
     limits: Limits = field(default_factory=Limits)
     capture_wait_seconds: float = 1.0  # how long a request waits for room in a full capture queue
 
@@ -91,12 +92,10 @@ class Server:
             raise ValueError("no model to serve")
         self.config = config
         self.metrics = ServerMetrics()
-        self.variants = {
-            name: Variant(name, p, metadata=p.metadata)
-            for name, p in (
-                (n, load_predictor(d, config.backend, config.threads)) for n, d in config.models.items()
-            )
-        }
+        self.variants = {}
+        for name, directory in config.models.items():
+            predictor = load_predictor(directory, config.backend, config.threads, config.sessions)
+            self.variants[name] = Variant(name, predictor, metadata=predictor.metadata)
         self.model_dirs = dict(config.models)
         default = (
             {"A": 0.9, "B": 0.1} if set(self.variants) == {"A", "B"} else {n: 1.0 for n in self.variants}

@@ -1,8 +1,9 @@
 """Dynamic batching: concurrent requests are scored together, with a bounded wait and a bounded batch.
 
-Each submitted image waits at most `max_wait_ms` for company; a batch never exceeds `max_batch`. The
-model runs in one worker thread (its own intra-op threads use the cores), so while one batch is
-scored the next one fills up — under load batches grow on their own, alone a request waits ~0 ms.
+Each submitted image waits at most `max_wait_ms` for company; a batch never exceeds `max_batch`. As
+many batches are scored at once as the predictor has sessions (`concurrency`), each in its own worker
+thread; while they run the next batch fills up — under load batches grow on their own, alone a request
+waits ~0 ms.
 """
 
 from __future__ import annotations
@@ -42,17 +43,23 @@ class DynamicBatcher:
         self.predictor, self.max_batch, self.max_wait = predictor, max_batch, max_wait_ms / 1000.0
         self.on_batch = on_batch
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.concurrency = max(1, getattr(predictor, "concurrency", 1))
+        self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="model")
+        self._slots: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
+        self._slots = asyncio.Semaphore(self.concurrency)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
         """Finish queued work, then stop."""
         while not self._queue.empty():
             await asyncio.sleep(0.005)
+        if self._running:
+            await asyncio.wait(set(self._running))
         if self._task is not None:
             self._task.cancel()
         self._executor.shutdown(wait=True)
@@ -64,8 +71,9 @@ class DynamicBatcher:
         return await future
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        assert self._slots is not None
         while True:
+            await self._slots.acquire()  # a session is free: gather the next batch for it
             items = [await self._queue.get()]
             deadline = time.monotonic() + self.max_wait
             while len(items) < self.max_batch:
@@ -78,16 +86,25 @@ class DynamicBatcher:
                     items.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except TimeoutError:
                     break
+            task = asyncio.get_running_loop().create_task(self._score(items))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _score(self, items: list[tuple[np.ndarray, asyncio.Future]]) -> None:
+        assert self._slots is not None
+        try:
             batch = np.stack([image for image, _ in items])
             if self.on_batch is not None:
                 self.on_batch(len(items))
-            try:
-                probs, embeddings = await loop.run_in_executor(self._executor, self.predictor.predict, batch)
-            except Exception as error:  # the model failed: every waiter learns it, the loop lives on
-                for _, future in items:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for index, (_, future) in enumerate(items):
+            loop = asyncio.get_running_loop()
+            probs, embeddings = await loop.run_in_executor(self._executor, self.predictor.predict, batch)
+        except Exception as error:  # the model failed: every waiter learns it, the loop lives on
+            for _, future in items:
                 if not future.done():
-                    future.set_result(Scored(probs[index], embeddings[index], len(items)))
+                    future.set_exception(error)
+            return
+        finally:
+            self._slots.release()
+        for index, (_, future) in enumerate(items):
+            if not future.done():
+                future.set_result(Scored(probs[index], embeddings[index], len(items)))

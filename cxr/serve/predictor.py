@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import warnings
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,6 +46,7 @@ class Predictor(Protocol):
 
     backend: str
     metadata: dict[str, Any]
+    concurrency: int  # batches it can score at the same time (from different threads)
 
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [B,1,crop,crop] → (probabilities [B,14], embeddings [B,512])."""
@@ -55,6 +57,7 @@ class TorchPredictor:
     """Eager PyTorch on CPU (or CUDA when present)."""
 
     backend = "torch"
+    concurrency = 1
 
     def __init__(self, model_dir: str | Path, threads: int | None = None):
         model, self.metadata = load_model(model_dir)
@@ -70,33 +73,46 @@ class TorchPredictor:
 
 
 class OnnxPredictor:
-    """ONNX Runtime on CPU, from the package's verified `model.onnx`."""
+    """ONNX Runtime on CPU, from the package's verified `model.onnx`: `sessions` sessions of `threads`
+    intra-op threads each, so that many batches can be scored at once."""
 
     backend = "onnx"
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None):
+    def __init__(self, model_dir: str | Path, threads: int | None = None, sessions: int = 1):
         import json
 
         self.metadata = json.loads((Path(model_dir) / "metadata.json").read_text())
-        self.session = onnx_session(Path(model_dir) / ONNX_FILE, threads)
+        self.concurrency = max(1, sessions)
+        self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(self.concurrency):  # several sessions share the cores: idle threads sleep, not spin
+            self._free.put(onnx_session(Path(model_dir) / ONNX_FILE, threads, spinning=self.concurrency == 1))
 
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        probs, embedding = self.session.run(None, {"images": np.ascontiguousarray(batch)})
+        session = self._free.get()
+        try:
+            probs, embedding = session.run(None, {"images": np.ascontiguousarray(batch)})
+        finally:
+            self._free.put(session)
         return probs, embedding
 
 
-def onnx_session(path: str | Path, threads: int | None = None) -> Any:
+def onnx_session(path: str | Path, threads: int | None = None, spinning: bool = True) -> Any:
     """An ONNX Runtime CPU session over an exported serving graph, all graph optimizations on."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def load_predictor(model_dir: str | Path, backend: str = "auto", threads: int | None = None) -> Predictor:
-    """`onnx`, `torch`, or `auto` (ONNX when the package has an export and onnxruntime is installed)."""
+def load_predictor(
+    model_dir: str | Path, backend: str = "auto", threads: int | None = None, sessions: int = 1
+) -> Predictor:
+    """`onnx`, `torch`, or `auto` (ONNX when the package has an export and onnxruntime is installed);
+    ONNX Runtime with `sessions` sessions of `threads` threads each."""
     if backend not in ("auto", "onnx", "torch"):
         raise ValueError(f"unknown backend {backend!r}; use auto, onnx or torch")
     import json
@@ -107,7 +123,7 @@ def load_predictor(model_dir: str | Path, backend: str = "auto", threads: int | 
         raise FileNotFoundError(f"{model_dir} has no verified ONNX export; serve with --backend torch")
     if backend == "onnx" or (backend == "auto" and has_onnx):
         try:
-            return OnnxPredictor(model_dir, threads)
+            return OnnxPredictor(model_dir, threads, sessions)
         except ImportError:
             if backend == "onnx":
                 raise
