@@ -45,13 +45,12 @@ class DynamicBatcher:
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
         self.concurrency = max(1, getattr(predictor, "concurrency", 1))
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="model")
-        self._slots: asyncio.Semaphore | None = None
+        self._slots = asyncio.Semaphore(self.concurrency)  # bound to the running loop on first use
         self._running: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
-        self._slots = asyncio.Semaphore(self.concurrency)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
@@ -71,7 +70,6 @@ class DynamicBatcher:
         return await future
 
     async def _loop(self) -> None:
-        assert self._slots is not None
         while True:
             await self._slots.acquire()  # a session is free: gather the next batch for it
             items = [await self._queue.get()]
@@ -91,7 +89,6 @@ class DynamicBatcher:
             task.add_done_callback(self._running.discard)
 
     async def _score(self, items: list[tuple[np.ndarray, asyncio.Future]]) -> None:
-        assert self._slots is not None
         try:
             batch = np.stack([image for image, _ in items])
             if self.on_batch is not None:
