@@ -7,7 +7,8 @@ Two maps from the network's probability to a calibrated one:
 - isotonic regression: a monotone piecewise-linear map; fixes any monotone miscalibration but ties
   scores, so AUROC can move a little.
 `method="auto"` chooses per finding by 2-fold cross-fitting on the validation set: the map with the lower
-held-out log loss. Everything is stored as plain JSON (`to_dict`) in the package's metadata.
+held-out log loss. Everything is stored as plain JSON (`to_dict`) in the package's metadata; applying it
+needs NumPy only (it runs inside serving containers), fitting needs SciPy and scikit-learn.
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import expit, logit
-from sklearn.isotonic import IsotonicRegression
 
 from cxr.data.findings import FINDINGS
 
@@ -73,8 +71,20 @@ def apply_map(entry: dict[str, Any], p: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown calibration method {method!r}")
 
 
+def expit(z: np.ndarray) -> np.ndarray:
+    """The logistic function, without overflow."""
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p))."""
+    return np.log(p) - np.log1p(-p)
+
+
 def fit_temperature(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
     """The temperature minimising the log loss of `sigmoid(logit(p) / T)` on (y, p)."""
+    from scipy.optimize import minimize_scalar
+
     z = logit(np.clip(np.asarray(p, dtype=np.float64), LOGIT_EPS, 1 - LOGIT_EPS))
     y = np.asarray(y, dtype=np.float64)
 
@@ -87,6 +97,8 @@ def fit_temperature(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
 
 def fit_isotonic(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
     """A monotone map fitted on (y, p), stored as its breakpoints."""
+    from sklearn.isotonic import IsotonicRegression
+
     model = IsotonicRegression(y_min=EPS, y_max=1 - EPS, out_of_bounds="clip").fit(p, y)
     return {"method": "isotonic", "x": model.X_thresholds_.tolist(), "y": model.y_thresholds_.tolist()}
 
@@ -128,3 +140,32 @@ def fit_calibration(labels: np.ndarray, probs: np.ndarray, method: str = "auto",
         chosen = choose_method(y, p, seed) if method == "auto" else method
         maps.append(FITTERS[chosen](y, p))
     return Calibrator(maps)
+
+
+class CalibratedPredictor:
+    """A predictor (see `cxr.serve.predictor.Predictor`) whose probabilities go through a calibrator;
+    embeddings pass unchanged."""
+
+    def __init__(self, predictor: Any, calibrator: Calibrator):
+        self.predictor, self.calibrator = predictor, calibrator
+        self.backend, self.metadata = predictor.backend, predictor.metadata
+        self.concurrency = getattr(predictor, "concurrency", 1)
+
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs, embedding = self.predictor.predict(batch)
+        return self.calibrator.apply(probs).astype(np.float32), embedding
+
+
+def calibration_summary(calibrator: Calibrator, labels: np.ndarray, raw_probs: np.ndarray) -> dict[str, Any]:
+    """Methods chosen and expected calibration error before and after, pooled and per finding."""
+    from cxr.evaluate import calibration
+
+    after = calibrator.apply(raw_probs)
+    per_finding = {
+        f: {"method": calibrator.maps[k]["method"],
+            "ece_before": calibration(labels[:, k], raw_probs[:, k])[0],
+            "ece_after": calibration(labels[:, k], after[:, k])[0]}
+        for k, f in enumerate(FINDINGS)
+    }  # fmt: skip
+    return {"ece_before": calibration(labels, raw_probs)[0], "ece_after": calibration(labels, after)[0],
+            "per_finding": per_finding}  # fmt: skip

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxr.calibration import Calibrator
 from cxr.data.findings import FINDINGS
 from cxr.data.images import decode_xray, resize_square
 from cxr.data.loader import center_crop
@@ -45,7 +46,8 @@ def load_model(model_dir: str | Path) -> tuple[CXRNet, dict[str, Any]]:
 def model_fn(model_dir: str) -> dict[str, Any]:
     """SageMaker: load the model once per worker."""
     model, metadata = load_model(model_dir)
-    return {"model": model, "metadata": metadata}
+    calibrator = Calibrator.from_dict(metadata.get("calibration"))
+    return {"model": model, "metadata": metadata, "calibrator": calibrator}
 
 
 def input_fn(body: bytes, content_type: str) -> np.ndarray:
@@ -83,9 +85,12 @@ def prepare(pixels: np.ndarray, metadata: dict[str, Any]) -> np.ndarray:
 
 @torch.no_grad()
 def predict_fn(image: np.ndarray, bundle: dict[str, Any]) -> dict[str, float]:
-    """SageMaker: probabilities per finding."""
+    """SageMaker: probabilities per finding (calibrated when the package carries a calibration)."""
     batch = torch.from_numpy(prepare(image, bundle["metadata"]))[None]
-    probs = torch.sigmoid(bundle["model"](batch))[0].tolist()
+    with torch.no_grad():
+        raw = torch.sigmoid(bundle["model"](batch)).numpy()
+    calibrator = bundle.get("calibrator") or Calibrator()
+    probs = calibrator.apply(raw)[0].tolist()
     return dict(zip(bundle["metadata"]["findings"], probs, strict=True))
 
 

@@ -56,6 +56,7 @@ def render_model_card(
         "",
         "## Calibration",
         f"Expected calibration error over all findings: **{_f(metrics.get('ece'))}**.",
+        *_calibration_lines(metrics.get("calibration")),
     ]
     lines += ["", "## Subgroups", *_subgroup_lines(metrics)]
     if training:
@@ -94,3 +95,19 @@ def _resampled(metrics: dict[str, Any]) -> str:
     boot = metrics.get("bootstrap") or {}
     units = boot.get("units")
     return f"resampling {units:,} {boot.get('resampled', 'images')}" if units else "resampling images"
+
+
+def _calibration_lines(summary: dict[str, Any] | None) -> list[str]:
+    """Test ECE before and after the shipped calibration, with the map used per finding."""
+    if not summary:
+        return ["Served probabilities are the network's own (no calibration fitted)."]
+    lines = [
+        f"Served probabilities are calibrated per finding on validation; test ECE "
+        f"{_f(summary['ece_before'])} before, {_f(summary['ece_after'])} after.",
+        "",
+        "| finding | map | ECE before | ECE after |",
+        "|---|---|---|---|",
+    ]
+    for finding, row in summary["per_finding"].items():
+        lines.append(f"| {finding} | {row['method']} | {_f(row['ece_before'])} | {_f(row['ece_after'])} |")
+    return lines

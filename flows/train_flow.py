@@ -21,6 +21,7 @@ from metaflow.cards import Markdown, Table, VegaChart
 from cxr import plots, s3sync
 from cxr.aws.deploy import release_configured
 from cxr.aws.training_job import train_on_sagemaker
+from cxr.calibration import CalibratedPredictor, calibration_summary, fit_calibration
 from cxr.config import parse_config
 from cxr.data import cache_store
 from cxr.data.cache import (
@@ -293,22 +294,27 @@ class CXRTrainFlow(FlowSpec):
         val_probs = getattr(self, "val_probabilities", None)
         if val_probs is None or len(val_probs) != len(val):  # e.g. trained by a SageMaker job
             val_probs = score_fast(model, val, "validation").probabilities
-        thresholds = youden_thresholds(val.labels, val_probs)
+        method = self.config["evaluate"].get("calibration", "auto")
+        calibrator = fit_calibration(val.labels, val_probs, method)
+        self.calibration = calibrator.to_dict()  # shipped in the package: served probabilities are calibrated
+        thresholds = youden_thresholds(val.labels, calibrator.apply(val_probs))
         with tempfile.TemporaryDirectory() as work:  # the session keeps the exported graph in memory
             predictor, self.scoring = fastest_predictor(model, test, work)
         print(f"scoring {len(test):,} test images with {self.scoring}")
-        test_probs = score(predictor, test, "test").probabilities
+        raw_test_probs = score(predictor, test, "test").probabilities
+        test_probs = calibrator.apply(raw_test_probs)
         test_meta = cache.meta.iloc[self.cache_rows["test"]].reset_index(drop=True)
         report = evaluate_predictions(
             test.labels, test_probs, test_meta, thresholds, int(self.config["evaluate"]["n_boot"])
         )
-        self.metrics = report.to_dict()
+        summary = calibration_summary(calibrator, test.labels, raw_test_probs)
+        self.metrics = {**report.to_dict(), "calibration": summary}
         self.test_predictions = pd.DataFrame(test_probs, columns=[f"prob_{f}" for f in FINDINGS])
         self.test_predictions.insert(0, "Image Index", test_meta["image_id"])
         thresholds = {row["finding"]: row["threshold"] for row in self.metrics["per_class"]}
-        self.baseline = compute_baseline(
-            predictor, cache, monitoring_rows(self.cache_rows), crop, thresholds, self.metrics["auroc"]
-        )
+        served = CalibratedPredictor(predictor, calibrator)  # the baseline holds what the server answers
+        rows = monitoring_rows(self.cache_rows)
+        self.baseline = compute_baseline(served, cache, rows, crop, thresholds, self.metrics["auroc"])
         print(report.table())
         _metrics_card(report)
         self.next(self.register)
@@ -343,7 +349,7 @@ class CXRTrainFlow(FlowSpec):
         }
         train = self.config["train"]
         settings = {"image_size": int(self.config["preprocess"]["size"]), "crop": int(train["crop"]),
-                    "dropout": float(train.get("dropout", 0.3))}  # fmt: skip
+                    "dropout": float(train.get("dropout", 0.3)), "calibration": self.calibration}  # fmt: skip
         status = registration_status(decision, deploys=self._deploys())
         with tempfile.TemporaryDirectory() as work:  # the baseline: what MonitorFlow compares traffic with
             files = {path.name: path for path in self.baseline.save(work)}

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -91,6 +92,11 @@ def test_whole_pipeline_on_demo_data(tmp_path):
     version = Registry(group="demo").get(end["model_version"].data)
     assert version.status == "production" and Path(end["model_package"].data) == version.package
     assert version.lineage["data cache key"] == cache.key and "Mean AUROC" in version.card.read_text()
+    summary = metrics["calibration"]  # fitted on validation, shipped, reported before/after in the card
+    assert set(summary["per_finding"]) == set(FINDINGS) and summary["ece_after"] >= 0
+    with tarfile.open(version.package) as tar:
+        shipped = json.load(tar.extractfile("metadata.json"))["calibration"]
+    assert shipped == run["evaluate"].task["calibration"].data and "test ECE" in version.card.read_text()
 
     again = run_flow(tmp_path)  # same data: the cache is reused and the gate compares with production
     assert again["plan_preprocess"].task["cache_complete"].data

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cxr.calibration import CalibratedPredictor, Calibrator
 from cxr.inference import load_model
 from cxr.model import CXRNet
 
@@ -112,7 +113,8 @@ def load_predictor(
     model_dir: str | Path, backend: str = "auto", threads: int | None = None, sessions: int = 1
 ) -> Predictor:
     """`onnx`, `torch`, or `auto` (ONNX when the package has an export and onnxruntime is installed);
-    ONNX Runtime with `sessions` sessions of `threads` threads each."""
+    ONNX Runtime with `sessions` sessions of `threads` threads each. A package with a calibration
+    answers with calibrated probabilities."""
     if backend not in ("auto", "onnx", "torch"):
         raise ValueError(f"unknown backend {backend!r}; use auto, onnx or torch")
     import json
@@ -121,14 +123,18 @@ def load_predictor(
     has_onnx = (Path(model_dir) / ONNX_FILE).is_file() and bool(metadata.get("onnx", {}).get("verified"))
     if backend == "onnx" and not has_onnx:
         raise FileNotFoundError(f"{model_dir} has no verified ONNX export; serve with --backend torch")
+    predictor: Predictor | None = None
     if backend == "onnx" or (backend == "auto" and has_onnx):
         try:
-            return OnnxPredictor(model_dir, threads, sessions)
+            predictor = OnnxPredictor(model_dir, threads, sessions)
         except ImportError:
             if backend == "onnx":
                 raise
             log.warning("onnxruntime is not installed; serving with eager PyTorch")
-    return TorchPredictor(model_dir, threads)
+    predictor = predictor or TorchPredictor(model_dir, threads)
+    if metadata.get("calibration"):  # served probabilities are the calibrated ones, whatever the backend
+        return CalibratedPredictor(predictor, Calibrator.from_dict(metadata["calibration"]))
+    return predictor
 
 
 def export_onnx(model: CXRNet, crop: int, path: str | Path) -> Path:
