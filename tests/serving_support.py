@@ -26,7 +26,7 @@ IMAGE_SIZE, CROP = 64, 56
 
 
 def make_package(
-    directory: Path, nih_root: Path, seed: int = 0, version: int = 1
+    directory: Path, nih_root: Path, seed: int = 0, version: int = 1, calibration: dict | None = None
 ) -> tuple[Path, CXRNet, object]:
     """A package with a verified ONNX export, from a seeded random model; returns (package, model, cache)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -41,7 +41,7 @@ def make_package(
     assert check["verified"], check
     thresholds = {"Effusion": 0.4}
     metadata = {"image_size": IMAGE_SIZE, "crop": CROP, "dropout": 0.3, "onnx": check, "version": version,
-                "name": f"cxr-test-{seed}", "thresholds": thresholds}  # fmt: skip
+                "name": f"cxr-test-{seed}", "thresholds": thresholds, "calibration": calibration}  # fmt: skip
     package = build_package(model.state_dict(), metadata, directory / "model.tar.gz", "# card", onnx_path)
     return package, model, cache
 

@@ -8,9 +8,18 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxr.calibration import Calibrator, fit_calibration
+from cxr.data.findings import FINDINGS
+from cxr.data.images import decode_xray, resize_square
 from cxr.data.metadata import read_metadata
 from cxr.data.split import patient_split
 from cxr.evaluate import calibration
+from cxr.inference import model_fn, predict_fn
+from cxr.package import unpack
+from cxr.scoring import NetPredictor
+from cxr.serve.predictor import load_predictor
+
+from .conftest import free_port
+from .serving_support import IMAGE_SIZE, LiveServer, make_package
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +80,27 @@ def test_a_finding_without_positives_is_left_alone():
     assert calibrator.maps[0] == {"method": "none"}
     with pytest.raises(ValueError, match="one of"):
         fit_calibration(labels, probs, "platt")
+
+
+def test_every_serving_path_answers_calibrated(nih_root, tmp_path):
+    """Both backends, the SageMaker handler and the server over HTTP answer with the shipped calibration."""
+    maps = [{"method": "temperature", "temperature": 2.0}] * 7
+    maps += [{"method": "isotonic", "x": [0.0, 0.5, 1.0], "y": [0.1, 0.2, 0.9]}] * 7
+    calibrator = Calibrator(maps)
+    package, model, _ = make_package(tmp_path / "p", nih_root, calibration=calibrator.to_dict())
+    directory = unpack(package, tmp_path / "unpacked")
+    path = sorted((nih_root / "images_001" / "images").glob("*.png"))[0]
+    pixels = resize_square(decode_xray(path.read_bytes()), IMAGE_SIZE)
+    crop = pixels[4:60, 4:60][None, None].copy()
+    expected = calibrator.apply(NetPredictor(model, "cpu").predict(crop)[0])[0]
+    for backend in ("torch", "onnx"):
+        assert np.abs(load_predictor(directory, backend).predict(crop)[0][0] - expected).max() < 1e-4
+    handler = predict_fn(pixels, model_fn(str(directory)))
+    assert np.abs(np.array([handler[f] for f in FINDINGS]) - expected).max() < 1e-4
+    server = LiveServer(free_port(), "--model", str(package))
+    try:
+        status, body = server.post(path.read_bytes(), "image/png")[:2]
+    finally:
+        server.stop()
+    served = json.loads(body)["predictions"][0]["probabilities"]
+    assert status == 200 and np.abs(np.array([served[f] for f in FINDINGS]) - expected).max() < 1e-4
