@@ -1,4 +1,5 @@
-"""DICOM bytes → 8-bit grayscale, bounded before any pixel is decoded; no tag leaves this module.
+"""DICOM bytes → 8-bit grayscale, bounded before any pixel is decoded; of its tags, only an allow-list of
+non-identifying acquisition attributes leaves this module.
 
 Bounds, from the file's headers: deflated data (Deflated Explicit VR Little Endian) is inflated as a
 stream and refused past a size cap before pydicom inflates it; `NumberOfFrames` and `Rows × Columns`
@@ -8,12 +9,20 @@ Rendering follows the DICOM display pipeline: modality LUT or rescale, then the 
 whose output range (from `BitsStored`, the rescale, or the LUT's entries) is mapped onto 0..255. A
 file without a VOI LUT or window maps its full stored range (`BitsStored`, after the rescale), so 12-bit
 data in 16-bit words keeps its brightness. MONOCHROME1 is inverted.
+
+Acquisition (`describe_acquisition`, read with the header, before any pixel): the attributes named in
+`ACQUISITION_ATTRIBUTES` — scanner, detector, protocol and image format, never a patient, study, series,
+institution, operator, date, time or UID attribute — normalised for capture and drift monitoring, and
+the reasons, if any, the file is not a frontal chest radiograph (`frontal_chest_problems`).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
+import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +34,64 @@ from cxr.serve.limits import Limits, exceeds
 
 INFLATE_CHUNK = 1 << 20
 
+# The only attributes that leave this module: what was acquired and how, never who, where or when.
+ACQUISITION_ATTRIBUTES = (
+    "Modality",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SoftwareVersions",
+    "DetectorType",
+    "ImageType",
+    "PresentationIntentType",
+    "ConversionType",
+    "BodyPartExamined",
+    "ViewPosition",
+    "PhotometricInterpretation",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "LossyImageCompression",
+    "KVP",
+    "Exposure",
+    "ExposureTime",
+    "XRayTubeCurrent",
+    "ExposureIndex",
+    "TargetExposureIndex",
+    "DeviationIndex",
+    "DistanceSourceToDetector",
+    "Grid",
+)
+MAX_VALUE_CHARS = 64  # LO's limit; longer values are cut
+MAX_VALUES = 16  # of a multi-valued attribute
+NUMERIC_VRS = frozenset({"DS", "IS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"})
+
+# Projection radiography in DICOM's Modality defined terms (PS3.3 C.7.3.1.1.1): computed, digital and
+# conventional film/screen radiography. "OT" (other), what secondary captures of digitised films often
+# say, tells nothing and is treated as absent.
+RADIOGRAPHY_MODALITIES = ("CR", "DX", "RG")
+UNSPECIFIED_MODALITIES = ("OT",)
+# Found anywhere in BodyPartExamined (upper case, separators removed): DICOM's CHEST, CHESTABDOMEN,
+# CHESTABDPELVIS and LUNG, and the THORAX / TORAX that scanners write in practice.
+CHEST_BODY_PARTS = ("CHEST", "THORAX", "TORAX", "LUNG")
+# ViewPosition's first word: posteroanterior or anteroposterior ("AP SUPINE" is frontal; LL, RL, RLD,
+# LLO, LATERAL... are not).
+FRONTAL_VIEWS = ("PA", "AP")
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """What a DICOM file says of its acquisition: allow-listed attributes (absent ones left out) and the
+    reasons it may not be a frontal chest radiograph (empty when none)."""
+
+    attributes: dict[str, str | float]
+    problems: tuple[str, ...]
+
 
 @dataclass
 class DicomHeader:
@@ -33,6 +100,7 @@ class DicomHeader:
     dataset: Any
     pixels: int  # Rows × Columns of the one frame that will be decoded
     inflated: int  # bytes the file's deflated data inflated to (0 when not deflated)
+    acquisition: Acquisition  # allow-listed attributes and frontal-chest problems, from the header
 
 
 def read_dicom(body: bytes, limits: Limits, inflate_budget: int | None = None) -> DicomHeader:
@@ -59,7 +127,73 @@ def read_dicom(body: bytes, limits: Limits, inflate_budget: int | None = None) -
     if rows * columns > limits.max_image_pixels:
         what = f"DICOM image of {columns}×{rows} = {rows * columns:,} pixels"
         raise PayloadTooLarge(exceeds(what, "max_image_pixels", limits.max_image_pixels))
-    return DicomHeader(dataset, rows * columns, inflated)
+    return DicomHeader(dataset, rows * columns, inflated, describe_acquisition(dataset))
+
+
+def describe_acquisition(dataset: Any) -> Acquisition:
+    """The allow-listed acquisition attributes of a data set and its frontal-chest problems."""
+    attributes = acquisition_attributes(dataset)
+    return Acquisition(attributes, tuple(_problems(attributes)))
+
+
+def acquisition_attributes(dataset: Any) -> dict[str, str | float]:
+    """`ACQUISITION_ATTRIBUTES` present in the data set's top level, normalised: numbers (numeric VRs) as
+    floats, a multi-valued number as one float when its values agree; text stripped of blanks and
+    control characters; multiple values joined by a backslash; at most `MAX_VALUE_CHARS`. Absent, empty,
+    non-finite or unreadable values are left out. Nothing outside the allow-list can come out."""
+    found: dict[str, str | float] = {}
+    for keyword in ACQUISITION_ATTRIBUTES:
+        try:
+            element = dataset.data_element(keyword)
+            value = None if element is None else _normalised(element.value, element.VR in NUMERIC_VRS)
+        except Exception:  # pydicom raises many types on malformed values: the value is left out
+            value = None
+        if value is not None:
+            found[keyword] = value
+    return found
+
+
+def frontal_chest_problems(dataset: Any) -> list[str]:
+    """Why a data set's own attributes say it is not a frontal chest radiograph: Modality not projection
+    radiography, BodyPartExamined not the chest, ViewPosition not PA or AP, or raw detector data
+    (PresentationIntentType FOR PROCESSING). An absent attribute is no problem."""
+    return _problems(acquisition_attributes(dataset))
+
+
+def _problems(attributes: dict[str, str | float]) -> list[str]:
+    modality, body, view, intent = (
+        str(attributes.get(k, "")).upper()
+        for k in ("Modality", "BodyPartExamined", "ViewPosition", "PresentationIntentType")
+    )
+    problems = []
+    if modality and modality not in RADIOGRAPHY_MODALITIES + UNSPECIFIED_MODALITIES:
+        problems.append(f"DICOM Modality {modality!r} is not a radiograph (CR, DX or RG)")
+    if body and not any(part in "".join(c for c in body if c.isalnum()) for part in CHEST_BODY_PARTS):
+        problems.append(f"DICOM BodyPartExamined {body!r} is not the chest")
+    words = "".join(c if c.isalnum() else " " for c in view).split()
+    if words and words[0] not in FRONTAL_VIEWS:
+        problems.append(f"DICOM ViewPosition {view!r} is not a frontal view (PA or AP)")
+    if intent == "FOR PROCESSING":
+        problems.append("DICOM PresentationIntentType is FOR PROCESSING: raw detector data, not for display")
+    return problems
+
+
+def _normalised(value: Any, numeric: bool) -> str | float | None:
+    """One attribute's value for capture: a float, bounded text, or None when empty or unusable."""
+    many = isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
+    values = list(itertools.islice(value, MAX_VALUES)) if many else [value]
+    if not values or any(isinstance(v, (bytes, bytearray)) or hasattr(v, "keys") for v in values):
+        return None  # unknown VR (raw bytes) or a sequence item: not a value to capture
+    if numeric:
+        numbers = [float(v) for v in values if v is not None and str(v).strip()]
+        if not numbers or not all(math.isfinite(n) for n in numbers):
+            return None
+        if len(set(numbers)) == 1:
+            return numbers[0]
+        values = [format(n, "g") for n in numbers]
+    text = "\\".join("".join(c for c in str(v) if c.isprintable()).strip() for v in values if v is not None)
+    text = text.strip("\\ ")[:MAX_VALUE_CHARS].strip()
+    return text or None
 
 
 def _inflated_size(body: bytes, budget: int) -> int:
