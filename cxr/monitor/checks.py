@@ -6,6 +6,11 @@ prediction scores (KS), positive rates (two-proportion z-test) — share the fal
 equally (Bonferroni across families, Holm within each), so a window of unchanged traffic raises any alarm
 with probability at most `alpha`. A significant result must also be large enough to matter (KS statistic,
 rate change) before it counts as a violation.
+
+Without labels, `label_free` estimates each finding's AUROC and sensitivity/specificity at the baseline's
+threshold from the calibrated probabilities alone (`cxr.monitor.estimation`), on the window and on the
+baseline's own probabilities alike, and flags an estimate that has fallen below the baseline's by more than
+a margin (or below an absolute AUROC floor): one-sided z-tests, Holm-adjusted within the family.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from scipy import stats
 from cxr.data.findings import FINDINGS
 from cxr.evaluate import auroc_or_nan, bootstrap_aurocs
 from cxr.monitor.baseline import IMAGE_FEATURES, Baseline
+from cxr.monitor.estimation import estimate_performance
 from cxr.monitor.reader import Traffic
 
 FAMILIES = ("input_drift", "embedding_drift", "prediction_drift", "positive_rate_shift")
@@ -48,6 +54,8 @@ class MonitorConfig:
     max_missing_rate: float = 0.01  # share of served records without usable features
     max_malformed_rate: float = 0.01  # share of unreadable capture lines
     auroc_margin: float = 0.05  # performance: alarm when the window's AUROC CI lies below baseline − margin
+    operating_point_margin: float = 0.1  # label_free: largest tolerated fall of estimated sens./spec.
+    min_estimated_auroc: float = 0.0  # label_free: alarm when an estimated AUROC falls below this (0: off)
     bootstrap: int = 500
     seed: int = 0
 
@@ -226,6 +234,63 @@ def performance_checks(
     return rows
 
 
+LABEL_FREE_METRICS = ("auroc", "sensitivity", "specificity")
+
+
+def label_free_checks(baseline: Baseline, traffic: Traffic, config: MonitorConfig) -> list[dict[str, Any]]:
+    """Per finding, the estimated AUROC and sensitivity/specificity at the baseline's threshold (from
+    calibrated probabilities, no labels) on the window against the same estimates on the baseline.
+
+    The floor is the baseline's estimate minus a margin (`auroc_margin`, `operating_point_margin`), or
+    `min_estimated_auroc` for AUROC where that is higher. Each row's p-value is one-sided (the estimate's
+    standard errors on both sides, or the window's alone against the absolute floor); a violation when the
+    Holm-adjusted p-value is below `alpha`. Rows carry the estimate, its 95% CI, the baseline's estimate
+    (`baseline_value`) and, for AUROC, the baseline's measured value (`baseline_measured`).
+    """
+    cut = np.array([baseline.thresholds.get(f, 0.5) for f in FINDINGS])
+    reference = estimate_performance(baseline.probabilities, cut)
+    window = estimate_performance(traffic.probabilities, cut)
+    rows = [
+        row
+        for metric in LABEL_FREE_METRICS
+        for i, finding in enumerate(FINDINGS)
+        if (row := _label_free_row(metric, i, window, reference, baseline, config)) is not None
+    ]
+    adjusted = holm(np.array([r["p_value"] for r in rows]))
+    for row, p in zip(rows, adjusted, strict=True):
+        row.update(adjusted_p_value=float(p), alpha=config.alpha, violation=bool(p < config.alpha))
+    return rows
+
+
+def _label_free_row(
+    metric: str,
+    i: int,
+    window: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    baseline: Baseline,
+    config: MonitorConfig,
+) -> dict[str, Any] | None:
+    """One finding's estimate against its floor; None where either side has no estimate."""
+    value, se, base, base_se = (side[k][i] for side in (window, reference) for k in (metric, f"{metric}_se"))
+    if not np.isfinite([value, se, base, base_se]).all():
+        return None
+    margin = config.auroc_margin if metric == "auroc" else config.operating_point_margin
+    floor, spread = base - margin, float(np.hypot(se, base_se))  # both sides are estimates
+    if metric == "auroc" and config.min_estimated_auroc > floor:
+        floor, spread = config.min_estimated_auroc, float(se)  # a fixed floor: the window's error alone
+    p_value = float(stats.norm.cdf((value - floor) / spread)) if spread > 0 else float(value >= floor)
+    finding = FINDINGS[i]
+    extra = {
+        "ci_low": float(value - 1.96 * se),
+        "ci_high": float(value + 1.96 * se),
+        "baseline_value": float(base),
+        "estimated_prevalence": float(window["prevalence"][i]),
+    }
+    if metric == "auroc" and finding in baseline.auroc:
+        extra["baseline_measured"] = float(baseline.auroc[finding])
+    return _row("label_free", f"{metric}.{finding}", value, floor, p_value, **extra)
+
+
 def match_labels(traffic: Traffic, labels: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Ground truth (keyed by `inference_id` or `image_id`) aligned with the window's predictions:
     (labels, probabilities, patient ids or None when the ground truth has no `patient_id` column)."""
@@ -281,12 +346,13 @@ def check_variant(
 def model_checks(
     baseline: Baseline | None, traffic: Traffic, config: MonitorConfig, labels: pd.DataFrame | None = None
 ) -> list[dict[str, Any]]:
-    """Drift (when the window has enough images; else a `volume` row) and performance against a baseline."""
+    """Drift and label-free performance estimates (when the window has enough images; else a `volume` row)
+    and performance with ground truth, against a baseline."""
     if baseline is None or len(traffic.image) < config.min_images:
         volume = _row("volume", "served_images", len(traffic.image), config.min_images, None)
         rows = [{**volume, "violation": False}]
     else:
-        rows = statistical_checks(baseline, traffic, config)
+        rows = statistical_checks(baseline, traffic, config) + label_free_checks(baseline, traffic, config)
     return rows + (performance_checks(baseline, traffic, labels, config) if baseline is not None else [])
 
 
