@@ -1,29 +1,38 @@
 """Clinical-grade evaluation of 14-finding predictions.
 
 Per finding: AUROC with a 95% bootstrap CI (resampling patients, all images of a drawn patient together,
-when patient ids are known; images otherwise), AUPRC, an operating
-threshold chosen on validation (Youden's J) and reported on test as sensitivity, specificity and PPV, and
-calibration (expected calibration error). Overall: mean AUROC with its CI, a pooled reliability curve, and
-AUROC by subgroup (sex, age band, view position) with the largest gap. The same report is computed for any
-predictions file by `cxr evaluate`, so any model can be compared on equal terms.
+when patient ids are known; images otherwise), AUPRC, operating thresholds chosen on validation (Youden's J,
+and any named target sensitivity or specificity) reported on test as sensitivity, specificity, PPV and NPV
+with the same bootstrap's CIs, and calibration (expected calibration error). Overall: mean AUROC with its
+CI, a pooled reliability curve, and AUROC by subgroup (sex, age band, view position) with the largest gap.
+The same report is computed for any predictions file by `cxr evaluate`, so any model can be compared on
+equal terms.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from threadpoolctl import threadpool_limits
 
 from cxr.data.findings import FINDINGS
 
 AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 200, "80+"))
 CALIBRATION_BINS = 15
 MIN_SUBGROUP = 20  # smallest subgroup (images) for which AUROC is reported
+YOUDEN = "youden"  # the operating point every report has; named targets come from configuration
+TARGET_METRICS = ("sensitivity", "specificity")
+RATES = ("sensitivity", "specificity", "ppv", "npv")
 
 
 class EvaluationError(ValueError):
@@ -46,6 +55,7 @@ class EvaluationReport:
     thresholds_from: str = "validation"
     resampled: str = "images"  # the bootstrap's unit: "patients" or "images"
     n_resampled: int = 0  # how many of them
+    operating_points: dict[str, dict[str, Any]] = field(default_factory=dict)  # see `operating_points()`
 
     @property
     def auroc(self) -> dict[str, float]:
@@ -66,6 +76,7 @@ class EvaluationReport:
             "reliability": json.loads(self.reliability.to_json(orient="records")),
             "subgroups": json.loads(self.subgroups.to_json(orient="records")),
             "largest_gap": self.largest_gap,
+            "operating_points": self.operating_points,
             "roc_curves": self.roc_curves,
         }
 
@@ -87,6 +98,8 @@ class EvaluationReport:
                 f"largest subgroup gap: {gap['gap']:.3f} mean AUROC by {gap['dimension']}"
                 f" ({gap['best']} vs {gap['worst']})"
             )
+        for name, point in self.operating_points.items():
+            lines += ["", _describe_point(name, point), _point_table(point)]
         return "\n".join(lines)
 
     def write(self, directory: str | Path) -> dict[str, Path]:
@@ -131,6 +144,19 @@ def clusters(patient_ids: Any, n: int) -> tuple[np.ndarray, int]:
     return codes, int(len(uniques) + missing.sum())
 
 
+def resample_counts(n_clusters: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Bootstrap resamples as blocks [≤ BOOT_CHUNK, n_clusters] of how often each cluster was drawn.
+
+    The same `seed` gives the same resamples, so every statistic of one report shares them."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, BOOT_CHUNK):
+        size = min(BOOT_CHUNK, n_boot - start)
+        draws = rng.integers(0, n_clusters, size=(size, n_clusters))
+        offsets = (np.arange(size) * n_clusters)[:, None]
+        counts = np.bincount((draws + offsets).ravel(), minlength=size * n_clusters)
+        yield counts.reshape(size, n_clusters)  # integers: exact sums, and cumsum is fast on them
+
+
 def bootstrap_aurocs(
     y: np.ndarray, p: np.ndarray, n_boot: int, seed: int, patient_ids: Any = None
 ) -> np.ndarray:
@@ -147,15 +173,13 @@ def bootstrap_aurocs(
         return out
     cluster, n_clusters = clusters(patient_ids, n)
     ranked = [_score_order(y[:, c], p[:, c], cluster) for c in range(k)]
-    rng = np.random.default_rng(seed)
-    for start in range(0, n_boot, BOOT_CHUNK):
-        size = min(BOOT_CHUNK, n_boot - start)
-        draws = rng.integers(0, n_clusters, size=(size, n_clusters))
-        offsets = (np.arange(size) * n_clusters)[:, None]
-        counts = np.bincount((draws + offsets).ravel(), minlength=size * n_clusters)
-        counts = counts.reshape(size, n_clusters)  # integers: exact sums, and cumsum is fast on them
+    start = 0
+    for counts in resample_counts(n_clusters, n_boot, seed):
         for c, ranking in enumerate(ranked):
-            out[start : start + size, c] = _weighted_auroc(np.take(counts, ranking.owner, axis=1), ranking)
+            out[start : start + len(counts), c] = _weighted_auroc(
+                np.take(counts, ranking.owner, axis=1), ranking
+            )
+        start += len(counts)
     return out
 
 
@@ -215,6 +239,213 @@ def operating_point(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str,
         "specificity": tn / (tn + fp) if tn + fp else nan,
         "ppv": tp / (tp + fp) if tp + fp else nan,
     }
+
+
+@dataclass
+class OperatingTarget:
+    """A named operating point: per finding, the threshold at which validation `metric` reaches `target`."""
+
+    name: str
+    metric: str  # "sensitivity" or "specificity"
+    target: float
+    per_finding: dict[str, float] = field(default_factory=dict)  # overrides of `target`
+
+    def target_for(self, finding: str) -> float:
+        """The target for one finding."""
+        return self.per_finding.get(finding, self.target)
+
+
+def parse_operating_points(setting: Any) -> list[OperatingTarget]:
+    """Named targets from configuration (`evaluate.operating_points`):
+    `{name: {sensitivity: 0.9}}` or `{name: {specificity: 0.9, per_finding: {Hernia: 0.95}}}`."""
+    if not setting:
+        return []
+    if not isinstance(setting, dict):
+        raise EvaluationError("operating_points must map names to {sensitivity|specificity: target}")
+    return [_parse_target(name, spec) for name, spec in setting.items()]
+
+
+def _parse_target(name: Any, spec: Any) -> OperatingTarget:
+    where = f"operating point {name!r}"
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,39}", name) or name == YOUDEN:
+        raise EvaluationError(f"{where}: names are letters, digits and _ (and not {YOUDEN!r})")
+    metrics = [m for m in TARGET_METRICS if m in (spec or {})] if isinstance(spec, dict) else []
+    if len(metrics) != 1 or set(spec) - {*TARGET_METRICS, "per_finding"}:
+        raise EvaluationError(f"{where}: give exactly one of sensitivity or specificity (and per_finding)")
+    overrides = spec.get("per_finding") or {}
+    if not isinstance(overrides, dict) or set(overrides) - set(FINDINGS):
+        raise EvaluationError(f"{where}: per_finding maps findings ({', '.join(FINDINGS)}) to targets")
+    values = {key: _target_value(where, value) for key, value in overrides.items()}
+    return OperatingTarget(name, metrics[0], _target_value(where, spec[metrics[0]]), values)
+
+
+def _target_value(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise EvaluationError(f"{where}: a target is a number in (0, 1], not {value!r}")
+    return float(value)
+
+
+def thresholds_at_target(y: np.ndarray, p: np.ndarray, target: OperatingTarget) -> np.ndarray:
+    """Per finding, the threshold (`p >= threshold` is positive) that reaches the target on these labels.
+
+    Sensitivity: the highest threshold whose sensitivity is at least the target (the score of the positive
+    that completes the needed share). Specificity: the lowest threshold whose specificity is at least the
+    target (just above the score of the negative that completes it). NaN where a class is missing.
+    """
+    out = np.full(y.shape[1], np.nan)
+    for c, finding in enumerate(FINDINGS):
+        if not _has_both(y[:, c]):
+            continue
+        positive = y[:, c] > 0.5
+        goal = target.target_for(finding)
+        if target.metric == "sensitivity":
+            scores = np.sort(p[positive, c])[::-1]
+            out[c] = scores[_needed(goal, len(scores)) - 1]
+        else:
+            scores = np.sort(p[~positive, c])
+            out[c] = np.nextafter(scores[_needed(goal, len(scores)) - 1], np.inf)
+    return out
+
+
+def _needed(goal: float, n: int) -> int:
+    """How many of n make a share of at least `goal` (guarding against 0.9 × 10 = 9.000000000000002)."""
+    return max(1, int(np.ceil(goal * n - 1e-9)))
+
+
+def choose_thresholds(
+    y: np.ndarray, p: np.ndarray, targets: Sequence[OperatingTarget]
+) -> dict[str, np.ndarray]:
+    """Per named target, its per-finding thresholds on these labels (validation's, in the flow)."""
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    return {target.name: thresholds_at_target(y, p, target) for target in targets}
+
+
+def bootstrap_rates(
+    y: np.ndarray, p: np.ndarray, thresholds: np.ndarray, n_boot: int, seed: int, patient_ids: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sensitivity, specificity, PPV and NPV at thresholds [P points, K findings]: ([4, P, K] on these images,
+    [n_boot, 4, P, K] over the resamples of `bootstrap_aurocs` with the same seed); NaN where undefined.
+
+    Each image's counts (true and false positives at each threshold, positives, negatives) are summed per
+    patient once; a resample's counts are its patients' multiplicities times those sums, one matrix product
+    per block, so the cost is linear in N.
+    """
+    n, (points, k) = len(y), thresholds.shape
+    cluster, n_clusters = clusters(patient_ids, n)
+    positive = y > 0.5
+    predicted = p[:, None, :] >= thresholds[None]  # NaN thresholds predict nothing; masked below
+    columns = [
+        (predicted & positive[:, None]).reshape(n, -1),
+        (predicted & ~positive[:, None]).reshape(n, -1),
+    ]
+    images = np.concatenate([*columns, positive, ~positive], axis=1)
+    membership = sparse.csr_matrix((np.ones(n), (cluster, np.arange(n))), shape=(n_clusters, n))
+    per_cluster = np.asarray(membership @ images.astype(np.float64))
+    exact = np.float32 if per_cluster.max(initial=0) * n_clusters < 2**24 else np.float64  # integer sums
+    per_cluster = per_cluster.astype(exact)
+    undefined = ~np.isfinite(thresholds)
+    whole = _rates(per_cluster.sum(axis=0, dtype=np.float64)[None], points, k, undefined)[0]
+    boots = np.full((n_boot, *whole.shape), np.nan)
+    start = 0
+    with threadpool_limits(1, "blas"):  # small products: threads only wait on each other (10-100× slower)
+        for counts in resample_counts(n_clusters, n_boot, seed):
+            drawn = counts.astype(exact) @ per_cluster
+            boots[start : start + len(counts)] = _rates(drawn, points, k, undefined)
+            start += len(counts)
+    return whole, boots
+
+
+def _rates(sums: np.ndarray, points: int, k: int, undefined: np.ndarray) -> np.ndarray:
+    """Rows of summed counts (TP [P×K], FP [P×K], positives [K], negatives [K]) → [rows, 4 `RATES`, P, K]."""
+    rows = len(sums)
+    tp = sums[:, : points * k].reshape(rows, points, k).astype(np.float64)
+    fp = sums[:, points * k : 2 * points * k].reshape(rows, points, k).astype(np.float64)
+    pos = sums[:, 2 * points * k : 2 * points * k + k][:, None, :].astype(np.float64)
+    neg = sums[:, 2 * points * k + k :][:, None, :].astype(np.float64)
+    tn, fn = neg - fp, pos - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates = np.stack([tp / pos, tn / neg, tp / (tp + fp), tn / (tn + fn)], axis=1)
+    rates[:, :, undefined] = np.nan
+    return rates
+
+
+def operating_points(
+    y: np.ndarray,
+    p: np.ndarray,
+    points: dict[str, tuple[dict[str, Any], np.ndarray]],
+    n_boot: int,
+    seed: int,
+    patient_ids: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """Test figures at each point's thresholds, JSON-ready: `{name: {metric, target, thresholds_from,
+    findings: {finding: {threshold, target, n_pos, sensitivity, sensitivity_lo, sensitivity_hi, ...}}}}`
+    for RATES, with 95% percentile CIs from the (patient) bootstrap. `points` maps a name to (its
+    description: metric, target, per_finding, thresholds_from) and its per-finding thresholds."""
+    if not points:
+        return {}
+    thresholds = np.stack([np.asarray(t, dtype=float) for _, t in points.values()])
+    whole, boots = bootstrap_rates(y, p, thresholds, n_boot, seed, patient_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: rates never defined
+        low, high = np.nanpercentile(boots, [2.5, 97.5], axis=0) if n_boot else (whole * np.nan,) * 2
+    out = {}
+    for q, (name, (description, _)) in enumerate(points.items()):
+        findings = {}
+        for c, finding in enumerate(FINDINGS):
+            row: dict[str, Any] = {
+                "threshold": json_number(thresholds[q, c]),
+                "target": json_number(description["per_finding"].get(finding, description["target"])),
+                "n_pos": int((y[:, c] > 0.5).sum()),
+            }
+            for r, rate in enumerate(RATES):
+                row |= {rate: json_number(whole[r, q, c]), f"{rate}_lo": json_number(low[r, q, c]),
+                        f"{rate}_hi": json_number(high[r, q, c])}  # fmt: skip
+            findings[finding] = row
+        out[name] = {**description, "findings": findings}
+    return out
+
+
+def json_number(value: Any) -> float | None:
+    """A float for JSON: None for NaN or missing."""
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def report_thresholds(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """`{point: {finding: threshold}}` of a report dict (`to_dict()`, a version's metrics.json): Youden's from
+    its per-finding table, and every named operating point it has; undefined thresholds left out."""
+    points = {YOUDEN: {row["finding"]: row.get("threshold") for row in metrics.get("per_class", [])}}
+    for name, point in (metrics.get("operating_points") or {}).items():
+        points[name] = {finding: row.get("threshold") for finding, row in point["findings"].items()}
+    return {
+        name: {f: float(t) for f, t in values.items() if t is not None and np.isfinite(t)}
+        for name, values in points.items()
+    }
+
+
+def _describe_point(name: str, point: dict[str, Any]) -> str:
+    goal = (
+        "max sensitivity + specificity"
+        if point["metric"] == YOUDEN
+        else f"{point['metric']} ≥ {point['target']}"
+    )
+    return f"operating point {name} ({goal}; thresholds from {point['thresholds_from']})"
+
+
+def _point_table(point: dict[str, Any]) -> str:
+    rows = {
+        finding: {"threshold": row["threshold"], **{rate: with_ci(row, rate) for rate in RATES}}
+        for finding, row in point["findings"].items()
+    }
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    return frame.to_string(float_format=lambda v: f"{v:.3f}", na_rep="n/a")
+
+
+def with_ci(row: dict[str, Any], rate: str) -> str:
+    """`0.912 (0.880–0.940)` from a row's `rate`, `rate_lo`, `rate_hi` (the value alone without a CI)."""
+    value, low, high = row.get(rate), row.get(f"{rate}_lo"), row.get(f"{rate}_hi")
+    if value is None or value != value:
+        return "n/a"
+    return f"{value:.3f}" if low is None or high is None else f"{value:.3f} ({low:.3f}–{high:.3f})"
 
 
 def calibration(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> tuple[float, pd.DataFrame]:
@@ -291,8 +522,11 @@ def evaluate(
     n_boot: int = 1000,
     seed: int = 0,
     patient_ids: Any = None,
+    targets: Sequence[OperatingTarget] = (),
+    target_thresholds: dict[str, np.ndarray] | None = None,
 ) -> EvaluationReport:
-    """Evaluate N×14 probabilities against N×14 labels; `thresholds` come from validation when given.
+    """Evaluate N×14 probabilities against N×14 labels; `thresholds` (Youden's) and `target_thresholds`
+    (per named target, from `choose_thresholds`) come from validation when given, else from this set.
 
     The CIs resample patients given `patient_ids` (one per image; default: `meta`'s `patient_id` column
     when it has one), else images.
@@ -307,6 +541,14 @@ def evaluate(
     source = "validation" if thresholds is not None else "this set (Youden; optimistic)"
     thresholds = youden_thresholds(y, p) if thresholds is None else np.asarray(thresholds, dtype=float)
     boots = bootstrap_aurocs(y, p, n_boot, seed, patient_ids) if n_boot else np.full((0, y.shape[1]), np.nan)
+    points: dict[str, tuple[dict[str, Any], np.ndarray]] = {
+        YOUDEN: ({"metric": YOUDEN, "target": None, "per_finding": {}, "thresholds_from": source}, thresholds)
+    }
+    target_source = "validation" if target_thresholds is not None else "this set (optimistic)"
+    chosen = choose_thresholds(y, p, targets) if target_thresholds is None else target_thresholds
+    for target in targets:
+        description = {"metric": target.metric, "target": target.target, "per_finding": target.per_finding}
+        points[target.name] = (description | {"thresholds_from": target_source}, chosen[target.name])
     rows, curves = [], {}
     for c, finding in enumerate(FINDINGS):
         yc, pc = y[:, c], p[:, c]
@@ -355,6 +597,7 @@ def evaluate(
         source,
         "images" if patient_ids is None else "patients",
         clusters(patient_ids, len(y))[1],
+        operating_points(y, p, points, n_boot, seed, patient_ids),
     )
 
 
@@ -383,8 +626,10 @@ def evaluate_files(
     thresholds_from: str | Path | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    targets: Sequence[OperatingTarget] = (),
 ) -> EvaluationReport:
-    """Evaluate a predictions CSV against an NIH Data_Entry file; thresholds from another CSV if given.
+    """Evaluate a predictions CSV against an NIH Data_Entry file; thresholds (Youden's and at each of
+    `targets`) from another CSV if given.
 
     The CIs resample the file's patients (`Patient ID`)."""
     from cxr.data.metadata import read_metadata
@@ -400,9 +645,10 @@ def evaluate_files(
         return label_array[rows], frame[list(FINDINGS)].to_numpy(dtype=float), meta.iloc[rows]
 
     y, p, sub = aligned(preds)
-    thresholds = None
+    thresholds, chosen = None, None
     if thresholds_from is not None:
         yv, pv, _ = aligned(read_predictions(thresholds_from))
-        thresholds = youden_thresholds(yv, pv)
+        thresholds, chosen = youden_thresholds(yv, pv), choose_thresholds(yv, pv, targets)
     sub = sub.reset_index(drop=True)
-    return evaluate(y, p, sub, thresholds, n_boot, seed, patient_ids=sub["patient_id"].to_numpy())
+    patients = sub["patient_id"].to_numpy()
+    return evaluate(y, p, sub, thresholds, n_boot, seed, patients, targets, chosen)

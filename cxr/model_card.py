@@ -1,8 +1,11 @@
-"""Model cards (Markdown) for registered models: lineage, metrics with CIs, subgroups, calibration, use."""
+"""Model cards (Markdown) for registered models: lineage, metrics with CIs, operating points, subgroups,
+calibration, the promotion decision, use."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from cxr.evaluate import RATES, with_ci
 
 INTENDED_USE = """\
 Research and engineering use: triage-support experiments, benchmarking and MLOps development on chest
@@ -25,8 +28,10 @@ def render_model_card(
     lineage: dict[str, Any],
     decision: str,
     training: dict[str, Any] | None = None,
+    at_production_thresholds: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The model card text for one version, from an evaluation report dict and its lineage."""
+    """The model card text for one version, from an evaluation report dict and its lineage; with the gate's
+    table of both models at production's thresholds (`cxr.gate.threshold_table`) when there was one."""
     ci = metrics.get("mean_auroc_ci", [float("nan")] * 2)
     lines = [
         f"# Model card: cxr chest X-ray classifier, version {version}",
@@ -52,6 +57,7 @@ def render_model_card(
             f" | {_f(row['auprc'])} | {_f(row['sensitivity'])} | {_f(row['specificity'])} | {_f(row['ppv'])}"
             f" | {_f(row['ece'])} |"
         )
+    lines += ["", "## Operating points", *_operating_point_lines(metrics.get("operating_points"))]
     lines += [
         "",
         "## Calibration",
@@ -61,7 +67,9 @@ def render_model_card(
     lines += ["", "## Subgroups", *_subgroup_lines(metrics)]
     if training:
         lines += ["", "## Training", *(f"- {key}: `{value}`" for key, value in training.items())]
-    lines += ["", "## Promotion decision", decision or "(none)", "", "## Intended use", INTENDED_USE]
+    lines += ["", "## Promotion decision", decision or "(none)"]
+    lines += _production_threshold_lines(at_production_thresholds)
+    lines += ["", "## Intended use", INTENDED_USE]
     lines += ["", "## Limits", LIMITS, ""]
     return "\n".join(lines)
 
@@ -110,4 +118,61 @@ def _calibration_lines(summary: dict[str, Any] | None) -> list[str]:
     ]
     for finding, row in summary["per_finding"].items():
         lines.append(f"| {finding} | {row['method']} | {_f(row['ece_before'])} | {_f(row['ece_after'])} |")
+    return lines
+
+
+def _operating_point_lines(points: dict[str, Any] | None) -> list[str]:
+    """Per operating point: how its thresholds were chosen, then per finding the threshold and the test
+    sensitivity, specificity, PPV and NPV with 95% CIs."""
+    if not points:
+        return ["Only the Youden thresholds in the table above were evaluated."]
+    lines = [
+        "Each threshold was chosen per finding; a finding is called positive when its probability is at"
+        " least the threshold. Test figures with 95% bootstrap CIs (same resampling as AUROC)."
+    ]
+    for name, point in points.items():
+        lines += [
+            "",
+            f"**{name}**: {_goal(point)}, on {point['thresholds_from']}.",
+            "",
+            "| finding | threshold | sensitivity (95% CI) | specificity (95% CI) | PPV (95% CI)"
+            " | NPV (95% CI) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for finding, row in point["findings"].items():
+            rates = " | ".join(with_ci(row, rate) for rate in RATES)
+            lines.append(f"| {finding} | {_f(row['threshold'])} | {rates} |")
+    return lines
+
+
+def _goal(point: dict[str, Any]) -> str:
+    """How an operating point's thresholds were chosen, in words."""
+    if point["metric"] == "youden":
+        return "Youden's J (maximum sensitivity + specificity − 1)"
+    extreme = "highest" if point["metric"] == "sensitivity" else "lowest"
+    overrides = f" (per finding: {point['per_finding']})" if point.get("per_finding") else ""
+    return f"the {extreme} threshold with {point['metric']} ≥ {point['target']}{overrides}"
+
+
+def _production_threshold_lines(rows: list[dict[str, Any]] | None) -> list[str]:
+    """The gate's table: production and this version at production's thresholds, and this version at its
+    own, on the same test images."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "At production's thresholds, on the same test images (sensitivity / specificity):",
+        "",
+        "| point | finding | positives | production threshold | production | this version"
+        " | own threshold | this version at own |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        pair = {who: f"{_f(r.get(f'{who}_sensitivity'))} / {_f(r.get(f'{who}_specificity'))}"
+                for who in ("production", "candidate", "candidate_own")}  # fmt: skip
+        lines.append(
+            f"| {r['point']} | {r['finding']} | {r['positives']} | {_f(r['threshold'])}"
+            f" | {pair['production']} | {pair['candidate']} | {_f(r.get('candidate_threshold'))}"
+            f" | {pair['candidate_own']} |"
+        )
     return lines

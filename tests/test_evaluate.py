@@ -1,3 +1,4 @@
+import itertools
 import json
 import subprocess
 import sys
@@ -10,7 +11,17 @@ from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_s
 from cxr.data.findings import FINDINGS
 from cxr.data.metadata import read_metadata
 from cxr.data.split import patient_split
-from cxr.evaluate import EvaluationError, bootstrap_aurocs, calibration, evaluate, youden_thresholds
+from cxr.evaluate import (
+    RATES,
+    EvaluationError,
+    bootstrap_aurocs,
+    bootstrap_rates,
+    calibration,
+    choose_thresholds,
+    evaluate,
+    parse_operating_points,
+    youden_thresholds,
+)
 from cxr.model_card import render_model_card
 
 
@@ -213,3 +224,133 @@ def test_cli_on_real_nih_labels(nih_root, tmp_path):
     frame.to_csv(preds, index=False)
     bad = subprocess.run(cmd, capture_output=True, text=True)
     assert bad.returncode == 2 and "not in" in bad.stderr
+
+
+TARGETS = {"high_sensitivity": {"sensitivity": 0.9, "per_finding": {"Hernia": 0.95}},
+           "high_specificity": {"specificity": 0.9}}  # fmt: skip
+
+
+def test_operating_thresholds_reach_their_targets(nih_scores):
+    """On a real NIH patient split: each chosen threshold reaches its target on validation and is the
+    extreme one that does (a step further misses it); on the 22,423 test images the achieved figure lands
+    near the target wherever there are enough positives to measure it."""
+    table, labels, scores = nih_scores
+    split = patient_split(table["patient_id"].to_numpy(), labels, seed=0)
+    targets = parse_operating_points(TARGETS)
+    chosen = choose_thresholds(labels[split.val], scores[split.val], targets)
+    deviation = {}
+    for k, finding in enumerate(FINDINGS):
+        yv, pv = labels[split.val, k] > 0.5, scores[split.val, k]
+        sensitive, specific = chosen["high_sensitivity"][k], chosen["high_specificity"][k]
+        goal = 0.95 if finding == "Hernia" else 0.9
+        assert (pv[yv] >= sensitive).mean() >= goal
+        assert (pv[yv] >= pv[yv][pv[yv] > sensitive].min()).mean() < goal  # the next positive up misses it
+        assert (pv[~yv] < specific).mean() >= 0.9
+        assert (pv[~yv] < pv[~yv][pv[~yv] < specific].max()).mean() < 0.9  # the next negative down misses it
+        yt, pt = labels[split.test, k] > 0.5, scores[split.test, k]
+        deviation[finding] = ((pt[yt] >= sensitive).mean() - goal, (pt[~yt] < specific).mean() - 0.9)
+    print(
+        "\ntest sensitivity − target, specificity − target:",
+        {f: np.round(d, 4) for f, d in deviation.items()},
+    )
+    measured = [f for k, f in enumerate(FINDINGS) if labels[split.test, k].sum() >= 500]
+    assert len(measured) == 10
+    assert all(abs(deviation[f][0]) <= 0.05 for f in measured)
+    assert np.mean([abs(deviation[f][0]) for f in measured]) <= 0.03
+    assert all(abs(d[1]) <= 0.01 for d in deviation.values())  # negatives are plentiful for every finding
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # rare findings: no positives among 1,000 patients
+def test_operating_point_cis_cover_the_truth(nih_scores):
+    """Samples of 1,000 real NIH patients, thresholds fixed at the population's 90% sensitivity and 90%
+    specificity: the patient bootstrap's 95% CIs of sensitivity, specificity, PPV and NPV contain the
+    population value near nominally; the image bootstrap's miss it far more often."""
+    table, labels, scores = nih_scores
+    patients = table["patient_id"].to_numpy()
+    chosen = choose_thresholds(labels, scores, parse_operating_points(TARGETS))
+    thresholds = np.stack(list(chosen.values()))
+    truth, _ = bootstrap_rates(labels, scores, thresholds, 0, 0)
+    common = np.argsort(-labels.mean(axis=0))[:4]
+    rng = np.random.default_rng(1)
+    covered: dict[str, list] = {"images": [], "patients": []}
+    for replicate in range(100):
+        rows = np.flatnonzero(np.isin(patients, rng.choice(np.unique(patients), 1000, replace=False)))
+        for unit, ids in (("images", None), ("patients", patients[rows])):
+            _, boots = bootstrap_rates(labels[rows], scores[rows], thresholds, 200, replicate, ids)
+            low, high = np.nanpercentile(boots, [2.5, 97.5], axis=0)
+            covered[unit].append(((low <= truth) & (truth <= high))[..., common])
+    coverage = {unit: np.mean(hits, axis=(0, 2, 3)) for unit, hits in covered.items()}  # per rate
+    print(f"\n95% CI coverage of {RATES}: {coverage}")
+    assert (coverage["patients"] >= 0.87).all() and coverage["patients"].mean() >= 0.9
+    assert (coverage["images"] < 0.8).all()
+
+
+def test_operating_point_resample_matches_a_confusion_matrix(data):
+    """A bootstrap resample's rates are those of the resampled images (patients drawn with replacement)."""
+    y, p, _ = data
+    patients = np.random.default_rng(4).integers(100, 330, len(y))
+    thresholds = np.stack([np.full(14, 0.5), youden_thresholds(y, p)])
+    whole, boots = bootstrap_rates(y, p, thresholds, 3, 11, patients)
+    cluster, ids = pd.factorize(patients)
+    draws = np.random.default_rng(11).integers(0, len(ids), size=(3, len(ids)))  # the same draws
+    for b, (q, k) in itertools.product(range(3), ((0, 0), (1, 7), (1, 13))):
+        rows = np.concatenate([np.flatnonzero(cluster == g) for g in draws[b]])
+        tn, fp, fn, tp = confusion_matrix(y[rows, k], p[rows, k] >= thresholds[q, k]).ravel()
+        expected = [tp / (tp + fn), tn / (tn + fp), tp / (tp + fp), tn / (tn + fn)]
+        assert boots[b, :, q, k] == pytest.approx(expected, abs=1e-12)
+    tn, fp, fn, tp = confusion_matrix(y[:, 7], p[:, 7] >= thresholds[1, 7]).ravel()
+    assert whole[:, 1, 7] == pytest.approx([tp / (tp + fn), tn / (tn + fp), tp / (tp + fp), tn / (tn + fn)])
+
+
+def test_report_carries_operating_points(data):
+    """Youden's and each named point, with CIs around the value, in the JSON report (strict JSON) and
+    the table; thresholds from validation when given, else from the set itself, said so."""
+    y, p, meta = data
+    targets = parse_operating_points(TARGETS)
+    chosen = choose_thresholds(y[:400], p[:400], targets)
+    report = evaluate(y[400:], p[400:], meta.iloc[400:], youden_thresholds(y[:400], p[:400]), 200, 0,
+                      targets=targets, target_thresholds=chosen)  # fmt: skip
+    points = json.loads(json.dumps(report.to_dict(), allow_nan=False))["operating_points"]
+    assert list(points) == ["youden", "high_sensitivity", "high_specificity"]
+    assert {point["thresholds_from"] for point in points.values()} == {"validation"}
+    row = points["high_sensitivity"]["findings"]["Hernia"]
+    assert row["threshold"] == pytest.approx(chosen["high_sensitivity"][13]) and row["target"] == 0.95
+    tn, _fp, fn, tp = confusion_matrix(y[400:, 13], p[400:, 13] >= row["threshold"]).ravel()
+    assert (row["sensitivity"], row["npv"]) == (pytest.approx(tp / (tp + fn)), pytest.approx(tn / (tn + fn)))
+    for point in points.values():
+        for finding, values in point["findings"].items():
+            for rate in RATES:
+                assert values[f"{rate}_lo"] <= values[rate] <= values[f"{rate}_hi"], (finding, rate)
+    youden = points["youden"]["findings"]["Mass"]
+    assert youden["sensitivity"] == pytest.approx(report.per_class.loc["Mass", "sensitivity"])
+    assert (
+        "operating point high_specificity (specificity ≥ 0.9; thresholds from validation)" in report.table()
+    )
+    optimistic = evaluate(y, p, n_boot=0, targets=targets).to_dict()["operating_points"]
+    assert optimistic["high_sensitivity"]["thresholds_from"] == "this set (optimistic)"
+    assert optimistic["high_sensitivity"]["findings"]["Mass"]["sensitivity"] >= 0.9
+    assert optimistic["high_sensitivity"]["findings"]["Mass"]["sensitivity_lo"] is None  # no resamples
+    card = render_model_card(1, report.to_dict(), {}, "promoted")
+    assert "## Operating points" in card and "**high_sensitivity**: the highest threshold with" in card
+    assert (
+        f"| Hernia | {row['threshold']:.3f} | {row['sensitivity']:.3f} ({row['sensitivity_lo']:.3f}–" in card
+    )
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"youden": {"sensitivity": 0.9}}, "names are"),
+        ({"a b": {"sensitivity": 0.9}}, "names are"),
+        ({"both": {"sensitivity": 0.9, "specificity": 0.9}}, "exactly one"),
+        ({"none": {"ppv": 0.9}}, "exactly one"),
+        ({"zero": {"sensitivity": 0}}, r"\(0, 1\]"),
+        ({"text": {"sensitivity": "high"}}, r"\(0, 1\]"),
+        ({"finding": {"sensitivity": 0.9, "per_finding": {"Cancer": 0.9}}}, "per_finding maps"),
+        ({"override": {"sensitivity": 0.9, "per_finding": {"Hernia": 1.5}}}, r"\(0, 1\]"),
+        (["sensitivity"], "must map names"),
+    ],
+)
+def test_bad_operating_points_are_clear_errors(setting, message):
+    with pytest.raises(EvaluationError, match=message):
+        parse_operating_points(setting)
