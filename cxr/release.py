@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,8 @@ import torch
 
 from cxr.data.cache import ShardCache
 from cxr.data.findings import FINDINGS
-from cxr.evaluate import auroc_or_nan
-from cxr.gate import GateDecision
+from cxr.evaluate import YOUDEN, auroc_or_nan, report_thresholds
+from cxr.gate import GateDecision, threshold_table
 from cxr.model import CXRNet
 from cxr.model_card import render_model_card
 from cxr.package import build_package, export_and_verify_onnx, score_package
@@ -63,15 +63,24 @@ def fitted_images(version: ModelVersion) -> set[str] | None:
     return set(json.loads(gzip.decompress(path.read_bytes()))["fitted"])
 
 
+def registered_thresholds(version: ModelVersion) -> dict[str, dict[str, float]]:
+    """`{operating point: {finding: threshold}}` a version was registered with (its metrics.json: Youden's
+    and each named operating point); empty when it has no metrics file."""
+    path = version.directory / "metrics.json"
+    return report_thresholds(json.loads(path.read_text())) if path.is_file() else {}
+
+
 @dataclass
 class Comparison:
-    """Candidate and production AUROC on the same test images, none of which either model was fitted to."""
+    """Candidate and production AUROC on the same test images, none of which either model was fitted to,
+    and both models at production's operating thresholds there (`cxr.gate.threshold_table`)."""
 
     candidate: dict[str, float]
     production: dict[str, float] | None
     images: int
     excluded: int = 0
     refused: str | None = None
+    at_production_thresholds: list[dict[str, Any]] = field(default_factory=list)
 
 
 def compare_with_production(
@@ -80,12 +89,15 @@ def compare_with_production(
     test_rows: np.ndarray,
     candidate_probs: np.ndarray,
     min_share: float = 0.5,
+    candidate_thresholds: dict[str, dict[str, float]] | None = None,
 ) -> Comparison:
     """Score production on the candidate's test rows that production never trained on.
 
     Test rows in production's recorded training or validation images are left out of both sides; when
     production recorded none, or fewer than `min_share` of the test rows remain, the comparison is refused
-    with the reason (the gate then keeps the candidate for a manual decision).
+    with the reason (the gate then keeps the candidate for a manual decision). On the rows compared, both
+    models are also measured at production's registered thresholds, and the candidate at its own
+    `candidate_thresholds` (`{point: {finding: threshold}}`, as `cxr.evaluate.report_thresholds` reads).
     """
     labels = cache.labels[test_rows]
     production = registry.production()
@@ -107,7 +119,9 @@ def compare_with_production(
         production.package, cache, test_rows[clean], label=f"production v{production.version}"
     )
     candidate = _aurocs(labels[clean], candidate_probs[clean])
-    return Comparison(candidate, _aurocs(labels[clean], production_probs), images, excluded)
+    table = threshold_table(labels[clean], candidate_probs[clean], production_probs,
+                            registered_thresholds(production), candidate_thresholds)  # fmt: skip
+    return Comparison(candidate, _aurocs(labels[clean], production_probs), images, excluded, None, table)
 
 
 def _aurocs(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -141,10 +155,11 @@ def release_model(
     (default: the gate's, as `registration_status` without a deploy step), so a failure anywhere leaves
     no production version with missing files.
     """
-    thresholds = {row["finding"]: row["threshold"] for row in metrics.get("per_class", [])}
+    thresholds = report_thresholds(metrics)
     metadata = {
         **package_settings,
-        "thresholds": thresholds,
+        "thresholds": thresholds.pop(YOUDEN, {}),
+        "operating_points": thresholds,  # {name: {finding: threshold}} besides Youden's
         "lineage": lineage,
         "name": f"cxr-{registry.group}",
     }
@@ -163,9 +178,8 @@ def release_model(
             status="candidate",
             decision=decision.text(),
         )
-        card = render_model_card(
-            version.version, metrics, lineage, decision.text(), {"ONNX check": onnx_check}
-        )
+        card = render_model_card(version.version, metrics, lineage, decision.text(),
+                                 {"ONNX check": onnx_check}, decision.at_production_thresholds)  # fmt: skip
         stamped = build_package(
             state_dict,
             {**metadata, "version": version.version},
