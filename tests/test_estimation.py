@@ -320,9 +320,10 @@ def test_label_free_check_is_quiet_on_unchanged_windows(nih, monitored):
     results = run_checks(baseline, as_traffic(nih.probs[pool[:500]], 99), MonitorConfig(permutations=99))
     rows = label_free(results)  # part of every window's checks, no nih.labels needed
     assert len(rows) == 3 * len(FINDINGS) and not rows["violation"].any()
-    assert {"ci_low", "ci_high", "baseline_value", "baseline_measured", "adjusted_p_value"} <= set(
+    assert {"estimate", "ci_low", "ci_high", "floor", "baseline_value", "baseline_measured"} <= set(
         rows.columns
     )
+    assert np.allclose(rows["statistic"], rows["baseline_value"] - rows["estimate"])  # the shortfall
     assert rows.loc["auroc.Effusion", "baseline_measured"] == baseline.auroc["Effusion"]
 
 
@@ -342,7 +343,7 @@ def test_label_free_check_flags_a_real_fall(nih, monitored):
         k = FINDINGS.index(finding)
         true = roc_auc_score(nih.labels[ap, k], nih.probs[ap, k])  # all AP films of the pool
         row = found.loc[f"auroc.{finding}"]
-        print(f"{finding:>18}: estimate {row['statistic']:.3f}, true on AP films {true:.3f}, "
+        print(f"{finding:>18}: estimate {row['estimate']:.3f}, true on AP films {true:.3f}, "
               f"baseline {row['baseline_value']:.3f} (measured {baseline.auroc[finding]:.3f})")  # fmt: skip
         assert true < baseline.auroc[finding] - 0.05
     assert len(flagged) >= 5
@@ -370,7 +371,8 @@ def test_an_absolute_floor_and_the_settings(nih, monitored):
         pd.DataFrame(label_free_checks(baseline, as_traffic(nih.probs[pool[:1000]], 0), config))
     )
     auroc = found[found.index.str.startswith("auroc.")]
-    assert (auroc["threshold"] == 0.95).all() and auroc["violation"].sum() >= 10
+    assert np.allclose(auroc["floor"], 0.95) and auroc["violation"].sum() >= 10
+    assert np.allclose(auroc["threshold"], auroc["baseline_value"] - 0.95)
     assert not found.loc[~found.index.str.startswith("auroc."), "violation"].any()
     assert (
         label_free_checks(baseline, as_traffic(nih.probs[pool[:1]], 0), MonitorConfig()) == []

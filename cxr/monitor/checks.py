@@ -242,9 +242,10 @@ def label_free_checks(baseline: Baseline, traffic: Traffic, config: MonitorConfi
     calibrated probabilities, no labels) on the window against the same estimates on the baseline.
 
     The floor is the baseline's estimate minus a margin (`auroc_margin`, `operating_point_margin`), or
-    `min_estimated_auroc` for AUROC where that is higher. Each row's p-value is one-sided (the estimate's
-    standard errors on both sides, or the window's alone against the absolute floor); a violation when the
-    Holm-adjusted p-value is below `alpha`. Rows carry the estimate, its 95% CI, the baseline's estimate
+    `min_estimated_auroc` for AUROC where that is higher. The statistic is the shortfall (baseline's estimate
+    minus the window's), the threshold the shortfall allowed; the p-value is one-sided (standard errors of
+    both estimates, or the window's alone against the absolute floor); a violation when the Holm-adjusted
+    p-value is below `alpha`. Rows carry the `estimate`, its 95% CI, the `floor`, the baseline's estimate
     (`baseline_value`) and, for AUROC, the baseline's measured value (`baseline_measured`).
     """
     cut = np.array([baseline.thresholds.get(f, 0.5) for f in FINDINGS])
@@ -253,7 +254,7 @@ def label_free_checks(baseline: Baseline, traffic: Traffic, config: MonitorConfi
     rows = [
         row
         for metric in LABEL_FREE_METRICS
-        for i, finding in enumerate(FINDINGS)
+        for i in range(len(FINDINGS))
         if (row := _label_free_row(metric, i, window, reference, baseline, config)) is not None
     ]
     adjusted = holm(np.array([r["p_value"] for r in rows]))
@@ -270,25 +271,30 @@ def _label_free_row(
     baseline: Baseline,
     config: MonitorConfig,
 ) -> dict[str, Any] | None:
-    """One finding's estimate against its floor; None where either side has no estimate."""
+    """One finding's estimate against its floor, as a shortfall (the baseline's estimate minus the window's)
+    against the shortfall allowed; None where either side has no estimate."""
     value, se, base, base_se = (side[k][i] for side in (window, reference) for k in (metric, f"{metric}_se"))
     if not np.isfinite([value, se, base, base_se]).all():
         return None
-    margin = config.auroc_margin if metric == "auroc" else config.operating_point_margin
-    floor, spread = base - margin, float(np.hypot(se, base_se))  # both sides are estimates
-    if metric == "auroc" and config.min_estimated_auroc > floor:
-        floor, spread = config.min_estimated_auroc, float(se)  # a fixed floor: the window's error alone
-    p_value = float(stats.norm.cdf((value - floor) / spread)) if spread > 0 else float(value >= floor)
-    finding = FINDINGS[i]
+    allowed = config.auroc_margin if metric == "auroc" else config.operating_point_margin
+    spread = float(np.hypot(se, base_se))  # both sides are estimates
+    if metric == "auroc" and config.min_estimated_auroc > base - allowed:  # a fixed floor binds ...
+        allowed, spread = base - config.min_estimated_auroc, float(se)  # ... only the window's error counts
+    shortfall = base - value
+    p_value = float(stats.norm.sf((shortfall - allowed) / spread) if spread > 0 else shortfall < allowed)
+    low, high = value - 1.96 * se, value + 1.96 * se
+    name = f"{metric}.{FINDINGS[i]}"
     extra = {
-        "ci_low": float(value - 1.96 * se),
-        "ci_high": float(value + 1.96 * se),
+        "estimate": float(value),
+        "ci_low": float(low),
+        "ci_high": float(high),
         "baseline_value": float(base),
+        "floor": float(base - allowed),
         "estimated_prevalence": float(window["prevalence"][i]),
     }
-    if metric == "auroc" and finding in baseline.auroc:
-        extra["baseline_measured"] = float(baseline.auroc[finding])
-    return _row("label_free", f"{metric}.{finding}", value, floor, p_value, **extra)
+    if metric == "auroc" and FINDINGS[i] in baseline.auroc:
+        extra["baseline_measured"] = float(baseline.auroc[FINDINGS[i]])
+    return _row("label_free", name, shortfall, allowed, p_value, **extra)
 
 
 def match_labels(traffic: Traffic, labels: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
