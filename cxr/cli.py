@@ -108,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
         models=models, weights=weights, host=args.host, port=args.port, capture=args.capture,
         capture_sample_percent=args.capture_sample, endpoint_name=args.endpoint_name, backend=args.backend,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads, sessions=args.sessions,
-        max_body_mb=args.max_body_mb, limits=limits_from_args(args),
+        max_body_mb=args.max_body_mb, limits=limits_from_args(args), input_gate=args.input_gate,
     )  # fmt: skip
     print(f"serving {', '.join(f'{k}={v}' for k, v in models.items())} on http://{args.host}:{args.port}")
     serve(config)
@@ -360,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--sessions", type=int, default=2, help="ONNX Runtime sessions scoring batches at once")
     srv.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted")
+    srv.add_argument(
+        "--input-gate", choices=["refuse", "flag"], default="refuse",
+        help="an image the input gate judges out of distribution: refuse the request (422) or answer with "
+        "the verdict",
+    )  # fmt: skip
     add_limit_arguments(srv)
     srv.set_defaults(func=_serve)
 

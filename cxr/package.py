@@ -4,6 +4,7 @@ model.pt            the network's state dict
 model.onnx          the serving graph for ONNX Runtime (when exported and verified)
 metadata.json       findings, image size, crop, dropout, thresholds, name, version, lineage, ONNX check
 model_card.md       the model card
+input_gate.npz      the input gate's out-of-distribution detectors (when fitted; see cxr.ood)
 code/inference.py   SageMaker handlers (re-exported from cxr.inference)
 code/requirements.txt
 code/cxr/...        the cxr library itself, so the handlers import it inside any PyTorch container
@@ -37,8 +38,10 @@ def build_package(
     out_path: str | Path,
     model_card: str = "",
     onnx_path: str | Path | None = None,
+    files: dict[str, str | Path] | None = None,
 ) -> Path:
-    """Write `model.tar.gz` (see module doc); `metadata` needs image_size, crop and dropout."""
+    """Write `model.tar.gz` (see module doc); `metadata` needs image_size, crop and dropout; `files` go in
+    beside the model under their names (e.g. the input gate's `input_gate.npz`)."""
     missing = {"image_size", "crop", "dropout"} - set(metadata)
     if missing:
         raise ValueError(f"package metadata lacks {sorted(missing)}")
@@ -54,6 +57,8 @@ def build_package(
         add_bytes(tar, "model.pt", weights.getvalue())
         if onnx_path is not None:
             tar.add(str(onnx_path), arcname="model.onnx")
+        for name, path in sorted((files or {}).items()):
+            add_bytes(tar, name, Path(path).read_bytes())
         add_bytes(tar, "metadata.json", json.dumps(metadata, indent=1).encode())
         add_bytes(tar, "model_card.md", model_card.encode())
         add_bytes(tar, "code/inference.py", INFERENCE_SHIM.encode())

@@ -5,6 +5,9 @@ POST /invocations     image/png, image/jpeg, application/dicom, application/x-np
 GET  /metrics         Prometheus text format
 GET  /models          the served variants
 GET|POST /admin/weights   read or change A/B weights without a restart
+
+Every answer carries the input gate's verdict per image (`cxr.serve.trust`); `?uncertainty=true` adds the
+MC-dropout uncertainty per finding.
 """
 
 from __future__ import annotations
@@ -36,10 +39,12 @@ from cxr.serve.limits import Limits, exceeds
 from cxr.serve.metrics import ServerMetrics
 from cxr.serve.predictor import Predictor, load_predictor
 from cxr.serve.router import Router
+from cxr.serve.trust import POLICIES, InputRefused, Trust, enforce, wants_uncertainty
 
 log = logging.getLogger(__name__)
 
 EXPLAIN = "X-Cxr-Explain"
+UNCERTAINTY = "X-Cxr-Uncertainty"
 
 
 @dataclass
@@ -61,6 +66,11 @@ class ServerConfig:
     sessions: int = 2  # ONNX Runtime sessions scoring batches at once (one runs while the next fills)
     limits: Limits = field(default_factory=Limits)
     capture_wait_seconds: float = 1.0  # how long a request waits for room in a full capture queue
+    input_gate: str = "refuse"  # out-of-distribution images: refuse (422) or flag in the answer
+
+    def __post_init__(self) -> None:
+        if self.input_gate not in POLICIES:
+            raise ValueError(f"input_gate must be one of {POLICIES}, not {self.input_gate!r}")
 
 
 @dataclass
@@ -72,6 +82,7 @@ class Variant:
     batcher: DynamicBatcher | None = None
     explainer: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    trust: Trust | None = None
 
     @property
     def info(self) -> dict[str, Any]:
@@ -95,7 +106,8 @@ class Server:
         self.variants = {}
         for name, directory in config.models.items():
             predictor = load_predictor(directory, config.backend, config.threads, config.sessions)
-            self.variants[name] = Variant(name, predictor, metadata=predictor.metadata)
+            trust = Trust.from_package(directory, predictor.metadata)
+            self.variants[name] = Variant(name, predictor, metadata=predictor.metadata, trust=trust)
         self.model_dirs = dict(config.models)
         default = (
             {"A": 0.9, "B": 0.1} if set(self.variants) == {"A", "B"} else {n: 1.0 for n in self.variants}
@@ -169,6 +181,8 @@ class Server:
             if accept not in ("", "*/*", JSON, "application/*"):
                 raise NotAcceptable(f"cannot produce {accept!r}; responses are {JSON}")
             explain = _explain_request(request, limits)
+            asked = request.query.get("uncertainty") or request.headers.get(UNCERTAINTY)
+            uncertain = wants_uncertainty(asked)
             body = await _read_body(request)
             loop = asyncio.get_running_loop()
             content_type = request.headers.get("Content-Type")
@@ -179,14 +193,23 @@ class Server:
             if batcher is None:
                 raise RuntimeError("the server has not started its batchers")
             scored = await asyncio.gather(*(batcher.submit(crop) for crop in crops))
+            checks, spread = await loop.run_in_executor(
+                self.cpu_pool, self._trust, variant, images, crops, scored, uncertain
+            )
+            self._count_verdicts(variant, checks)
+            enforce(checks, self.config.input_gate, batch=len(images) > 1 or media_type(content_type) == JSON)
             heatmaps = await loop.run_in_executor(self.cpu_pool, self._explain, variant, crops, explain)
             event_id = new_event_id()
-            response = self._response(variant, scored, heatmaps, event_id, start)
+            response = self._response(variant, scored, heatmaps, event_id, start, checks, spread)
             text = json.dumps(response)
-            await self._capture(variant, request, body, images, crops, scored, text, event_id)
+            trusted = {"checks": checks, "uncertainty": spread}
+            await self._capture(variant, request, body, images, crops, scored, text, event_id, trusted)
             self._record(variant, 200, start, scored)
             self.served += 1
             return web.Response(text=text, content_type=JSON, headers={INVOKED_VARIANT: variant.name})
+        except InputRefused as error:  # captured with the gate's verdicts, so refusals can be monitored
+            gate = {"input_gate": [{k: c[k] for k in ("score", "verdict")} for c in error.checks]}
+            return await self._error(request, variant_name, 422, str(error), start, extra=gate)
         except RequestError as error:
             return await self._error(request, variant_name, error.status_code, str(error), start)
         except CaptureUnavailable as error:  # not captured: capture is what failed
@@ -235,15 +258,20 @@ class Server:
         heatmaps: list[dict[str, str]],
         event_id: str,
         start: float,
+        checks: list[dict[str, Any]],
+        spread: list[dict[str, float]] | None,
     ) -> dict[str, Any]:
         thresholds = variant.metadata.get("thresholds") or {}
         predictions = []
-        for result, maps in zip(scored, heatmaps, strict=True):
+        for index, (result, maps) in enumerate(zip(scored, heatmaps, strict=True)):
             probabilities = {
                 f: round(float(p), 6) for f, p in zip(FINDINGS, result.probabilities, strict=True)
             }
             decisions = {f: bool(probabilities[f] >= float(thresholds.get(f, 0.5))) for f in FINDINGS}
-            prediction: dict[str, Any] = {"probabilities": probabilities, "decisions": decisions}
+            prediction: dict[str, Any] = {"probabilities": probabilities, "decisions": decisions,
+                                          "input_check": checks[index]}  # fmt: skip
+            if spread is not None:
+                prediction["uncertainty"] = spread[index]
             if maps:
                 prediction["heatmaps"] = maps
             predictions.append(prediction)
@@ -254,6 +282,20 @@ class Server:
             "thresholds": {f: float(thresholds.get(f, 0.5)) for f in FINDINGS},
             "latency_ms": round((time.perf_counter() - start) * 1000, 2),
         }
+
+    def _trust(
+        self, variant: Variant, images: list[DecodedImage], crops: list[np.ndarray], scored: list[Scored],
+        uncertain: bool,
+    ) -> tuple[list[dict[str, Any]], list[dict[str, float]] | None]:  # fmt: skip
+        """The input gate's verdict per image and, when asked, the uncertainty per finding."""
+        trust = variant.trust or Trust(self.model_dirs[variant.name], variant.metadata)
+        embeddings = np.stack([s.embedding for s in scored])
+        checks = trust.checks(crops, embeddings, [image.problems for image in images])
+        return checks, trust.uncertainty(embeddings) if uncertain else None
+
+    def _count_verdicts(self, variant: Variant, checks: list[dict[str, Any]]) -> None:
+        for check in checks:
+            self.metrics.input_gate.labels(variant.name, check["verdict"]).inc()
 
     def _explain(
         self, variant: Variant, crops: list[np.ndarray], findings: list[str]
@@ -293,21 +335,28 @@ class Server:
         scored: list[Scored],
         output: str,
         event_id: str,
+        trusted: dict[str, Any],
     ) -> None:
         """Queue the record before the 200 goes out; CaptureUnavailable (a 503) when capture cannot."""
         if self.capture is None or not self.capture.sampled():
             return
         input_type, data = _capturable_input(request, body, images)
         projections = project_embedding(np.stack([s.embedding for s in scored]))
-        features = [
-            {
+        features = []
+        for index, (image, crop, projection) in enumerate(zip(images, crops, projections, strict=True)):
+            check = trusted["checks"][index]
+            feature = {
                 "shape": list(image.original_shape),
                 "content_type": image.content_type,
                 "image_stats": image_stats(crop),
                 "embedding_projection": [round(float(v), 5) for v in projection],
+                "input_gate": {"score": check["score"], "verdict": check["verdict"]},
             }
-            for image, crop, projection in zip(images, crops, projections, strict=True)
-        ]
+            if trusted["uncertainty"] is not None:
+                feature["uncertainty"] = [trusted["uncertainty"][index][f] for f in FINDINGS]
+            if image.acquisition:
+                feature["acquisition"] = image.acquisition
+            features.append(feature)
         attributes = request.headers.get(CUSTOM_ATTRIBUTES)
         version = variant.metadata.get("version")
         record = capture_record(
@@ -329,12 +378,14 @@ class Server:
         start: float,
         detail: str = "",
         capture: bool = True,
+        extra: dict[str, Any] | None = None,
     ) -> web.Response:
-        """Answer an error and capture it: status and message (or `detail`), never the payload."""
+        """Answer an error and capture it: status and message (or `detail`) and any `extra` fields (the input
+        gate's verdicts of a refusal), never the payload."""
         self._record_status(variant, status, start)
         if capture and self.capture is not None and self.capture.sampled():
             version = self.variants[variant].metadata.get("version") if variant in self.variants else None
-            output = json.dumps({"error": (detail or message)[:500]})
+            output = json.dumps({"error": (detail or message)[:500], **(extra or {})})
             kind = media_type(request.headers.get("Content-Type")) or "unknown"
             record = capture_record(kind, b"", output, new_event_id(), variant, version, [], status=status)
             try:
@@ -342,7 +393,7 @@ class Server:
             except CaptureUnavailable as error:
                 self.metrics.capture_refused.labels("error").inc()
                 log.warning("data capture could not take the record of a %d response: %s", status, error)
-        return web.json_response({"error": message}, status=status)
+        return web.json_response({"error": message, **(extra or {})}, status=status)
 
 
 def _explain_request(request: web.Request, limits: Limits) -> list[str]:

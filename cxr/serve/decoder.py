@@ -29,7 +29,7 @@ from PIL import Image
 
 from cxr.data.grayscale import stretch_to_uint8
 from cxr.data.images import ImageDecodeError, decode_xray
-from cxr.serve.dicom import read_dicom, render
+from cxr.serve.dicom import DicomHeader, read_dicom, render
 from cxr.serve.errors import PayloadTooLarge, RequestError, UnprocessableImage, UnsupportedMediaType
 from cxr.serve.limits import Limits, exceeds
 
@@ -53,6 +53,8 @@ class DecodedImage:
     content_type: str
     original_shape: tuple[int, ...]
     raw: bytes = field(repr=False, default=b"")  # the payload safe to capture (never DICOM bytes)
+    problems: list[str] = field(default_factory=list)  # why a DICOM header says it is no frontal chest film
+    acquisition: dict[str, Any] = field(default_factory=dict)  # allow-listed DICOM acquisition attributes
 
 
 @dataclass
@@ -109,7 +111,7 @@ def probe(body: bytes, kind: str, limits: Limits, inflate_budget: int | None = N
         return Probed(width * height, lambda: _decode_image(body, kind))
     if kind == DICOM:
         header = read_dicom(body, limits, inflate_budget)
-        return Probed(header.pixels, lambda: _decoded(render(header), DICOM, b""), header.inflated)
+        return Probed(header.pixels, lambda: _dicom_image(header), header.inflated)
     if kind == NPY:
         shape, dtype, offset = _npy_header(body)
         size = int(np.prod(shape, dtype=np.int64))
@@ -120,6 +122,14 @@ def probe(body: bytes, kind: str, limits: Limits, inflate_budget: int | None = N
 
 def _decoded(pixels: np.ndarray, kind: str, raw: bytes) -> DecodedImage:
     return DecodedImage(pixels, kind, pixels.shape, raw)
+
+
+def _dicom_image(header: DicomHeader) -> DecodedImage:
+    """The rendered pixels with what the header says of the acquisition (allow-listed attributes only)."""
+    image = _decoded(render(header), DICOM, b"")
+    image.acquisition = dict(header.acquisition.attributes)
+    image.problems = list(header.acquisition.problems)
+    return image
 
 
 def _check_image_pixels(what: str, pixels: int, limits: Limits) -> None:

@@ -38,6 +38,10 @@ class ServerMetrics:
             "cxr_finding_probability", "Predicted probability per finding", ["variant", "finding"],
             buckets=PROBABILITY_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        self.input_gate = Counter(
+            "cxr_input_gate", "Images by the input gate's verdict (in_distribution, out_of_distribution, "
+            "unchecked)", ["variant", "verdict"], registry=self.registry,
+        )  # fmt: skip
         self.model_info = Gauge(
             "cxr_model_info", "Served model (value 1) by variant, name, version and backend",
             ["variant", "name", "version", "backend"], registry=self.registry,
