@@ -15,7 +15,8 @@ other uncertainty: where the realized value on this very window lies when its la
 The estimate is right as long as the probabilities stay calibrated on the window, i.e. P(finding | image)
 is unchanged (covariate shift). Under label shift (prevalence changes while the images of each class look
 the same) they are not; `prior_shift` re-estimates the window's prevalence by EM (Saerens, Latinne and
-Decaestecker, 2002) and adjusts the probabilities to it.
+Decaestecker, 2002) and adjusts the probabilities to it. That helps only where the shift is in the labels
+and misleads badly where it is not (tests/test_estimation.py), so the monitor does not apply it.
 """
 
 from __future__ import annotations
