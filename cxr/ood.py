@@ -3,9 +3,10 @@
 Two Mahalanobis distances, each to a Gaussian fitted with Ledoit–Wolf shrinkage on training images:
 - `embedding`: the model's 512-d penultimate embedding — what the network makes of the image
   (the Mahalanobis detector of Lee et al., NeurIPS 2018, with no extra training);
-- `layout`: the 16×16 thumbnail of the model's input crop — what the image looks like. Chest films are
-  aligned (lungs, mediastinum, diaphragm in fixed places), so a rotated, inverted, cropped or foreign
-  image lies far from them whatever the network makes of it.
+- `appearance`: 144 numbers on what the model's input crop looks like — its 8×8 thumbnail, its 16-bin
+  intensity histogram and the 8×8 map of its gradient magnitude. Chest films are aligned (lungs,
+  mediastinum, diaphragm in fixed places) with a typical intensity profile, so a rotated, inverted,
+  cropped or foreign image lies far from them whatever the network makes of it.
 Each distance is divided by its threshold: the quantile of held-out validation images' distances above
 which `refuse_rate / 2` of them lie. An image's score is the larger ratio; above 1 it is out of
 distribution, so at most about `refuse_rate` of in-distribution images are refused. Scoring needs NumPy
@@ -22,24 +23,31 @@ from typing import Any
 import cv2
 import numpy as np
 
-LAYOUT_SIZE = 16  # thumbnail side: 256 layout features
-DETECTORS = ("embedding", "layout")
+GRID = 8  # side of the thumbnail and of the gradient map
+BINS = 16  # intensity histogram
+APPEARANCE_DIM = 2 * GRID * GRID + BINS
+DETECTORS = ("embedding", "appearance")
 GATE_FILE = "input_gate.npz"
 REASONS = {
     "embedding": "unlike the images the model was trained on (penultimate embedding)",
-    "layout": "unlike a frontal chest radiograph's layout (16×16 thumbnail)",
+    "appearance": "does not look like a frontal chest radiograph (layout, intensities, edges)",
 }
 
 
-def layout_features(crops: np.ndarray) -> np.ndarray:
-    """uint8 model inputs [N, 1, crop, crop] (or [N, crop, crop]) → [N, 256] thumbnails in [0, 1]."""
+def appearance_features(crops: np.ndarray) -> np.ndarray:
+    """uint8 model inputs [N, 1, crop, crop] (or [N, crop, crop]) → [N, 144]: 8×8 thumbnail and 16-bin
+    histogram (both in [0, 1]) and the 8×8 map of the gradient magnitude."""
     crops = np.asarray(crops)
     if crops.ndim == 4:
         crops = crops[:, 0]
-    out = np.empty((len(crops), LAYOUT_SIZE * LAYOUT_SIZE), dtype=np.float32)
+    out = np.empty((len(crops), APPEARANCE_DIM), dtype=np.float32)
     for i, crop in enumerate(crops):
-        small = cv2.resize(crop, (LAYOUT_SIZE, LAYOUT_SIZE), interpolation=cv2.INTER_AREA)
-        out[i] = small.reshape(-1).astype(np.float32) / 255.0
+        small = cv2.resize(crop, (8 * GRID, 8 * GRID), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+        edges = np.hypot(cv2.Sobel(small, cv2.CV_32F, 1, 0), cv2.Sobel(small, cv2.CV_32F, 0, 1))
+        thumbnail = cv2.resize(small, (GRID, GRID), interpolation=cv2.INTER_AREA).reshape(-1)
+        histogram = np.bincount(crop.reshape(-1) >> 4, minlength=BINS) / crop.size
+        edge_map = cv2.resize(edges, (GRID, GRID), interpolation=cv2.INTER_AREA).reshape(-1)
+        out[i] = np.concatenate([thumbnail, histogram, edge_map])
     return out
 
 
@@ -76,20 +84,20 @@ class InputGate:
 
     def ratios(self, embeddings: np.ndarray, crops: np.ndarray) -> dict[str, np.ndarray]:
         """Each detector's distance over its threshold, per image."""
-        return self.feature_ratios(embeddings, layout_features(crops))
+        return self.feature_ratios(embeddings, appearance_features(crops))
 
-    def feature_ratios(self, embeddings: np.ndarray, layouts: np.ndarray) -> dict[str, np.ndarray]:
-        """`ratios` from embeddings and `layout_features` computed beforehand."""
-        inputs = {"embedding": embeddings, "layout": layouts}
+    def feature_ratios(self, embeddings: np.ndarray, appearances: np.ndarray) -> dict[str, np.ndarray]:
+        """`ratios` from embeddings and `appearance_features` computed beforehand."""
+        inputs = {"embedding": embeddings, "appearance": appearances}
         return {name: g.distance(inputs[name]) / self.thresholds[name] for name, g in self.detectors.items()}
 
     def score(self, embeddings: np.ndarray, crops: np.ndarray) -> np.ndarray:
         """The out-of-distribution score per image: the largest ratio (> 1: out of distribution)."""
-        return self.feature_score(embeddings, layout_features(crops))
+        return self.feature_score(embeddings, appearance_features(crops))
 
-    def feature_score(self, embeddings: np.ndarray, layouts: np.ndarray) -> np.ndarray:
-        """`score` from embeddings and `layout_features` computed beforehand."""
-        return np.max(np.stack(list(self.feature_ratios(embeddings, layouts).values())), axis=0)
+    def feature_score(self, embeddings: np.ndarray, appearances: np.ndarray) -> np.ndarray:
+        """`score` from embeddings and `appearance_features` computed beforehand."""
+        return np.max(np.stack(list(self.feature_ratios(embeddings, appearances).values())), axis=0)
 
     def verdicts(self, embeddings: np.ndarray, crops: np.ndarray) -> list[dict[str, Any]]:
         """Per image: score, verdict and the reasons (which detectors exceeded their thresholds)."""
@@ -134,25 +142,25 @@ def fit_input_gate(
     refuses `refuse_rate / 2` of them (and both together at most `refuse_rate`)."""
     return fit_from_features(
         train_embeddings,
-        layout_features(train_crops),
+        appearance_features(train_crops),
         val_embeddings,
-        layout_features(val_crops),
+        appearance_features(val_crops),
         refuse_rate,
     )
 
 
 def fit_from_features(
     train_embeddings: np.ndarray,
-    train_layouts: np.ndarray,
+    train_appearances: np.ndarray,
     val_embeddings: np.ndarray,
-    val_layouts: np.ndarray,
+    val_appearances: np.ndarray,
     refuse_rate: float = 0.01,
 ) -> InputGate:
-    """`fit_input_gate` from embeddings and `layout_features` computed beforehand."""
+    """`fit_input_gate` from embeddings and `appearance_features` computed beforehand."""
     if not 0 < refuse_rate < 1:
         raise ValueError(f"refuse_rate must be in (0, 1), not {refuse_rate}")
-    train = {"embedding": train_embeddings, "layout": train_layouts}
-    held_out = {"embedding": val_embeddings, "layout": val_layouts}
+    train = {"embedding": train_embeddings, "appearance": train_appearances}
+    held_out = {"embedding": val_embeddings, "appearance": val_appearances}
     detectors = {name: Gaussian.fit(samples) for name, samples in train.items()}
     quantile = 1 - refuse_rate / 2
     thresholds = {name: float(np.quantile(g.distance(held_out[name]), quantile))

@@ -124,7 +124,7 @@ def fit_run_gate(
 ) -> tuple[InputGate, dict[str, Any]]:  # fmt: skip
     """The gate of a run and its report: Gaussians on up to `fit_images` training rows, thresholds on up
     to `fit_images` validation rows, refusals counted on every test row (`test`: its `cxr.scoring.Scores`
-    with embeddings and layouts) and the corpus built from `films` test films."""
+    with embeddings and appearances) and the corpus built from `films` test films."""
     from cxr.data.loader import ShardDataset
     from cxr.scoring import score
 
@@ -135,17 +135,19 @@ def fit_run_gate(
 
     fitted: dict[str, Any] = {
         split: score(predictor, ShardDataset(cache, sample(rows[split], fit_images), crop=crop),
-                     f"input gate: {split} images", embeddings=True, layouts=True)
+                     f"input gate: {split} images", embeddings=True, appearances=True)
         for split in ("train", "val")
     }  # fmt: skip
-    gate = fit_from_features(fitted["train"].embeddings, fitted["train"].layouts, fitted["val"].embeddings,
-                             fitted["val"].layouts, refuse_rate)  # fmt: skip
-    held_out = gate.feature_score(test.embeddings, test.layouts)
+    train, val = fitted["train"], fitted["val"]
+    gate = fit_from_features(
+        train.embeddings, train.appearances, val.embeddings, val.appearances, refuse_rate
+    )
+    held_out = gate.feature_score(test.embeddings, test.appearances)
     corpus = ood_corpus([cache.image(int(r)) for r in sample(rows["test"], films)])
     metadata = {"image_size": cache.size, "crop": crop}
     report = gate_report(
         held_out, {g: gate_scores(gate, predictor, metadata, images) for g, images in corpus.items()}
     )
     report.update(refuse_rate=refuse_rate, fitted_on=gate.fitted_on,
-                  thresholds_from=len(fitted["val"].probabilities))  # fmt: skip
+                  thresholds_from=len(val.probabilities))  # fmt: skip
     return gate, report

@@ -20,7 +20,7 @@ import torch
 
 from cxr.data.loader import ShardDataset, make_loader
 from cxr.model import CXRNet
-from cxr.ood import LAYOUT_SIZE, layout_features
+from cxr.ood import APPEARANCE_DIM, appearance_features
 from cxr.package import ONNX_TOLERANCE
 from cxr.progress import Progress
 from cxr.serve.predictor import Predictor, ServingNet, export_onnx, onnx_session
@@ -67,12 +67,12 @@ class OnnxNetPredictor:
 
 @dataclass
 class Scores:
-    """Per-row outputs in the dataset's order; embeddings and input layouts (`cxr.ood.layout_features`)
+    """Per-row outputs in the dataset's order; embeddings and the inputs' `cxr.ood.appearance_features`
     only when asked for."""
 
     probabilities: np.ndarray
     embeddings: np.ndarray | None = None
-    layouts: np.ndarray | None = None
+    appearances: np.ndarray | None = None
 
 
 def fastest_predictor(
@@ -100,25 +100,25 @@ def fastest_predictor(
 
 def score(
     predictor: Predictor, dataset: ShardDataset, label: str = "scoring", embeddings: bool = False,
-    batch_size: int = BATCH, progress: bool = True, layouts: bool = False,
+    batch_size: int = BATCH, progress: bool = True, appearances: bool = False,
 ) -> Scores:  # fmt: skip
-    """Probabilities (and embeddings, input layouts) of every row of `dataset`, logging progress."""
+    """Probabilities (and embeddings, input appearances) of every row of `dataset`, logging progress."""
     probs: list[np.ndarray] = []
     embeds: list[np.ndarray] = []
-    shapes: list[np.ndarray] = []
+    looks: list[np.ndarray] = []
     with Progress(label, len(dataset), enabled=progress) as bar:
         for images, _ in make_loader(dataset, batch_size=batch_size):
             p, e = predictor.predict(images.numpy())
             probs.append(np.asarray(p, dtype=np.float32))
             if embeddings:
                 embeds.append(np.asarray(e, dtype=np.float32))
-            if layouts:
-                shapes.append(layout_features(images.numpy()))
+            if appearances:
+                looks.append(appearance_features(images.numpy()))
             bar.update(len(images))
     return Scores(
         _joined(probs, 14) if probs else np.zeros((0, 14), dtype=np.float32),
         _joined(embeds, 512) if embeddings else None,
-        _joined(shapes, LAYOUT_SIZE**2) if layouts else None,
+        _joined(looks, APPEARANCE_DIM) if appearances else None,
     )
 
 
