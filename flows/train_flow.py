@@ -286,6 +286,8 @@ class CXRTrainFlow(FlowSpec):
         """Thresholds from the validation probabilities of training's best epoch; test scored once with the
         fastest verified backend (GPU, else ONNX Runtime); AUROC with CIs, AUPRC, operating points,
         calibration; the monitoring baseline from held-out images, scored the same way."""
+        from cxr.evaluate import choose_thresholds, parse_operating_points
+
         cache = cache_store.open_cache(self.data_cache["local_dir"], self.data_cache["uri"])
         model = CXRNet(pretrained=False, dropout=float(self.config["train"].get("dropout", 0.3)))
         model.load_state_dict(self.model_state)
@@ -297,16 +299,19 @@ class CXRTrainFlow(FlowSpec):
         method = self.config["evaluate"].get("calibration", "auto")
         calibrator = fit_calibration(val.labels, val_probs, method)
         self.calibration = calibrator.to_dict()  # shipped in the package: served probabilities are calibrated
-        thresholds = youden_thresholds(val.labels, calibrator.apply(val_probs))
+        val_calibrated = calibrator.apply(val_probs)
+        thresholds = youden_thresholds(val.labels, val_calibrated)
+        targets = parse_operating_points(self.config["evaluate"].get("operating_points"))
+        target_thresholds = choose_thresholds(val.labels, val_calibrated, targets)  # each target's, on val
         with tempfile.TemporaryDirectory() as work:  # the session keeps the exported graph in memory
             predictor, self.scoring = fastest_predictor(model, test, work)
         print(f"scoring {len(test):,} test images with {self.scoring}")
         raw_test_probs = score(predictor, test, "test").probabilities
         test_probs = calibrator.apply(raw_test_probs)
         test_meta = cache.meta.iloc[self.cache_rows["test"]].reset_index(drop=True)
-        report = evaluate_predictions(
-            test.labels, test_probs, test_meta, thresholds, int(self.config["evaluate"]["n_boot"])
-        )
+        report = evaluate_predictions(test.labels, test_probs, test_meta, thresholds,
+                                      int(self.config["evaluate"]["n_boot"]), targets=targets,
+                                      target_thresholds=target_thresholds)  # fmt: skip
         summary = calibration_summary(calibrator, test.labels, raw_test_probs)
         self.metrics = {**report.to_dict(), "calibration": summary}
         self.test_predictions = pd.DataFrame(test_probs, columns=[f"prob_{f}" for f in FINDINGS])
@@ -324,13 +329,18 @@ class CXRTrainFlow(FlowSpec):
     def register(self):
         """Compare with production on this run's test images that production never trained on, package
         (verified ONNX export), register (gated) with the images this version was fitted to and tested on."""
+        from cxr.evaluate import report_thresholds
+        from cxr.gate import DEFAULT_MAX_SENSITIVITY_DROP
+
         rules = self.config["registry"]
         registry = open_configured_registry(rules, self.config["data"])
         cache = cache_store.open_cache(self.data_cache["local_dir"], self.data_cache["uri"])
         test_rows = self.cache_rows["test"]
         probs = self.test_predictions[[f"prob_{f}" for f in FINDINGS]].to_numpy()
-        comparison = compare_with_production(registry, cache, test_rows, probs)
+        own = report_thresholds(self.metrics)  # the candidate's thresholds, beside production's in the gate
+        comparison = compare_with_production(registry, cache, test_rows, probs, candidate_thresholds=own)
         self.production_auroc = comparison.production
+        sensitivity_drop = rules.get("max_sensitivity_drop", DEFAULT_MAX_SENSITIVITY_DROP)  # null: unchecked
         decision = promotion_gate(
             comparison.candidate,
             comparison.production,
@@ -338,6 +348,8 @@ class CXRTrainFlow(FlowSpec):
             float(rules["max_finding_drop"]),
             bool(rules["manual_approval"]),
             comparison.refused,
+            comparison.at_production_thresholds,
+            None if sensitivity_drop is None else float(sensitivity_drop),
         )
         self.gate = {**decision.__dict__, "images": comparison.images, "excluded": comparison.excluded}
         lineage = {
