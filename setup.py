@@ -21,12 +21,14 @@ INSTALL_REQUIRES = [
     "boto3>=1.34",  # s3:// image sources and cache stores
     "onnx==1.23.2",  # exporting the serving graph at package time
     "onnxruntime==1.32.0",  # verifying the export; the fast CPU serving backend
+    "threadpoolctl>=3",  # one BLAS thread for the operating points' bootstrap products
+    "pydicom==3.0.2",  # DICOM requests; its bundled CT/MR files in the input gate's evaluation corpus
+    "scikit-image==0.26.0",  # its bundled photographs in the input gate's evaluation corpus
 ]
 
 SERVE = [
     "aiohttp==3.14.5",  # the HTTP server (SageMaker container contract)
     "prometheus_client==0.26.0",  # /metrics
-    "pydicom==3.0.2",  # application/dicom requests
 ]
 
 EXTRAS_REQUIRE = {

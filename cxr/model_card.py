@@ -64,6 +64,7 @@ def render_model_card(
         f"Expected calibration error over all findings: **{_f(metrics.get('ece'))}**.",
         *_calibration_lines(metrics.get("calibration")),
     ]
+    lines += ["", "## Input gate", *_input_gate_lines(metrics.get("input_gate"))]
     lines += ["", "## Subgroups", *_subgroup_lines(metrics)]
     if training:
         lines += ["", "## Training", *(f"- {key}: `{value}`" for key, value in training.items())]
@@ -176,3 +177,31 @@ def _production_threshold_lines(rows: list[dict[str, Any]] | None) -> list[str]:
             f" | {pair['candidate_own']} |"
         )
     return lines
+
+
+def _input_gate_lines(report: dict[str, Any] | None) -> list[str]:
+    """OOD AUROC per corpus group and the share of real test images refused at the shipped threshold."""
+    if not report:
+        return ["No input gate was fitted: every image is answered, with the verdict `unchecked`."]
+    lines = [
+        f"Out-of-distribution score: Mahalanobis distances on the penultimate embedding and on the input's"
+        f" appearance, fitted on {report.get('fitted_on', '?')} training images, thresholds set on"
+        f" {report.get('thresholds_from', '?')} validation images to refuse {_pct(report.get('refuse_rate'))}"
+        f" of them. On {report['real_images']} real test images it refuses"
+        f" **{_pct(report['real_refused'])}**;"
+        f" against {report['ood_images']} out-of-distribution images its AUROC is **{_f(report['auroc'])}**"
+        f" and it catches {_pct(report['caught'])} of them.",
+        "",
+        "| out-of-distribution group | images | AUROC vs real test images | caught |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {name} | {g['images']} | {_f(g['auroc'])} | {_pct(g['caught'])} |"
+              for name, g in report.get("groups", {}).items()]  # fmt: skip
+    return lines
+
+
+def _pct(value: Any) -> str:
+    try:
+        return f"{100 * float(value):.1f}%"
+    except (TypeError, ValueError):
+        return "n/a"

@@ -147,13 +147,14 @@ def release_model(
     test_rows: np.ndarray,
     status: str | None = None,
     files: dict[str, str | Path | bytes] | None = None,
+    package_files: dict[str, str | Path] | None = None,
 ) -> Release:
     """Package, verify the ONNX export on the test rows, register, stamp the version; status comes last.
 
     `package_settings` needs image_size, crop and dropout. The version is registered as a candidate, gets
     its stamped package, card and `files` (e.g. the monitoring baseline), and only then its `status`
     (default: the gate's, as `registration_status` without a deploy step), so a failure anywhere leaves
-    no production version with missing files.
+    no production version with missing files. `package_files` go into the package itself (the input gate).
     """
     thresholds = report_thresholds(metrics)
     metadata = {
@@ -170,7 +171,9 @@ def release_model(
         onnx_check = export_and_verify_onnx(model, int(package_settings["crop"]), cache, test_rows, onnx_path)
         served_onnx = onnx_path if onnx_check["verified"] else None
         metadata["onnx"] = onnx_check
-        draft = build_package(state_dict, metadata, Path(work) / "model.tar.gz", "", served_onnx)
+        draft = build_package(
+            state_dict, metadata, Path(work) / "model.tar.gz", "", served_onnx, package_files
+        )
         version = registry.register(
             {"model.tar.gz": draft, "metrics.json": json.dumps(metrics).encode()},
             metrics={"mean_auroc": metrics["mean_auroc"], "auroc": metrics["auroc"]},
@@ -186,6 +189,7 @@ def release_model(
             Path(work) / "stamped" / "model.tar.gz",
             card,
             served_onnx,
+            package_files,
         )
         version = registry.put_files(
             version.version, {**(files or {}), "model_card.md": card.encode(), "model.tar.gz": stamped}

@@ -38,8 +38,15 @@ class HeadSampler:
 
         state = torch.load(Path(model_dir) / "model.pt", map_location="cpu", weights_only=True)
         calibrator = Calibrator.from_dict(metadata.get("calibration"))
-        return cls(state["head.3.weight"].numpy(), state["head.3.bias"].numpy(), float(metadata["dropout"]),
-                   calibrator)  # fmt: skip
+        return cls.from_state(state, float(metadata["dropout"]), calibrator)
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, Any], dropout: float, calibrator: Calibrator | None = None
+    ) -> HeadSampler:
+        """The last layer of a CXRNet state dict."""
+        weight, bias = (state[f"head.3.{name}"].detach().cpu().numpy() for name in ("weight", "bias"))
+        return cls(weight, bias, dropout, calibrator)
 
     def sample(self, embeddings: np.ndarray, samples: int = SAMPLES, seed: int = SEED) -> np.ndarray:
         """Calibrated probabilities under `samples` dropout masks: [samples, N, K]."""

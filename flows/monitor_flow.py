@@ -18,6 +18,7 @@ from metaflow.cards import Markdown, Table, VegaChart
 
 from cxr.config import cxr_home, parse_config
 from cxr.monitor import report
+from cxr.monitor.acquisition import acquisition_checks
 from cxr.monitor.baseline import Baseline
 from cxr.monitor.checks import MonitorConfig, check_variant, constraint_violations, violations
 from cxr.monitor.notify import make_notifier
@@ -58,6 +59,11 @@ class CXRMonitorFlow(FlowSpec):
     )
     window_hours = Parameter("window_hours", default=24.0, type=float, help="length of the window, hours")
     window_end = Parameter("window_end", default="", help="end of the window (ISO 8601, UTC); default: now")
+    acquisition_reference_hours = Parameter(
+        "acquisition_reference_hours", default=0.0, type=float,
+        help="hours of traffic before the window that its DICOM acquisition attributes are compared with "
+        "(0: as long as the window)",
+    )  # fmt: skip
     baseline = Parameter(
         "baseline",
         default="registry",
@@ -123,7 +129,13 @@ class CXRMonitorFlow(FlowSpec):
         )[self.variant]
         found = references.baselines(traffic.model_versions)
         labels = read_labels(self.labels) if self.labels else None
-        self.results = check_variant(traffic, found, MonitorConfig.from_dict(self.config), labels)
+        config = MonitorConfig.from_dict(self.config)
+        self.results = check_variant(traffic, found, config, labels)
+        if any(traffic.acquisition):  # DICOM traffic: scanners and protocols against the traffic before
+            acquisition = pd.DataFrame(acquisition_checks(self._earlier(), traffic, config))
+            self.results = pd.concat(
+                [self.results, acquisition.assign(variant=self.variant)], ignore_index=True
+            )
         self.baselines = {v: b for v, b in found.items() if isinstance(b, Baseline)}  # for the card
         self.baseline_sources = {
             v: str(references.folder(v)) if isinstance(b, Baseline) else f"none: {b}"
@@ -133,6 +145,14 @@ class CXRMonitorFlow(FlowSpec):
         self.traffic = traffic
         print(self.traffic_summary, self.baseline_sources)
         self.next(self.join)
+
+    def _earlier(self):
+        """This variant's traffic in the hours before the window (its acquisition attributes)."""
+        hours = self.acquisition_reference_hours or self.window_hours
+        start = self.window[0] - dt.timedelta(hours=hours)
+        return read_traffic(self.capture_uri, self.endpoint, start, self.window[0], variants=[self.variant])[
+            self.variant
+        ]
 
     @card(type="blank")
     @step

@@ -38,11 +38,13 @@ from cxr.data.findings import FINDINGS
 from cxr.data.loader import ShardDataset
 from cxr.data.prepare import resolve_data_root, split_catalog
 from cxr.data.split import split_summary
+from cxr.evaluate import choose_thresholds, parse_operating_points, report_thresholds, youden_thresholds
 from cxr.evaluate import evaluate as evaluate_predictions
-from cxr.evaluate import youden_thresholds
-from cxr.gate import promotion_gate
+from cxr.gate import DEFAULT_MAX_SENSITIVITY_DROP, promotion_gate
 from cxr.model import CXRNet
 from cxr.monitor.baseline import compute_baseline
+from cxr.ood import GATE_FILE
+from cxr.ood_corpus import fit_run_gate
 from cxr.progress import Progress
 from cxr.registry import DEFAULT_GROUP, open_registry
 from cxr.release import (
@@ -56,6 +58,7 @@ from cxr.release import (
 from cxr.scoring import fastest_predictor, score, score_fast
 from cxr.train import BEST, LAST, TrainConfig, TrainResult, checkpoint_dir
 from cxr.train import train as train_model
+from cxr.uncertainty import HeadSampler
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -141,6 +144,7 @@ class CXRTrainFlow(FlowSpec):
         """Resolve the configuration and the data root (generating the demo set if asked for)."""
         overrides = {"data.root": self.data, "preprocess.size": self.image_size, "split.seed": self.seed}
         self.config = parse_config(self.config_file, overrides)
+        parse_operating_points(self.config["evaluate"].get("operating_points"))  # fail before training
         self.data_root = resolve_data_root(self.config["data"])
         self.next(self.ingest)
 
@@ -285,9 +289,9 @@ class CXRTrainFlow(FlowSpec):
     def evaluate(self):
         """Thresholds from the validation probabilities of training's best epoch; test scored once with the
         fastest verified backend (GPU, else ONNX Runtime); AUROC with CIs, AUPRC, operating points,
-        calibration; the monitoring baseline from held-out images, scored the same way."""
-        from cxr.evaluate import choose_thresholds, parse_operating_points
-
+        calibration; the input gate (fitted on training images, thresholds on validation, judged on test
+        images and a corpus of foreign ones); the monitoring baseline from held-out images, scored the same
+        way, with the gate's scores and the uncertainty the server would answer."""
         cache = cache_store.open_cache(self.data_cache["local_dir"], self.data_cache["uri"])
         model = CXRNet(pretrained=False, dropout=float(self.config["train"].get("dropout", 0.3)))
         model.load_state_dict(self.model_state)
@@ -306,20 +310,30 @@ class CXRTrainFlow(FlowSpec):
         with tempfile.TemporaryDirectory() as work:  # the session keeps the exported graph in memory
             predictor, self.scoring = fastest_predictor(model, test, work)
         print(f"scoring {len(test):,} test images with {self.scoring}")
-        raw_test_probs = score(predictor, test, "test").probabilities
+        tested = score(predictor, test, "test", embeddings=True, appearances=True)
+        raw_test_probs = tested.probabilities
         test_probs = calibrator.apply(raw_test_probs)
         test_meta = cache.meta.iloc[self.cache_rows["test"]].reset_index(drop=True)
         report = evaluate_predictions(test.labels, test_probs, test_meta, thresholds,
                                       int(self.config["evaluate"]["n_boot"]), targets=targets,
                                       target_thresholds=target_thresholds)  # fmt: skip
         summary = calibration_summary(calibrator, test.labels, raw_test_probs)
-        self.metrics = {**report.to_dict(), "calibration": summary}
+        settings = self.config["evaluate"].get("input_gate") or {}
+        self.input_gate, gate_report = fit_run_gate(
+            predictor, cache, self.cache_rows, crop, tested, **settings
+        )
+        print(f"input gate: OOD AUROC {gate_report['auroc']:.3f}, real test images refused "
+              f"{gate_report['real_refused']:.2%}")  # fmt: skip
+        self.metrics = {**report.to_dict(), "calibration": summary, "input_gate": gate_report}
         self.test_predictions = pd.DataFrame(test_probs, columns=[f"prob_{f}" for f in FINDINGS])
         self.test_predictions.insert(0, "Image Index", test_meta["image_id"])
         thresholds = {row["finding"]: row["threshold"] for row in self.metrics["per_class"]}
         served = CalibratedPredictor(predictor, calibrator)  # the baseline holds what the server answers
         rows = monitoring_rows(self.cache_rows)
-        self.baseline = compute_baseline(served, cache, rows, crop, thresholds, self.metrics["auroc"])
+        sampler = HeadSampler.from_state(self.model_state, float(self.config["train"].get("dropout", 0.3)),
+                                         calibrator)  # fmt: skip
+        self.baseline = compute_baseline(served, cache, rows, crop, thresholds, self.metrics["auroc"],
+                                         sampler=sampler, gate=self.input_gate)  # fmt: skip
         print(report.table())
         _metrics_card(report)
         self.next(self.register)
@@ -329,8 +343,6 @@ class CXRTrainFlow(FlowSpec):
     def register(self):
         """Compare with production on this run's test images that production never trained on, package
         (verified ONNX export), register (gated) with the images this version was fitted to and tested on."""
-        from cxr.evaluate import report_thresholds
-        from cxr.gate import DEFAULT_MAX_SENSITIVITY_DROP
 
         rules = self.config["registry"]
         registry = open_configured_registry(rules, self.config["data"])
@@ -366,8 +378,9 @@ class CXRTrainFlow(FlowSpec):
         with tempfile.TemporaryDirectory() as work:  # the baseline: what MonitorFlow compares traffic with
             files = {path.name: path for path in self.baseline.save(work)}
             files[SPLIT_FILE] = split_record(cache.meta["image_id"], self.cache_rows)  # for later gates
+            gate_file = {GATE_FILE: self.input_gate.save(Path(work) / GATE_FILE)}  # shipped in the package
             release = release_model(registry, self.model_state, settings, self.metrics, lineage, decision,
-                                    cache, test_rows, status, files)  # fmt: skip
+                                    cache, test_rows, status, files, gate_file)  # fmt: skip
         self.onnx_check = release.onnx_check
         self.model_version, self.model_status = release.version.version, release.version.status
         self.model_group, self.model_package = registry.group, str(release.version.package)

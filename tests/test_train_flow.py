@@ -31,7 +31,10 @@ data:
 split: {ratios: [0.6, 0.2, 0.2], seed: 0, use_official: true}
 preprocess: {size: 48, shard_size: 30, remote: %(remote)s, tasks: 3}
 train: {epochs: %(epochs)s, batch_size: 16, crop: 40, pretrained: false, workers: 0, lr: 0.003}
-evaluate: {n_boot: 50}
+evaluate:
+  n_boot: 50
+  operating_points: {high_sensitivity: {sensitivity: 0.9}}
+  input_gate: {fit_images: 40, films: 6}
 registry: {group: auto, min_improvement: 0.0, max_finding_drop: 0.02, manual_approval: false}
 """
 
@@ -97,6 +100,19 @@ def test_whole_pipeline_on_demo_data(tmp_path):
     with tarfile.open(version.package) as tar:
         shipped = json.load(tar.extractfile("metadata.json"))["calibration"]
     assert shipped == run["evaluate"].task["calibration"].data and "test ECE" in version.card.read_text()
+    assert list(metrics["operating_points"]) == ["youden", "high_sensitivity"]
+    gate_report = metrics["input_gate"]  # fitted at evaluate, shipped in the package, reported in the card
+    assert gate_report["real_images"] == len(predictions) and 0 <= gate_report["auroc"] <= 1
+    assert {"photographs", "rotated_90", "inverted"} <= set(gate_report["groups"])
+    with tarfile.open(version.package) as tar:
+        assert "input_gate.npz" in tar.getnames()
+        assert json.load(tar.extractfile("metadata.json"))["operating_points"]["high_sensitivity"]
+    assert "## Input gate" in version.card.read_text() and "## Operating points" in version.card.read_text()
+    baseline = run["evaluate"].task["baseline"].data
+    assert baseline.gate_scores is not None and baseline.uncertainty.shape == (
+        len(baseline.probabilities),
+        14,
+    )
 
     again = run_flow(tmp_path)  # same data: the cache is reused and the gate compares with production
     assert again["plan_preprocess"].task["cache_complete"].data
@@ -107,6 +123,12 @@ def test_whole_pipeline_on_demo_data(tmp_path):
     assert gate["promote"] is False and "does not beat" in " ".join(gate["reasons"])  # identical, no gain
     assert Registry(group="demo").get(again["end"].task["model_version"].data).status == "candidate"
     assert (gate["images"], gate["excluded"]) == (len(predictions), 0)
+    at_production = gate["at_production_thresholds"]  # the same model at production's thresholds
+    sensitivities = np.array(
+        [[np.nan if row[k] is None else row[k] for k in ("candidate_sensitivity", "production_sensitivity")]
+         for row in at_production], dtype=float,
+    )  # fmt: skip
+    assert len(at_production) and np.array_equal(sensitivities[:, 0], sensitivities[:, 1], equal_nan=True)
 
     quick = write_config(tmp_path, epochs=1)
     moved = run_flow(tmp_path, quick, seed=1)  # another split: some of its test images trained production

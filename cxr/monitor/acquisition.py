@@ -174,3 +174,12 @@ def _pool_rare(table: np.ndarray) -> np.ndarray | None:
 def _pearson(tables: np.ndarray, expected: np.ndarray) -> np.ndarray:
     """Pearson's chi-square statistic of each table (all share the margins behind `expected`)."""
     return ((tables - expected) ** 2 / expected).sum(axis=(1, 2))
+
+
+def acquisition_checks(reference: Any, traffic: Any, config: Any) -> list[dict[str, Any]]:
+    """`acquisition_drift` of a window's `Traffic` against earlier traffic's, with a monitor config's
+    thresholds (its share of the false-alarm budget, minimum shift, minimum images)."""
+    from cxr.monitor.checks import FAMILIES
+
+    return acquisition_drift(reference.acquisition, traffic.acquisition, config.alpha / len(FAMILIES),
+                             config.min_acquisition_shift, config.min_images, seed=config.seed)  # fmt: skip

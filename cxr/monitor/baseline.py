@@ -20,8 +20,10 @@ from cxr.data.findings import FINDINGS
 from cxr.data.loader import ShardDataset, make_loader
 from cxr.features import image_stats, project_embedding
 from cxr.model import CXRNet
+from cxr.ood import InputGate
 from cxr.progress import Progress
 from cxr.serve.predictor import Predictor
+from cxr.uncertainty import HeadSampler
 
 IMAGE_FEATURES = ("mean", "std", "p5", "p50", "p95", "dark_fraction", "bright_fraction")
 MAX_SAMPLES = 2000
@@ -37,6 +39,8 @@ class Baseline:
     probabilities: np.ndarray
     thresholds: dict[str, float] = field(default_factory=dict)
     auroc: dict[str, float] = field(default_factory=dict)
+    uncertainty: np.ndarray | None = None  # [N, 14] MC-dropout spread, as `?uncertainty=true` answers it
+    gate_scores: np.ndarray | None = None  # [N] the input gate's score, when the package has a gate
 
     @property
     def positive_rates(self) -> np.ndarray:
@@ -48,6 +52,7 @@ class Baseline:
         """Write baseline.npz, statistics.json and constraints.json into `directory`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, Any] = self.trust_samples()
         np.savez_compressed(
             directory / "baseline.npz",
             image=self.image,
@@ -55,6 +60,7 @@ class Baseline:
             probabilities=self.probabilities,
             thresholds=np.array(json.dumps(self.thresholds)),
             auroc=np.array(json.dumps(self.auroc)),
+            **arrays,
         )
         (directory / "statistics.json").write_text(json.dumps(self.statistics(), indent=1))
         (directory / "constraints.json").write_text(json.dumps(self.constraints(), indent=1))
@@ -67,8 +73,14 @@ class Baseline:
         if not path.is_file():
             raise FileNotFoundError(f"no monitoring baseline at {path}")
         data = np.load(path)
-        return cls(data["image"], data["embedding"], data["probabilities"],
-                   json.loads(str(data["thresholds"])), json.loads(str(data["auroc"])))  # fmt: skip
+        optional = {name: data[name] for name in ("uncertainty", "gate_scores") if name in data.files}
+        named = json.loads(str(data["thresholds"])), json.loads(str(data["auroc"]))
+        return cls(data["image"], data["embedding"], data["probabilities"], *named, **optional)
+
+    def trust_samples(self) -> dict[str, np.ndarray]:
+        """The uncertainty and gate-score samples this baseline has."""
+        found = {"uncertainty": self.uncertainty, "gate_scores": self.gate_scores}
+        return {name: values for name, values in found.items() if values is not None}
 
     def columns(self) -> dict[str, np.ndarray]:
         """Every monitored feature by name (image stats, embedding dims, probabilities)."""
@@ -121,24 +133,32 @@ def compute_baseline(
     thresholds: dict[str, float] | None = None,
     auroc: dict[str, float] | None = None,
     seed: int = 0,
+    sampler: HeadSampler | None = None,
+    gate: InputGate | None = None,
 ) -> Baseline:
     """Features of (at most MAX_SAMPLES of) the given cache rows, as the server would capture them, scored
-    by `model` (a network, or any backend of `cxr.scoring`, e.g. the one evaluation chose)."""
+    by `model` (a network, or any backend of `cxr.scoring`, e.g. the one evaluation chose); with the
+    package's head `sampler` and input `gate`, their uncertainty and gate scores too."""
     from cxr.scoring import NetPredictor
 
     rows = np.asarray(rows)
     if len(rows) > MAX_SAMPLES:
         rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_SAMPLES, replace=False))
     predictor = NetPredictor(model) if isinstance(model, CXRNet) else model
-    stats, embeddings, probabilities = [], [], []
+    stats, embeddings, probabilities, spread, scores = [], [], [], [], []
     with Progress("baseline", len(rows)) as bar:
         for images, _ in make_loader(ShardDataset(cache, rows, crop=crop), batch_size=64):
             probs, embedding = predictor.predict(images.numpy())
             probabilities.append(np.asarray(probs, dtype=np.float32))
             embeddings.append(project_embedding(np.asarray(embedding, dtype=np.float32)))
+            if sampler is not None:
+                spread.append(sampler.uncertainty(embedding))
+            if gate is not None:
+                scores.append(gate.score(embedding, images.numpy()))
             stats += [[image_stats(image[0].numpy())[k] for k in IMAGE_FEATURES] for image in images]
             bar.update(len(images))
     return Baseline(
         np.asarray(stats, dtype=np.float64), np.concatenate(embeddings), np.concatenate(probabilities),
         dict(thresholds or {}), dict(auroc or {}),
+        np.concatenate(spread) if spread else None, np.concatenate(scores) if scores else None,
     )  # fmt: skip

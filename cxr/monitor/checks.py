@@ -2,7 +2,8 @@
 
 Every test yields a row: check, feature, statistic, threshold, p-value (where one applies), and whether it
 is a violation. Statistical families — input features (KS), embeddings (MMD permutation test),
-prediction scores (KS), positive rates (two-proportion z-test) — share the false-alarm budget `alpha`
+prediction scores (KS), positive rates (two-proportion z-test), the input gate's score and the
+uncertainty per finding (KS, over the images that carry them) — share the false-alarm budget `alpha`
 equally (Bonferroni across families, Holm within each), so a window of unchanged traffic raises any alarm
 with probability at most `alpha`. A significant result must also be large enough to matter (KS statistic,
 rate change) before it counts as a violation.
@@ -29,7 +30,9 @@ from cxr.monitor.baseline import IMAGE_FEATURES, Baseline
 from cxr.monitor.estimation import estimate_performance
 from cxr.monitor.reader import Traffic
 
-FAMILIES = ("input_drift", "embedding_drift", "prediction_drift", "positive_rate_shift")
+# acquisition_drift runs in the monitor flow against earlier traffic (cxr.monitor.acquisition)
+FAMILIES = ("input_drift", "embedding_drift", "prediction_drift", "positive_rate_shift", "trust_drift",
+            "acquisition_drift")  # fmt: skip
 # Probabilities are compared above this floor: a trained model's confident negatives lie far below it, where
 # backends differ only in rounding and underflow (PyTorch's 1e-30 is ONNX Runtime's 0, or 0 after a 6-digit
 # response), which would otherwise read as a shift of the whole distribution's lower tail.
@@ -51,6 +54,8 @@ class MonitorConfig:
     max_samples: int = 500  # per side, for the MMD test
     min_images: int = 20  # below this the statistical checks are skipped (reported as such)
     max_error_rate: float = 0.05  # share of rejected requests
+    max_ood_rate: float = 0.05  # share of images the input gate refused or flagged (it is fitted to 1%)
+    min_acquisition_shift: float = 0.1  # smallest total variation distance of a DICOM attribute that counts
     max_missing_rate: float = 0.01  # share of served records without usable features
     max_malformed_rate: float = 0.01  # share of unreadable capture lines
     auroc_margin: float = 0.05  # performance: alarm when the window's AUROC CI lies below baseline − margin
@@ -165,7 +170,30 @@ def statistical_checks(baseline: Baseline, traffic: Traffic, config: MonitorConf
         extra = {"baseline_value": base_rate, "window_value": rate}
         rate_rows.append(_row("positive_rate_shift", name, shift, config.min_rate_shift, p, **extra))
     rows += _decide(rate_rows, family_alpha, config.min_rate_shift)
-    return rows
+    return rows + trust_drift(baseline, traffic, config, family_alpha)
+
+
+def trust_drift(
+    baseline: Baseline, traffic: Traffic, config: MonitorConfig, family_alpha: float
+) -> list[dict[str, Any]]:
+    """KS tests of the input gate's score and of each finding's MC-dropout uncertainty, against the
+    baseline's, over the window's images that carry them (uncertainty only comes when clients ask)."""
+    pairs = []
+    if baseline.gate_scores is not None:
+        pairs.append(("input_gate.score", baseline.gate_scores, traffic.gate_scores))
+    if baseline.uncertainty is not None:
+        pairs += [(f"uncertainty.{f}", baseline.uncertainty[:, i], traffic.uncertainty[:, i])
+                  for i, f in enumerate(FINDINGS)]  # fmt: skip
+    rows = []
+    for name, reference, window in pairs:
+        window = window[np.isfinite(window)]
+        if len(window) < config.min_images:
+            continue
+        result = stats.ks_2samp(reference, window)
+        rows.append(
+            _row("trust_drift", name, result.statistic, config.min_ks, result.pvalue, images=len(window))
+        )
+    return _decide(rows, family_alpha, config.min_ks) if rows else []
 
 
 def _subsample(values: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
@@ -188,6 +216,11 @@ def quality_checks(traffic: Traffic, config: MonitorConfig) -> list[dict[str, An
     lines = max(traffic.records + traffic.malformed, 1)
     checks = [
         ("rejected_inputs", traffic.rejected / total, config.max_error_rate),
+        (
+            "out_of_distribution",
+            traffic.out_of_distribution / max(traffic.served + traffic.gate_refused, 1),
+            config.max_ood_rate,
+        ),
         ("server_errors", sum(n for s, n in traffic.statuses.items() if s >= 500) / total, 0.0),
         ("missing_features", traffic.missing_features / served, config.max_missing_rate),
         ("malformed_records", traffic.malformed / lines, config.max_malformed_rate),

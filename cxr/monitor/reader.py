@@ -57,6 +57,11 @@ class Traffic:
     row_versions: list[str] = field(default_factory=list)  # the model version of each row
     files: int = 0
     featurized: int = 0  # rows whose features the monitor computed (SageMaker-native records)
+    gate_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per row; NaN where none
+    gate_verdicts: list[str] = field(default_factory=list)  # per row; "unchecked" where none
+    gate_refused: int = 0  # requests the input gate refused (422)
+    uncertainty: np.ndarray = field(default_factory=lambda: np.zeros((0, len(FINDINGS))))  # NaN where none
+    acquisition: list[dict[str, Any] | None] = field(default_factory=list)  # DICOM attributes per row
 
     @property
     def served(self) -> int:
@@ -67,6 +72,11 @@ class Traffic:
     def rejected(self) -> int:
         """Requests answered with a 4xx."""
         return int(sum(n for s, n in self.statuses.items() if 400 <= s < 500))
+
+    @property
+    def out_of_distribution(self) -> int:
+        """Images the input gate judged out of distribution: refused requests plus flagged answers."""
+        return self.gate_refused + sum(v == "out_of_distribution" for v in self.gate_verdicts)
 
     def of_version(self, version: str) -> Traffic:
         """The rows this model version served (its served records as the record counts)."""
@@ -85,6 +95,10 @@ class Traffic:
             model_versions=Counter({version: served}),
             row_versions=[version] * len(pick),
             files=self.files,
+            gate_scores=self.gate_scores[pick],
+            gate_verdicts=[self.gate_verdicts[i] for i in pick],
+            uncertainty=self.uncertainty[pick],
+            acquisition=[self.acquisition[i] for i in pick],
         )
 
     def summary(self) -> dict[str, Any]:
@@ -99,6 +113,7 @@ class Traffic:
             "images": len(self.image),
             "featurized": self.featurized,
             "model_versions": dict(self.model_versions),
+            "out_of_distribution": self.out_of_distribution,
         }
 
 
@@ -184,7 +199,7 @@ def parse_file(
     out: dict[str, Any] = {"records": 0, "malformed": 0, "statuses": Counter(), "missing": 0, "image": [],
                            "embedding": [], "probabilities": [], "ids": [], "image_ids": [], "times": [],
                            "versions": Counter(), "row_versions": [], "crops": [], "pending": [],
-                           "unfeatured": Counter()}  # fmt: skip
+                           "unfeatured": Counter(), "gate": [], "gate_refused": 0}  # fmt: skip
     for line in _read(path).splitlines():
         if not line.strip():
             continue
@@ -204,6 +219,8 @@ def parse_file(
         out["statuses"][status] += 1
         if status == 200:
             _add_served(out, record, extra, event_id, when, settings or {}, version)
+        elif status == 422 and isinstance(output := _output(record), dict) and output.get("input_gate"):
+            out["gate_refused"] += 1
     return out
 
 
@@ -233,7 +250,9 @@ def _add_served(
     if "features" not in extra:  # native: the response's id (the one clients key ground truth by)
         event_id = str(output.get("inference_id") or metadata.get("inferenceId") or event_id)
     image_id = _image_id(metadata)
+    features = extra.get("features") or [{} for _ in rows]
     for index, (image, embedding, probabilities, crop) in enumerate(rows):
+        out["gate"].append(_trust_fields(features[index] if index < len(features) else {}))
         if crop is not None:
             out["pending"].append(len(out["image"]))
             out["crops"].append(crop)
@@ -265,6 +284,15 @@ def _rows(
         ]
     crops = _captured_crops(record["captureData"]["endpointInput"], settings)
     return [(None, None, p, crop) for p, crop in zip(probabilities, crops, strict=True)]
+
+
+def _trust_fields(feature: dict[str, Any]) -> tuple[float, str, list[float] | None, dict[str, Any] | None]:
+    """(gate score or NaN, verdict, uncertainty per finding or None, DICOM acquisition attributes or None)."""
+    gate = feature.get("input_gate") or {}
+    score = gate.get("score")
+    uncertainty = feature.get("uncertainty")
+    return (float("nan") if score is None else float(score), str(gate.get("verdict", "unchecked")),
+            [float(v) for v in uncertainty] if uncertainty else None, feature.get("acquisition"))  # fmt: skip
 
 
 def _probabilities(predictions: Any) -> list[list[float]]:
@@ -410,8 +438,10 @@ def _featurize(parts: list[dict[str, Any]], featurizers: _Featurizers) -> int:
 
 
 def _merge(traffic: Traffic, parts: list[dict[str, Any]]) -> None:
-    images, embeddings, probabilities = [], [], []
+    images, embeddings, probabilities, trust = [], [], [], []
     for part in parts:
+        trust += part["gate"]
+        traffic.gate_refused += part["gate_refused"]
         traffic.records += part["records"]
         traffic.malformed += part["malformed"]
         traffic.statuses.update(part["statuses"])
@@ -424,6 +454,13 @@ def _merge(traffic: Traffic, parts: list[dict[str, Any]]) -> None:
         traffic.inference_ids += part["ids"]
         traffic.image_ids += part["image_ids"]
         traffic.times += part["times"]
+    nan_row = [float("nan")] * len(FINDINGS)
+    traffic.gate_scores = np.asarray([t[0] for t in trust], dtype=np.float64)
+    traffic.gate_verdicts = [t[1] for t in trust]
+    traffic.uncertainty = np.asarray([t[2] or nan_row for t in trust], dtype=np.float64).reshape(
+        -1, len(FINDINGS)
+    )
+    traffic.acquisition = [t[3] for t in trust]
     if images:
         traffic.image = np.asarray(images, dtype=np.float64)
         traffic.embedding = np.asarray(embeddings, dtype=np.float64)
