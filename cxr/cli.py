@@ -100,7 +100,7 @@ def _registry(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from cxr.serve.app import ServerConfig, serve
-    from cxr.serve.resolve import resolve_models
+    from cxr.serve.resolve import model_dir, resolve_models
 
     models = resolve_models(args.model, args.challenger, args.group, args.registry_root)
     weights = _parse_weights(args.weights) if args.weights else None
@@ -109,6 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
         capture_sample_percent=args.capture_sample, endpoint_name=args.endpoint_name, backend=args.backend,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads, sessions=args.sessions,
         max_body_mb=args.max_body_mb, limits=limits_from_args(args), input_gate=args.input_gate,
+        shadow=model_dir(args.shadow) if args.shadow else None,
     )  # fmt: skip
     print(f"serving {', '.join(f'{k}={v}' for k, v in models.items())} on http://{args.host}:{args.port}")
     serve(config)
@@ -333,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="package (.tar.gz or unpacked dir); default: registry production"
     )
     srv.add_argument("--challenger", default=None, help="variant B package; default: newest approved version")
+    srv.add_argument(
+        "--shadow", default=None,
+        help="a package scoring a copy of every answered request; its answers are captured (variant "
+        "'shadow', same inference id), never returned",
+    )  # fmt: skip
     srv.add_argument("--weights", default=None, help="A/B traffic weights, e.g. A=90,B=10")
     _registry_options(srv)
     srv.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 inside a container)")

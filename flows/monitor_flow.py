@@ -24,7 +24,9 @@ from cxr.monitor.checks import MonitorConfig, check_variant, constraint_violatio
 from cxr.monitor.notify import make_notifier
 from cxr.monitor.reader import list_variants, read_traffic
 from cxr.monitor.references import References
+from cxr.monitor.shadow import shadow_agreement
 from cxr.registry import DEFAULT_GROUP, open_registry
+from cxr.serve.headers import SHADOW
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -161,6 +163,9 @@ class CXRMonitorFlow(FlowSpec):
         self.merge_artifacts(inputs, include=["config", "window", "served_versions"])
         self.baseline_sources = {i.variant: i.baseline_sources for i in inputs}
         self.results = pd.concat([i.results for i in inputs], ignore_index=True)
+        self.shadow_agreement = self._shadow_agreement(inputs)  # champion vs shadow on the same requests
+        if self.shadow_agreement:
+            self.results = pd.concat([self.results, pd.DataFrame(self.shadow_agreement)], ignore_index=True)
         self.traffic_summary = [i.traffic_summary for i in inputs]
         self.violations = violations(self.results)
         self.constraint_violations = constraint_violations(self.violations)
@@ -169,6 +174,15 @@ class CXRMonitorFlow(FlowSpec):
         self.report_files = [str(p) for p in report.write_reports(out, self.results, self.violations)]
         self._card([(i.traffic, i.baselines) for i in inputs])
         self.next(self.alert)
+
+    def _shadow_agreement(self, inputs) -> list[dict]:
+        """Rows per finding pairing each variant's answers with the shadow model's (variant `shadow`)."""
+        traffic = {i.variant: i.traffic for i in inputs}
+        if SHADOW not in traffic:
+            return []
+        least = MonitorConfig.from_dict(self.config).min_shadow_agreement
+        return [{**row, "variant": name} for name, champion in traffic.items() if name != SHADOW
+                for row in shadow_agreement(champion, traffic[SHADOW], least)]  # fmt: skip
 
     def _card(self, checked) -> None:
         verdict = f"{len(self.violations)} violation(s)" if self.violations else "no drift"

@@ -56,6 +56,9 @@ class MonitorConfig:
     max_error_rate: float = 0.05  # share of rejected requests
     max_ood_rate: float = 0.05  # share of images the input gate refused or flagged (it is fitted to 1%)
     min_acquisition_shift: float = 0.1  # smallest total variation distance of a DICOM attribute that counts
+    min_shadow_agreement: float = (
+        0.0  # champion vs shadow: alarm below this share of agreeing decisions (0: off)
+    )
     max_missing_rate: float = 0.01  # share of served records without usable features
     max_malformed_rate: float = 0.01  # share of unreadable capture lines
     auroc_margin: float = 0.05  # performance: alarm when the window's AUROC CI lies below baseline − margin

@@ -62,6 +62,7 @@ class Traffic:
     gate_refused: int = 0  # requests the input gate refused (422)
     uncertainty: np.ndarray = field(default_factory=lambda: np.zeros((0, len(FINDINGS))))  # NaN where none
     acquisition: list[dict[str, Any] | None] = field(default_factory=list)  # DICOM attributes per row
+    decisions: np.ndarray = field(default_factory=lambda: np.zeros((0, len(FINDINGS))))  # 1/0; NaN where none
 
     @property
     def served(self) -> int:
@@ -99,6 +100,7 @@ class Traffic:
             gate_verdicts=[self.gate_verdicts[i] for i in pick],
             uncertainty=self.uncertainty[pick],
             acquisition=[self.acquisition[i] for i in pick],
+            decisions=self.decisions[pick],
         )
 
     def summary(self) -> dict[str, Any]:
@@ -199,7 +201,8 @@ def parse_file(
     out: dict[str, Any] = {"records": 0, "malformed": 0, "statuses": Counter(), "missing": 0, "image": [],
                            "embedding": [], "probabilities": [], "ids": [], "image_ids": [], "times": [],
                            "versions": Counter(), "row_versions": [], "crops": [], "pending": [],
-                           "unfeatured": Counter(), "gate": [], "gate_refused": 0}  # fmt: skip
+                           "unfeatured": Counter(), "gate": [], "gate_refused": 0,
+                           "decisions": []}  # fmt: skip
     for line in _read(path).splitlines():
         if not line.strip():
             continue
@@ -251,8 +254,10 @@ def _add_served(
         event_id = str(output.get("inference_id") or metadata.get("inferenceId") or event_id)
     image_id = _image_id(metadata)
     features = extra.get("features") or [{} for _ in rows]
+    answers = output["predictions"] if isinstance(output["predictions"], list) else [{}]
     for index, (image, embedding, probabilities, crop) in enumerate(rows):
         out["gate"].append(_trust_fields(features[index] if index < len(features) else {}))
+        out["decisions"].append(_decisions(answers[index] if index < len(answers) else {}))
         if crop is not None:
             out["pending"].append(len(out["image"]))
             out["crops"].append(crop)
@@ -293,6 +298,14 @@ def _trust_fields(feature: dict[str, Any]) -> tuple[float, str, list[float] | No
     uncertainty = feature.get("uncertainty")
     return (float("nan") if score is None else float(score), str(gate.get("verdict", "unchecked")),
             [float(v) for v in uncertainty] if uncertainty else None, feature.get("acquisition"))  # fmt: skip
+
+
+def _decisions(answer: Any) -> list[float]:
+    """The server's per-finding decisions of one image as 1/0 (NaN where the answer has none)."""
+    decided = answer.get("decisions") if isinstance(answer, dict) else None
+    if not isinstance(decided, dict):
+        return [float("nan")] * len(FINDINGS)
+    return [float(bool(decided[f])) if f in decided else float("nan") for f in FINDINGS]
 
 
 def _probabilities(predictions: Any) -> list[list[float]]:
@@ -438,9 +451,10 @@ def _featurize(parts: list[dict[str, Any]], featurizers: _Featurizers) -> int:
 
 
 def _merge(traffic: Traffic, parts: list[dict[str, Any]]) -> None:
-    images, embeddings, probabilities, trust = [], [], [], []
+    images, embeddings, probabilities, trust, decisions = [], [], [], [], []
     for part in parts:
         trust += part["gate"]
+        decisions += part["decisions"]
         traffic.gate_refused += part["gate_refused"]
         traffic.records += part["records"]
         traffic.malformed += part["malformed"]
@@ -461,6 +475,7 @@ def _merge(traffic: Traffic, parts: list[dict[str, Any]]) -> None:
         -1, len(FINDINGS)
     )
     traffic.acquisition = [t[3] for t in trust]
+    traffic.decisions = np.asarray(decisions, dtype=np.float64).reshape(-1, len(FINDINGS))
     if images:
         traffic.image = np.asarray(images, dtype=np.float64)
         traffic.embedding = np.asarray(embeddings, dtype=np.float64)

@@ -7,7 +7,9 @@ GET  /models          the served variants
 GET|POST /admin/weights   read or change A/B weights without a restart
 
 Every answer carries the input gate's verdict per image (`cxr.serve.trust`); `?uncertainty=true` adds the
-MC-dropout uncertainty per finding.
+MC-dropout uncertainty per finding. A `shadow` model, when configured, scores a copy of every answered
+request after the answer has gone out; its answer is captured (variant `shadow`, the same inference id)
+and never returned.
 """
 
 from __future__ import annotations
@@ -34,7 +36,14 @@ from cxr.serve.batcher import DynamicBatcher, Scored
 from cxr.serve.capture import CaptureUnavailable, CaptureWriter, capture_record, new_event_id
 from cxr.serve.decoder import DICOM, JSON, DecodedImage, decode_request, media_type
 from cxr.serve.errors import NotAcceptable, PayloadTooLarge, RequestError, ServiceUnavailable, ShuttingDown
-from cxr.serve.headers import CUSTOM_ATTRIBUTES, INVOKED_VARIANT, TARGET_VARIANT, route_key
+from cxr.serve.headers import (
+    CUSTOM_ATTRIBUTES,
+    INFERENCE_ID,
+    INVOKED_VARIANT,
+    SHADOW,
+    TARGET_VARIANT,
+    route_key,
+)
 from cxr.serve.limits import Limits, exceeds
 from cxr.serve.metrics import ServerMetrics
 from cxr.serve.predictor import Predictor, load_predictor
@@ -67,6 +76,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     capture_wait_seconds: float = 1.0  # how long a request waits for room in a full capture queue
     input_gate: str = "refuse"  # out-of-distribution images: refuse (422) or flag in the answer
+    shadow: Path | None = None  # a model directory mirrored in shadow mode (captured, never returned)
+    max_shadow_pending: int = 64  # mirrored requests waiting at most; beyond, copies are skipped (counted)
 
     def __post_init__(self) -> None:
         if self.input_gate not in POLICIES:
@@ -109,6 +120,8 @@ class Server:
             trust = Trust.from_package(directory, predictor.metadata)
             self.variants[name] = Variant(name, predictor, metadata=predictor.metadata, trust=trust)
         self.model_dirs = dict(config.models)
+        self.shadow = self._load_shadow(config)
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
         default = (
             {"A": 0.9, "B": 0.1} if set(self.variants) == {"A", "B"} else {n: 1.0 for n in self.variants}
         )
@@ -133,13 +146,23 @@ class Server:
             ).set(1)
         self._publish_weights()
 
+    def _load_shadow(self, config: ServerConfig) -> Variant | None:
+        if config.shadow is None:
+            return None
+        if SHADOW in config.models:
+            raise ValueError(f"{SHADOW!r} names the shadow model; give served variants other names")
+        predictor = load_predictor(config.shadow, config.backend, config.threads, config.sessions)
+        self.model_dirs[SHADOW] = config.shadow
+        trust = Trust.from_package(config.shadow, predictor.metadata)
+        return Variant(SHADOW, predictor, metadata=predictor.metadata, trust=trust)
+
     def _publish_weights(self) -> None:
         for name, weight in self.router.weights.items():
             self.metrics.weight.labels(name).set(weight)
 
     async def start(self, _app: web.Application | None = None) -> None:
-        """Start one batcher per variant."""
-        for variant in self.variants.values():
+        """Start one batcher per variant (and the shadow's)."""
+        for variant in [*self.variants.values(), *([self.shadow] if self.shadow else [])]:
             histogram = self.metrics.batch_size.labels(variant.name)
             variant.batcher = DynamicBatcher(
                 variant.predictor, self.config.max_batch, self.config.max_wait_ms, histogram.observe
@@ -153,7 +176,9 @@ class Server:
     async def stop(self, _app: web.Application | None = None) -> None:
         """Drain batchers, flush capture (also on SIGTERM)."""
         self.stopping.set()
-        for variant in self.variants.values():
+        if self._shadow_tasks:  # mirrored requests finish and are captured before capture closes
+            await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
+        for variant in [*self.variants.values(), *([self.shadow] if self.shadow else [])]:
             if variant.batcher is not None:
                 await variant.batcher.stop()
         if self.capture is not None:
@@ -199,12 +224,13 @@ class Server:
             self._count_verdicts(variant, checks)
             enforce(checks, self.config.input_gate, batch=len(images) > 1 or media_type(content_type) == JSON)
             heatmaps = await loop.run_in_executor(self.cpu_pool, self._explain, variant, crops, explain)
-            event_id = new_event_id()
+            event_id = _inference_id(request.headers.get(INFERENCE_ID))
             response = self._response(variant, scored, heatmaps, event_id, start, checks, spread)
             text = json.dumps(response)
             trusted = {"checks": checks, "uncertainty": spread}
             await self._capture(variant, request, body, images, crops, scored, text, event_id, trusted)
             self._record(variant, 200, start, scored)
+            self._mirror(variant, images, crops, event_id)
             self.served += 1
             return web.Response(text=text, content_type=JSON, headers={INVOKED_VARIANT: variant.name})
         except InputRefused as error:  # captured with the gate's verdicts, so refusals can be monitored
@@ -341,22 +367,7 @@ class Server:
         if self.capture is None or not self.capture.sampled():
             return
         input_type, data = _capturable_input(request, body, images)
-        projections = project_embedding(np.stack([s.embedding for s in scored]))
-        features = []
-        for index, (image, crop, projection) in enumerate(zip(images, crops, projections, strict=True)):
-            check = trusted["checks"][index]
-            feature = {
-                "shape": list(image.original_shape),
-                "content_type": image.content_type,
-                "image_stats": image_stats(crop),
-                "embedding_projection": [round(float(v), 5) for v in projection],
-                "input_gate": {"score": check["score"], "verdict": check["verdict"]},
-            }
-            if trusted["uncertainty"] is not None:
-                feature["uncertainty"] = [trusted["uncertainty"][index][f] for f in FINDINGS]
-            if image.acquisition:
-                feature["acquisition"] = image.acquisition
-            features.append(feature)
+        features = _features(images, crops, scored, trusted)
         attributes = request.headers.get(CUSTOM_ATTRIBUTES)
         version = variant.metadata.get("version")
         record = capture_record(
@@ -368,6 +379,45 @@ class Server:
             self.metrics.capture_refused.labels("served").inc()
             log.warning("answering 503: %s", error)
             raise
+
+    def _mirror(
+        self, served: Variant, images: list[DecodedImage], crops: list[np.ndarray], event_id: str
+    ) -> None:
+        """Score a copy of an answered request with the shadow model, in the background (bounded)."""
+        if self.shadow is None:
+            return
+        if len(self._shadow_tasks) >= self.config.max_shadow_pending:
+            self.metrics.shadow.labels("skipped").inc()
+            return
+        task = asyncio.create_task(self._shadow_answer(served, images, crops, event_id))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow_answer(
+        self, served: Variant, images: list[DecodedImage], crops: list[np.ndarray], event_id: str
+    ) -> None:
+        """The shadow's answer to a request already answered, captured under variant `shadow`."""
+        shadow = self.shadow
+        try:
+            if shadow is None or shadow.batcher is None:
+                raise RuntimeError("the shadow model has no batcher")
+            start = time.perf_counter()
+            scored = await asyncio.gather(*(shadow.batcher.submit(crop) for crop in crops))
+            loop = asyncio.get_running_loop()
+            checks, _ = await loop.run_in_executor(
+                self.cpu_pool, self._trust, shadow, images, crops, scored, False
+            )
+            response = self._response(shadow, scored, [{} for _ in crops], event_id, start, checks, None)
+            response["shadow_of"] = served.name
+            if self.capture is not None:
+                features = _features(images, crops, scored, {"checks": checks, "uncertainty": None})
+                record = capture_record(JSON, b"", json.dumps(response), event_id, SHADOW,
+                                        shadow.metadata.get("version"), features)  # fmt: skip
+                await self.capture.put(record, self.config.capture_wait_seconds)
+            self.metrics.shadow.labels("captured" if self.capture is not None else "scored").inc()
+        except Exception:  # a shadow's failure never reaches the client it did not answer
+            log.exception("shadow model failed on request %s", event_id)
+            self.metrics.shadow.labels("failed").inc()
 
     async def _error(
         self,
@@ -396,6 +446,16 @@ class Server:
         return web.json_response({"error": message, **(extra or {})}, status=status)
 
 
+def _inference_id(given: str | None) -> str:
+    """The request's `X-Amzn-SageMaker-Inference-Id` (1–64 printable characters, as SageMaker allows), else
+    a new one: the id of the response and of its capture record, so that answers can be paired."""
+    if given is None:
+        return new_event_id()
+    if not 0 < len(given) <= 64 or not given.isprintable():
+        raise RequestError("X-Amzn-SageMaker-Inference-Id must be 1-64 printable characters")
+    return given
+
+
 def _explain_request(request: web.Request, limits: Limits) -> list[str]:
     """The distinct findings to explain, in the order asked."""
     raw = request.query.get("explain") or request.headers.get(EXPLAIN) or ""
@@ -412,6 +472,30 @@ def _check_explanations(images: int, findings: list[str], limits: Limits) -> Non
     if count > limits.max_explanations:
         what = f"{images} image(s) × {len(findings)} finding(s) = {count} Grad-CAM heatmaps"
         raise PayloadTooLarge(exceeds(what, "max_explanations", limits.max_explanations))
+
+
+def _features(
+    images: list[DecodedImage], crops: list[np.ndarray], scored: list[Scored], trusted: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Per image, what the capture record keeps for monitoring: image statistics, the embedding's
+    projection, the input gate's score and verdict, the uncertainty when asked, DICOM attributes."""
+    projections = project_embedding(np.stack([s.embedding for s in scored]))
+    features = []
+    for index, (image, crop, projection) in enumerate(zip(images, crops, projections, strict=True)):
+        check = trusted["checks"][index]
+        feature = {
+            "shape": list(image.original_shape),
+            "content_type": image.content_type,
+            "image_stats": image_stats(crop),
+            "embedding_projection": [round(float(v), 5) for v in projection],
+            "input_gate": {"score": check["score"], "verdict": check["verdict"]},
+        }
+        if trusted["uncertainty"] is not None:
+            feature["uncertainty"] = [trusted["uncertainty"][index][f] for f in FINDINGS]
+        if image.acquisition:
+            feature["acquisition"] = image.acquisition
+        features.append(feature)
+    return features
 
 
 def _prepare_all(images: list[DecodedImage], metadata: dict[str, Any]) -> list[np.ndarray]:

@@ -10,6 +10,7 @@ INVOKED_VARIANT = "X-Amzn-Invoked-Production-Variant"
 CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
 INFERENCE_ID = "X-Amzn-SageMaker-Inference-Id"
 ROUTE_KEY = "X-Cxr-Route-Key"
+SHADOW = "shadow"  # the variant under which a shadow model's answers are captured (never returned)
 
 
 def route_key(headers: Mapping[str, str]) -> str | None:

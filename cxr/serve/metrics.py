@@ -42,6 +42,10 @@ class ServerMetrics:
             "cxr_input_gate", "Images by the input gate's verdict (in_distribution, out_of_distribution, "
             "unchecked)", ["variant", "verdict"], registry=self.registry,
         )  # fmt: skip
+        self.shadow = Counter(
+            "cxr_shadow", "Requests mirrored to the shadow model, by outcome (captured, scored, skipped when "
+            "too many wait, failed)", ["outcome"], registry=self.registry,
+        )  # fmt: skip
         self.model_info = Gauge(
             "cxr_model_info", "Served model (value 1) by variant, name, version and backend",
             ["variant", "name", "version", "backend"], registry=self.registry,
