@@ -130,7 +130,7 @@ def _gateway(args: argparse.Namespace) -> int:
     weights = _parse_weights(args.weights) if args.weights else None
     config = GatewayConfig(
         endpoints=endpoints, weights=weights, host=args.host, port=args.port, region=args.region,
-        max_body_mb=args.max_body_mb, read_timeout=args.read_timeout,
+        max_body_mb=args.max_body_mb, read_timeout=args.read_timeout, shadow_endpoint=args.shadow_endpoint,
     )  # fmt: skip
     print(f"gateway {', '.join(f'{k}={v}' for k, v in endpoints.items())} on http://{args.host}:{args.port}")
     run_gateway(config)
@@ -385,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--region", default=None, help="AWS region of the endpoints (default: AWS config)")
     gw.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted")
     gw.add_argument("--read-timeout", type=float, default=70.0, help="seconds to wait for an endpoint")
+    gw.add_argument(
+        "--shadow-endpoint", default=None,
+        help="a SageMaker endpoint sent a copy of every answered request (same inference id); its answers "
+        "are captured by its container, never returned",
+    )  # fmt: skip
     gw.set_defaults(func=_gateway)
 
     iam = commands.add_parser("iam", help="write least-privilege IAM policy documents, one per role")

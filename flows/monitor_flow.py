@@ -61,6 +61,11 @@ class CXRMonitorFlow(FlowSpec):
     )
     window_hours = Parameter("window_hours", default=24.0, type=float, help="length of the window, hours")
     window_end = Parameter("window_end", default="", help="end of the window (ISO 8601, UTC); default: now")
+    shadow_endpoint = Parameter(
+        "shadow_endpoint", default="",
+        help="the endpoint a gateway mirrors requests to (cxr gateway --shadow-endpoint): its captured "
+        "answers are paired with this endpoint's by inference id (a server's own --shadow needs nothing)",
+    )  # fmt: skip
     acquisition_reference_hours = Parameter(
         "acquisition_reference_hours", default=0.0, type=float,
         help="hours of traffic before the window that its DICOM acquisition attributes are compared with "
@@ -176,13 +181,17 @@ class CXRMonitorFlow(FlowSpec):
         self.next(self.alert)
 
     def _shadow_agreement(self, inputs) -> list[dict]:
-        """Rows per finding pairing each variant's answers with the shadow model's (variant `shadow`)."""
+        """Rows per finding pairing each variant's answers with the shadow model's: variant `shadow` of
+        this endpoint, or every variant of `--shadow_endpoint`."""
         traffic = {i.variant: i.traffic for i in inputs}
-        if SHADOW not in traffic:
-            return []
+        shadows = {SHADOW: traffic.pop(SHADOW)} if SHADOW in traffic else {}
+        if self.shadow_endpoint:
+            found = read_traffic(self.capture_uri, self.shadow_endpoint, *self.window)
+            shadows.update({f"{self.shadow_endpoint}/{v}": t for v, t in found.items()})
         least = MonitorConfig.from_dict(self.config).min_shadow_agreement
-        return [{**row, "variant": name} for name, champion in traffic.items() if name != SHADOW
-                for row in shadow_agreement(champion, traffic[SHADOW], least)]  # fmt: skip
+        return [{**row, "variant": name, "shadow": source} for name, champion in traffic.items()
+                for source, shadow in shadows.items()
+                for row in shadow_agreement(champion, shadow, least)]  # fmt: skip
 
     def _card(self, checked) -> None:
         verdict = f"{len(self.violations)} violation(s)" if self.violations else "no drift"

@@ -300,3 +300,38 @@ def test_cli_rejects_malformed_endpoints_and_weights(args, message, capsys):
     assert main(["gateway", *args]) == 2
     error = capsys.readouterr().err
     assert error.startswith("cxr gateway: error:") and message in error
+
+
+def test_shadow_endpoint_gets_a_copy_with_the_same_inference_id(endpoints):
+    """The caller gets A's answer; the shadow endpoint gets the same body and inference id, with
+    `shadow_of=A` in its custom attributes, after the answer."""
+    calls = []
+    config = GatewayConfig({"A": endpoints["A"]}, port=free_port(), shadow_endpoint=endpoints["B"])
+    client = tag_endpoint(runtime_client(config))
+    client.meta.events.register("provide-client-params.sagemaker-runtime.InvokeEndpoint",
+                                lambda params, **_: calls.append(dict(params)))  # fmt: skip
+    live = GatewayThread(config, client)
+    try:
+        for headers in ({"X-Amzn-SageMaker-Inference-Id": "case-7"}, None):  # None: the gateway gives an id
+            status, body, answer = live.post(headers)
+            assert (status, answer[VARIANT]) == (200, "A"), body
+        deadline = time.monotonic() + 30  # the copies go out after the answers: wait for both to be answered
+        while True:
+            text = call(live.url, "/metrics", method="GET")[1]
+            if (
+                "cxr_gateway_shadow_total" in text
+                and metric(text, "cxr_gateway_shadow_total", outcome="answered") >= 2
+            ):
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        live.stop()
+    by_endpoint = {name: [c for c in calls if c["EndpointName"] == name] for name in endpoints.values()}
+    champion, shadow = by_endpoint[endpoints["A"]], by_endpoint[endpoints["B"]]
+    assert len(champion) == len(shadow) == 2
+    assert [c["InferenceId"] for c in shadow] == [c["InferenceId"] for c in champion]
+    assert champion[0]["InferenceId"] == "case-7" and champion[1]["InferenceId"]
+    assert all(c["Body"] == PAYLOAD and c["CustomAttributes"] == "shadow_of=A" for c in shadow)
+    assert metric(text, "cxr_gateway_shadow_total", outcome="answered") == 2

@@ -7,6 +7,11 @@ target-variant override, live weight changes) and header contract, and forwards 
 the target-variant header only picks the gateway's variant and is not forwarded (each serverless endpoint
 has one variant). Each endpoint's container captures its own traffic; the gateway captures nothing.
 
+Shadow mode (`shadow_endpoint`; SageMaker's shadow tests do not exist for serverless endpoints): after a
+variant has answered, the same request goes to the shadow endpoint in the background with the same
+inference id (the caller's, else one the gateway gives both calls) and `shadow_of=<variant>` in its
+custom attributes; its answer is dropped, its container captures it, and the monitor pairs the two.
+
 GET  /ping                liveness
 POST /invocations         forwarded to the chosen variant's endpoint
 GET  /metrics             Prometheus text format (requests, latency, upstream errors, weights)
@@ -20,6 +25,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +75,8 @@ class GatewayConfig:
     read_timeout: float = 70.0
     max_attempts: int = 2
     threads: int = 32
+    shadow_endpoint: str | None = None  # mirrored in the background; its answers are never returned
+    max_shadow_pending: int = 64  # mirrored calls waiting at most; beyond, copies are skipped (counted)
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -76,7 +84,8 @@ class GatewayConfig:
         bad_variants = [v for v in self.endpoints if not VARIANT_NAME.fullmatch(v)]
         if bad_variants:
             raise ValueError(f"variant names must be 1-63 letters, digits, '_', '.' or '-': {bad_variants}")
-        bad = [name for name in self.endpoints.values() if not ENDPOINT_NAME.fullmatch(name)]
+        named = [*self.endpoints.values(), *([self.shadow_endpoint] if self.shadow_endpoint else [])]
+        bad = [name for name in named if not ENDPOINT_NAME.fullmatch(name)]
         if bad:
             raise ValueError(f"not valid SageMaker endpoint names: {bad}")
         if self.weights is not None:
@@ -106,6 +115,10 @@ class GatewayMetrics:
         self.weight = Gauge(
             "cxr_gateway_variant_weight", "Traffic weight per variant", ["variant"], registry=self.registry
         )
+        self.shadow = Counter(
+            "cxr_gateway_shadow", "Requests mirrored to the shadow endpoint, by outcome (answered, failed, "
+            "skipped when too many wait)", ["outcome"], registry=self.registry,
+        )  # fmt: skip
         self.endpoint = Gauge(
             "cxr_gateway_endpoint_info", "SageMaker endpoint (value 1) behind each variant",
             ["variant", "endpoint"], registry=self.registry,
@@ -147,12 +160,16 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.pool = ThreadPoolExecutor(config.threads, thread_name_prefix="invoke")
         self.max_body_bytes = int(config.max_body_mb * 1024 * 1024)
+        self._shadow_tasks: set[asyncio.Future[None]] = set()
         for variant, endpoint in config.endpoints.items():
             self.metrics.endpoint.labels(variant, endpoint).set(1)
         self._publish_weights()
 
     async def close(self, _app: web.Application | None = None) -> None:
-        """Release the thread pool (in-flight requests have finished by the time aiohttp cleans up)."""
+        """Release the thread pool (in-flight requests have finished by the time aiohttp cleans up); mirrored
+        calls get up to the read timeout to finish."""
+        if self._shadow_tasks:
+            await asyncio.wait(list(self._shadow_tasks), timeout=self.config.read_timeout)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def ping(self, request: web.Request) -> web.Response:
@@ -198,6 +215,8 @@ class Gateway:
         endpoint = self.config.endpoints[variant]
         params = {"EndpointName": endpoint, "Body": await self._read_body(request)}
         params.update({p: request.headers[h] for p, h in FORWARDED if request.headers.get(h)})
+        if self.config.shadow_endpoint:  # both calls carry one id, so their captures can be paired
+            params.setdefault("InferenceId", str(uuid.uuid4()))
         loop = asyncio.get_running_loop()
         headers = {INVOKED_VARIANT: variant, ENDPOINT: endpoint}
         try:
@@ -209,12 +228,35 @@ class Gateway:
             code = type(error).__name__
             status, message = transport_error(error, endpoint)
         else:
+            self._mirror(params, variant)
             return web.Response(body=body, headers={**headers, **answer})
         self.metrics.upstream_errors.labels(variant, code).inc()
         log.warning("variant %s (endpoint %s): %s → %d", variant, endpoint, code, status)
         if status == 503:
             headers["Retry-After"] = "1"
         return _error(status, message, headers)
+
+    def _mirror(self, params: dict[str, Any], variant: str) -> None:
+        """Send an answered request to the shadow endpoint in the background (bounded)."""
+        if not self.config.shadow_endpoint:
+            return
+        if len(self._shadow_tasks) >= self.config.max_shadow_pending:
+            self.metrics.shadow.labels("skipped").inc()
+            return
+        attributes = ",".join(filter(None, [params.get("CustomAttributes"), f"shadow_of={variant}"]))[:1024]
+        mirrored = {**params, "EndpointName": self.config.shadow_endpoint, "CustomAttributes": attributes}
+        task = asyncio.get_running_loop().run_in_executor(self.pool, self._invoke_shadow, mirrored)
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    def _invoke_shadow(self, params: dict[str, Any]) -> None:
+        try:
+            self._invoke(params)
+        except (BotoCoreError, ClientError) as error:
+            self.metrics.shadow.labels("failed").inc()
+            log.warning("shadow endpoint %s: %s", params["EndpointName"], error)
+        else:
+            self.metrics.shadow.labels("answered").inc()
 
     def _invoke(self, params: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
         """The blocking endpoint call, run in the thread pool: the body and the headers to pass back."""
