@@ -350,3 +350,50 @@ def test_an_attribute_that_disappears_is_a_category():
     window = [None if r is None else {k: v for k, v in r.items() if k != "KVP"} for r in fleet(300, rng)]
     rows = {r["feature"]: r for r in acquisition_drift(reference, window)}
     assert rows["dicom.KVP"]["violation"] and f"'{ABSENT}' 100%" in rows["dicom.KVP"]["note"]
+
+
+def test_a_scanner_change_captured_by_the_server_is_flagged_by_the_monitor(nih_root, tmp_path):
+    """DICOMs of real NIH films sent to the live server from one scanner, then from another: the monitor
+    reads the attributes back from capture and flags the change against the earlier traffic."""
+    import datetime as dt
+    import io
+    import time
+
+    from cxr.monitor.acquisition import acquisition_checks
+    from cxr.monitor.checks import MonitorConfig
+    from cxr.monitor.reader import read_traffic
+    from tests.conftest import free_port
+    from tests.serving_support import LiveServer, make_package
+
+    package, _, _ = make_package(tmp_path / "package", nih_root)
+    table = nih_table(nih_root)
+    paths = sorted((nih_root / "images_001" / "images").glob("*.png"))[:24]
+    films = [(path, table.loc[path.name]) for path in paths]
+
+    def as_scanner(path, row, manufacturer: str) -> bytes:
+        ds = pydicom.dcmread(io.BytesIO(nih_dicom(path, row)))
+        ds.Manufacturer, ds.PatientName = manufacturer, "Doe^Jane"
+        return saved(ds)
+
+    capture = tmp_path / "capture"
+    live = LiveServer(free_port(), "--model", str(package), "--capture", str(capture), "--input-gate", "flag")
+    try:
+        start = dt.datetime.now(dt.UTC)
+        for path, row in films:
+            assert live.post(as_scanner(path, row, "Carestream Health"), "application/dicom")[0] == 200
+        time.sleep(0.05)
+        switch = dt.datetime.now(dt.UTC)
+        for path, row in films:
+            assert live.post(as_scanner(path, row, "Siemens Healthineers"), "application/dicom")[0] == 200
+        end = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    finally:
+        live.stop()
+    before = read_traffic(str(capture), "cxr-endpoint", start - dt.timedelta(seconds=1), switch)["A"]
+    after = read_traffic(str(capture), "cxr-endpoint", switch, end)["A"]
+    assert len(before.acquisition) == len(after.acquisition) == len(films)
+    assert not any("PatientName" in a or "PatientID" in a for a in before.acquisition + after.acquisition)
+    rows = acquisition_checks(before, after, MonitorConfig())
+    flagged = {r["feature"]: r for r in rows if r["violation"]}
+    assert set(flagged) == {"dicom.Manufacturer"}, rows
+    assert "'Siemens Healthineers'" in flagged["dicom.Manufacturer"]["note"]
+    assert not any(r["violation"] for r in acquisition_checks(before, before, MonitorConfig()))
