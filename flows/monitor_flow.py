@@ -203,6 +203,17 @@ class CXRMonitorFlow(FlowSpec):
         )
         if self.violations:
             current.card.append(Table.from_dataframe(pd.DataFrame(self.violations).round(5)))
+        estimated = self.results[
+            self.results["check"].eq("label_free") & self.results["feature"].str.startswith("auroc.")
+        ]
+        if len(estimated):  # what the window's AUROC is estimated to be, without labels
+            columns = [c for c in ("variant", "model_version", "feature", "estimate", "ci_low", "ci_high",
+                                   "baseline_value", "violation") if c in estimated]  # fmt: skip
+            current.card.append(Markdown("### Label-free AUROC estimates"))
+            current.card.append(Table.from_dataframe(estimated[columns].round(4)))
+        if self.shadow_agreement:
+            current.card.append(Markdown("### Champion vs shadow: decisions agreeing, per finding"))
+            current.card.append(Table.from_dataframe(pd.DataFrame(self.shadow_agreement).round(4)))
         for traffic, baselines in checked:
             for version, baseline in sorted(baselines.items()):
                 mine = (self.results["variant"] == traffic.variant) & (
