@@ -2,7 +2,8 @@
 
 The same preprocessing as evaluation: decode to 8-bit gray, resize to the cached size, center-crop.
 Accepts `image/png`, `image/jpeg` and `application/x-npy` (a 2-D uint8 array); answers `application/json`
-with one probability per finding.
+with one probability per finding (`predictions`) and the input gate's verdict (`input_check`; these
+handlers flag an out-of-distribution image, they cannot refuse it: `cxr serve` can).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cxr.model import CXRNet
 IMAGE_TYPES = ("image/png", "image/jpeg", "application/x-image")
 NPY_TYPE = "application/x-npy"
 JSON_TYPE = "application/json"
+INPUT_CHECK = "input_check"
 
 
 class UnsupportedContentType(ValueError):
@@ -44,10 +46,14 @@ def load_model(model_dir: str | Path) -> tuple[CXRNet, dict[str, Any]]:
 
 
 def model_fn(model_dir: str) -> dict[str, Any]:
-    """SageMaker: load the model once per worker."""
+    """SageMaker: load the model once per worker, with its calibration and input gate."""
+    from cxr.serve.predictor import ServingNet
+    from cxr.serve.trust import Trust
+
     model, metadata = load_model(model_dir)
     calibrator = Calibrator.from_dict(metadata.get("calibration"))
-    return {"model": model, "metadata": metadata, "calibrator": calibrator}
+    return {"model": model, "net": ServingNet(model), "metadata": metadata, "calibrator": calibrator,
+            "trust": Trust.from_package(model_dir, metadata)}  # fmt: skip
 
 
 def input_fn(body: bytes, content_type: str) -> np.ndarray:
@@ -84,21 +90,26 @@ def prepare(pixels: np.ndarray, metadata: dict[str, Any]) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_fn(image: np.ndarray, bundle: dict[str, Any]) -> dict[str, float]:
-    """SageMaker: probabilities per finding (calibrated when the package carries a calibration)."""
-    batch = torch.from_numpy(prepare(image, bundle["metadata"]))[None]
+def predict_fn(image: np.ndarray, bundle: dict[str, Any]) -> dict[str, Any]:
+    """SageMaker: probabilities per finding (calibrated when the package carries a calibration), and the
+    input gate's verdict under `input_check`."""
+    crop = prepare(image, bundle["metadata"])
     with torch.no_grad():
-        raw = torch.sigmoid(bundle["model"](batch)).numpy()
+        raw, embedding = (t.numpy() for t in bundle["net"](torch.from_numpy(crop)[None]))
     calibrator = bundle.get("calibrator") or Calibrator()
     probs = calibrator.apply(raw)[0].tolist()
-    return dict(zip(bundle["metadata"]["findings"], probs, strict=True))
+    prediction: dict[str, Any] = dict(zip(bundle["metadata"]["findings"], probs, strict=True))
+    prediction[INPUT_CHECK] = bundle["trust"].checks([crop], embedding, [[]])[0]
+    return prediction
 
 
-def output_fn(prediction: dict[str, float], accept: str = JSON_TYPE) -> tuple[str, str]:
-    """SageMaker: prediction → JSON body."""
+def output_fn(prediction: dict[str, Any], accept: str = JSON_TYPE) -> tuple[str, str]:
+    """SageMaker: prediction → JSON body: `{"predictions": {finding: p}, "input_check": {...}}`."""
     if accept and accept not in (JSON_TYPE, "*/*"):
         raise UnsupportedContentType(f"unsupported accept type {accept!r}; use {JSON_TYPE}")
-    return json.dumps({"predictions": prediction}), JSON_TYPE
+    probabilities = {k: v for k, v in prediction.items() if k != INPUT_CHECK}
+    extra = {INPUT_CHECK: prediction[INPUT_CHECK]} if INPUT_CHECK in prediction else {}
+    return json.dumps({"predictions": probabilities, **extra}), JSON_TYPE
 
 
 __all__ = ["FINDINGS", "input_fn", "load_model", "model_fn", "output_fn", "predict_fn"]

@@ -322,3 +322,18 @@ def test_packages_without_a_gate_say_unchecked(nih_root, tmp_path):
     assert json.loads(body)["predictions"][0]["input_check"] == {
         "score": None, "threshold": 1.0, "verdict": "unchecked", "reasons": []
     }  # fmt: skip
+
+
+def test_sagemaker_handlers_flag_with_the_gate(real, gated_package, tmp_path):
+    """The package's handlers (AWS's stock PyTorch containers) answer with the gate's verdict too."""
+    from cxr.inference import model_fn, output_fn, predict_fn
+    from cxr.package import unpack
+
+    bundle = model_fn(str(unpack(gated_package, tmp_path / "model")))
+    scores = real["gate"].score(real["embedded"]["test"], real["crops"]["test"])
+    film = real["films"][int(np.argmin(scores))]
+    answers = {name: json.loads(output_fn(predict_fn(image, bundle))[0])
+               for name, image in (("film", film), ("photo", foreign_photo(real)))}  # fmt: skip
+    assert answers["film"]["input_check"]["verdict"] == "in_distribution"
+    assert answers["photo"]["input_check"]["verdict"] == "out_of_distribution"
+    assert answers["photo"]["input_check"]["reasons"] and len(answers["photo"]["predictions"]) == 14
