@@ -271,6 +271,9 @@ def performance_checks(
 
 
 LABEL_FREE_METRICS = ("auroc", "sensitivity", "specificity")
+MIN_EXPECTED_CASES = (
+    10  # label_free: fewer expected positives (or negatives) on a side and a row is not judged
+)
 
 
 def label_free_checks(baseline: Baseline, traffic: Traffic, config: MonitorConfig) -> list[dict[str, Any]]:
@@ -293,10 +296,22 @@ def label_free_checks(baseline: Baseline, traffic: Traffic, config: MonitorConfi
         for i in range(len(FINDINGS))
         if (row := _label_free_row(metric, i, window, reference, baseline, config)) is not None
     ]
+    counts = _expected_counts(reference["prevalence"], len(baseline.probabilities))
+    counts = np.minimum(counts, _expected_counts(window["prevalence"], len(traffic.probabilities)))
+    for row in rows:  # a handful of expected cases makes the estimates jumpy: shown, not judged
+        row["judged"] = bool(counts[FINDINGS.index(row["feature"].split(".", 1)[1])] >= MIN_EXPECTED_CASES)
+        if not row["judged"]:
+            row["p_value"] = 1.0
     adjusted = holm(np.array([r["p_value"] for r in rows]))
     for row, p in zip(rows, adjusted, strict=True):
         row.update(adjusted_p_value=float(p), alpha=config.alpha, violation=bool(p < config.alpha))
     return rows
+
+
+def _expected_counts(prevalence: np.ndarray, n: int) -> np.ndarray:
+    """Per finding, the fewer of expected positives and expected negatives among `n` images."""
+    prevalence = np.nan_to_num(np.asarray(prevalence, dtype=float))
+    return np.minimum(prevalence, 1 - prevalence) * n
 
 
 def _label_free_row(

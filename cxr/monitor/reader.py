@@ -64,6 +64,21 @@ class Traffic:
     acquisition: list[dict[str, Any] | None] = field(default_factory=list)  # DICOM attributes per row
     decisions: np.ndarray = field(default_factory=lambda: np.zeros((0, len(FINDINGS))))  # 1/0; NaN where none
 
+    def __post_init__(self) -> None:
+        """Rows made without the trust fields (no gate, no uncertainty, no DICOM, no decisions) get them
+        as missing, so every per-row field has a value for every row."""
+        n = len(self.probabilities)
+        if n and not len(self.gate_scores):
+            self.gate_scores = np.full(n, np.nan)
+        if n and not self.gate_verdicts:
+            self.gate_verdicts = ["unchecked"] * n
+        if n and not len(self.uncertainty):
+            self.uncertainty = np.full((n, len(FINDINGS)), np.nan)
+        if n and not self.acquisition:
+            self.acquisition = [None] * n
+        if n and not len(self.decisions):
+            self.decisions = np.full((n, len(FINDINGS)), np.nan)
+
     @property
     def served(self) -> int:
         """Requests answered with 200."""
