@@ -29,13 +29,25 @@ INSTALL_REQUIRES = [
 SERVE = [
     "aiohttp==3.14.5",  # the HTTP server (SageMaker container contract)
     "prometheus_client==0.26.0",  # /metrics
+    "limits==5.8.0",  # the gateway's per-client rate limits
+]
+
+APP = [
+    "flask==3.1.3",  # the web application (cxr_app): routes, templates, signed session cookies
+    "flask-wtf==1.3.0",  # CSRF tokens on every form and fetch that changes state
+    "argon2-cffi==25.1.0",  # password hashes (Argon2id)
+    "sqlalchemy==2.1.9",  # accounts, reviews and the audit log: SQLite by default, PostgreSQL by URL
+    "waitress==3.0.2",  # the production WSGI server `cxr app` runs on
 ]
 
 EXTRAS_REQUIRE = {
     "serve": SERVE,
+    "app": [*SERVE, *APP],
     "aws": ["boto3>=1.34", "moto[server]==5.2.1"],
     "dev": [
         *SERVE,
+        *APP,
+        "playwright==1.65.2",  # browser tests drive Debian's chromium through it
         "pytest>=8",
         "pytest-timeout>=2.3",
         "moto[server]==5.2.1",  # the S3 API on loopback for tests
@@ -56,7 +68,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",  # datetime.UTC; tests/test_python_requires.py checks it
-    packages=find_packages(include=["cxr", "cxr.*"]),
+    packages=find_packages(include=["cxr", "cxr.*", "cxr_app", "cxr_app.*"]),
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
