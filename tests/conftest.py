@@ -80,3 +80,30 @@ def script_invocations(server: str, *results: dict) -> None:
     request = urllib.request.Request(f"{server}/moto-api/static/sagemaker/endpoint-results", data=payload)
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 201
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium through Playwright, one per test module: Playwright's sync API holds an
+    event loop in the test thread while it runs, which would break asyncio.run() in other modules' tests."""
+    from tests.browser import launched_browser
+
+    with launched_browser() as launched:
+        yield launched
+
+
+@pytest.fixture
+def page_guard():
+    """Requests beyond loopback and uncaught errors of the test's page; it fails the test unless cleared."""
+    from tests.browser import PageGuard
+
+    return PageGuard()
+
+
+@pytest.fixture
+def page(browser, page_guard):
+    """A page in a fresh browser context, offline but for loopback."""
+    from tests.browser import guarded_page
+
+    with guarded_page(browser, page_guard) as fresh:
+        yield fresh
