@@ -38,6 +38,7 @@ APP = [
     "argon2-cffi==25.1.0",  # password hashes (Argon2id)
     "sqlalchemy==2.1.9",  # accounts, reviews and the audit log: SQLite by default, PostgreSQL by URL
     "waitress==3.0.2",  # the production WSGI server `cxr app` runs on
+    "matplotlib==3.11.2",  # the watch page's drift and latency plots (SVG, drawn on the server)
 ]
 
 EXTRAS_REQUIRE = {
@@ -70,6 +71,7 @@ setup(
     python_requires=">=3.11",  # datetime.UTC; tests/test_python_requires.py checks it
     packages=find_packages(include=["cxr", "cxr.*", "cxr_app", "cxr_app.*"]),
     include_package_data=True,
+    package_data={"cxr_app": ["templates/*.html", "static/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["cxr=cxr.cli:main"]},

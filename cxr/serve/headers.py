@@ -10,6 +10,8 @@ INVOKED_VARIANT = "X-Amzn-Invoked-Production-Variant"
 CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
 INFERENCE_ID = "X-Amzn-SageMaker-Inference-Id"
 ROUTE_KEY = "X-Cxr-Route-Key"
+EXPLAIN = "X-Cxr-Explain"  # findings to explain with Grad-CAM heatmaps, comma-separated
+UNCERTAINTY = "X-Cxr-Uncertainty"  # true: MC-dropout uncertainty per finding
 SHADOW = "shadow"  # the variant under which a shadow model's answers are captured (never returned)
 
 
