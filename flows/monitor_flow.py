@@ -1,7 +1,7 @@
 """Monitor captured endpoint traffic for drift, on a schedule.
 
 python flows/monitor_flow.py run --capture_uri ./capture --window_hours 24
-python flows/monitor_flow.py run --capture_uri s3://bucket/capture --labels truth.csv --notify https://hooks/...
+python flows/monitor_flow.py run --capture_uri s3://bucket/capture --labels postgresql://... --notify https://hooks/...
 python flows/monitor_flow.py step-functions create      # daily, per @schedule
 """
 
@@ -26,6 +26,7 @@ from cxr.monitor.reader import list_variants, read_traffic
 from cxr.monitor.references import References
 from cxr.monitor.shadow import shadow_agreement
 from cxr.registry import DEFAULT_GROUP, open_registry
+from cxr.reviews import default_database_url, is_database_url, read_reviews
 from cxr.serve.headers import SHADOW
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -89,8 +90,10 @@ class CXRMonitorFlow(FlowSpec):
     )
     labels = Parameter(
         "labels",
-        default="",
-        help="ground truth CSV/JSONL keyed by inference_id or image_id (optional patient_id column)",
+        default="reviews",
+        help="ground truth: 'reviews' (the web app's reviews, at $CXR_APP_DATABASE or ~/.cxr/app.db), a "
+        "database URL holding them, a CSV/JSONL keyed by inference_id or image_id (optional patient_id "
+        "column), or 'none'",
     )
     notify = Parameter("notify", default="log", help="'log', a webhook URL, or an SNS topic ARN")
     retrain = Parameter("retrain", default=False, type=bool, help="run the train flow when drift is found")
@@ -135,7 +138,8 @@ class CXRMonitorFlow(FlowSpec):
             *window, variants=[self.variant], model=references.package, versions=self.served_versions
         )[self.variant]
         found = references.baselines(traffic.model_versions)
-        labels = read_labels(self.labels) if self.labels else None
+        labels = read_labels(self.labels)
+        self.labelled_cases = 0 if labels is None else len(labels)
         config = MonitorConfig.from_dict(self.config)
         self.results = check_variant(traffic, found, config, labels)
         if any(traffic.acquisition):  # DICOM traffic: scanners and protocols against the traffic before
@@ -172,6 +176,7 @@ class CXRMonitorFlow(FlowSpec):
         if self.shadow_agreement:
             self.results = pd.concat([self.results, pd.DataFrame(self.shadow_agreement)], ignore_index=True)
         self.traffic_summary = [i.traffic_summary for i in inputs]
+        self.labelled_cases = max(i.labelled_cases for i in inputs)  # reviewed or given ground truth
         self.violations = violations(self.results)
         self.constraint_violations = constraint_violations(self.violations)
         self.drift_summary = report.drift_summary(self.results)
@@ -280,9 +285,20 @@ def parse_variant_versions(text: str) -> dict[str, str]:
     return versions
 
 
-def read_labels(path: str) -> pd.DataFrame:
-    """Ground truth: CSV or JSONL with `inference_id` or `image_id`, one 0/1 column per finding and, for
-    CIs that resample patients, an optional pseudonymous `patient_id`."""
+def read_labels(source: str) -> pd.DataFrame | None:
+    """Ground truth, or None without any: the web app's reviews (`reviews`: its default database; or a
+    database URL), or a CSV/JSONL file with `inference_id` or `image_id`, one 0/1 column per finding and,
+    for CIs that resample patients, an optional pseudonymous `patient_id`."""
+    if source in ("", "none"):
+        return None
+    if source == "reviews":
+        source = default_database_url()
+        if source.startswith("sqlite:///") and not Path(source.removeprefix("sqlite:///")).is_file():
+            return None
+    if is_database_url(source):
+        reviewed = read_reviews(source)
+        return reviewed if len(reviewed) else None
+    path = source
     table = pd.read_json(path, lines=True) if path.endswith((".jsonl", ".json")) else pd.read_csv(path)
     if "inference_id" not in table.columns and "image_id" not in table.columns:
         raise ValueError(f"{path}: ground truth needs an 'inference_id' or 'image_id' column")

@@ -98,24 +98,38 @@ class Traffic:
         """The rows this model version served (its served records as the record counts)."""
         pick = [i for i, v in enumerate(self.row_versions) if v == version]
         served = int(self.model_versions.get(version, 0))
+        return self.rows(pick, records=served, statuses=Counter({200: served}),
+                         model_versions=Counter({version: served}))  # fmt: skip
+
+    def first_answers(self) -> Traffic:
+        """One row per inference id: its first answer. A case asked again under its id (a heatmap fetched
+        later, a client's retry) is neither a new case nor a second label match."""
+        first: dict[str, int] = {}
+        pick = [i for i, key in enumerate(self.inference_ids) if first.setdefault(key, i) == i]
+        if len(pick) == len(self.inference_ids):
+            return self
+        counts = {"records": self.records, "statuses": self.statuses, "model_versions": self.model_versions}
+        return self.rows(pick, malformed=self.malformed, missing_features=self.missing_features,
+                         featurized=self.featurized, gate_refused=self.gate_refused, **counts)  # fmt: skip
+
+    def rows(self, pick: list[int], **counts: Any) -> Traffic:
+        """The rows `pick` of this traffic, with the record counts given."""
         return Traffic(
             self.variant,
-            records=served,
-            statuses=Counter({200: served}),
             image=self.image[pick],
             embedding=self.embedding[pick],
             probabilities=self.probabilities[pick],
             inference_ids=[self.inference_ids[i] for i in pick],
             image_ids=[self.image_ids[i] for i in pick],
             times=[self.times[i] for i in pick],
-            model_versions=Counter({version: served}),
-            row_versions=[version] * len(pick),
+            row_versions=[self.row_versions[i] for i in pick],
             files=self.files,
             gate_scores=self.gate_scores[pick],
             gate_verdicts=[self.gate_verdicts[i] for i in pick],
             uncertainty=self.uncertainty[pick],
             acquisition=[self.acquisition[i] for i in pick],
             decisions=self.decisions[pick],
+            **counts,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -399,7 +413,7 @@ def read_traffic(
                 parts[i] = part
         traffic.featurized = _featurize(parts, featurizers)
         _merge(traffic, parts)
-        result[variant] = traffic
+        result[variant] = traffic.first_answers()
     return result
 
 
