@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import signal
 import struct
 import subprocess
@@ -47,24 +48,16 @@ def make_package(
 
 
 class LiveServer:
-    """`cxr serve` in its own process on a loopback port; stopped with SIGTERM like a container."""
+    """`cxr serve` in its own process on a loopback port; stopped with SIGTERM like a container. Its admin
+    token is a fresh `admin_token` given in $CXR_ADMIN_TOKEN, unless `env` says otherwise."""
 
-    def __init__(self, port: int, *args: str, env: dict | None = None):
+    def __init__(self, port: int, *args: str, env: dict | None = None, verbose: bool = False):
         self.url = f"http://127.0.0.1:{port}"
-        command = [
-            sys.executable,
-            "-m",
-            "cxr.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *args,
-        ]
-        self.process = subprocess.Popen(
-            command, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
+        self.admin_token = secrets.token_urlsafe(24)
+        command = [sys.executable, "-m", "cxr.cli", *(["-v"] if verbose else []), "serve",
+                   "--host", "127.0.0.1", "--port", str(port), *args]  # fmt: skip
+        env = {**os.environ, "CXR_ADMIN_TOKEN": self.admin_token, **(env or {})}
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -86,6 +79,10 @@ class LiveServer:
 
     def get(self, path: str):
         return self.request("GET", path)
+
+    def admin(self, method: str, path: str, body: bytes | None = None, token: str | None = None):
+        """A request to an admin route with the bearer token (the server's own unless `token`)."""
+        return self.request(method, path, body, {"Authorization": f"Bearer {token or self.admin_token}"})
 
     def post(
         self, body: bytes, content_type: str | None, path: str = "/invocations", headers: dict | None = None

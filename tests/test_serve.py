@@ -135,11 +135,11 @@ def test_12_bit_data_in_16_bit_words_keep_their_brightness(server, nih_root, ind
 
 
 def test_admin_weights_refuse_non_finite_and_negative(server, nih_root):
-    before = server.get("/admin/weights")[1]
+    before = server.admin("GET", "/admin/weights")[1]
     for text in ('{"A": NaN}', '{"A": Infinity}', '{"A": -Infinity}', '{"A": -1}', '{"A": true}'):
-        status, body, _ = server.request("POST", "/admin/weights", text.encode())
+        status, body, _ = server.admin("POST", "/admin/weights", text.encode())
         assert status == 400 and "finite, non-negative" in json.loads(body)["error"], (text, body)
-    assert server.get("/admin/weights")[1] == before
+    assert server.admin("GET", "/admin/weights")[1] == before
     assert server.post(real_png(nih_root)[1], "image/png")[0] == 200
 
 
@@ -267,10 +267,10 @@ def test_ab_split_sticky_and_live_weight_change(packages, nih_root, tmp_path):
         assert {variant("patient-7") for _ in range(10)} in ({"A"}, {"B"})  # sticky
         counts = [variant(f"key-{i}") for i in range(120)]
         assert 35 <= counts.count("B") <= 85
-        status, body, _ = live.request("POST", "/admin/weights", json.dumps({"A": 0, "B": 1}).encode())
+        status, body, _ = live.admin("POST", "/admin/weights", json.dumps({"A": 0, "B": 1}).encode())
         assert status == 200 and json.loads(body) == {"A": 0.0, "B": 1.0}
         assert {variant(f"key-{i}") for i in range(30)} == {"B"}
-        assert live.request("POST", "/admin/weights", b'{"A": 1, "C": 1}')[0] == 400
+        assert live.admin("POST", "/admin/weights", b'{"A": 1, "C": 1}')[0] == 400
         forced = live.post(tiny, "image/png", headers={"X-Amzn-SageMaker-Target-Variant": "A"})
         assert forced[2]["X-Amzn-Invoked-Production-Variant"] == "A"
         metrics = live.get("/metrics")[1].decode()

@@ -4,7 +4,7 @@ GET  /ping            200 when the models are loaded (503 when configured captur
 POST /invocations     image/png, image/jpeg, application/dicom, application/x-npy, application/json batch
 GET  /metrics         Prometheus text format
 GET  /models          the served variants
-GET|POST /admin/weights   read or change A/B weights without a restart
+GET|POST /admin/weights   read or change A/B weights without a restart (bearer token: `cxr.serve.admin`)
 
 Every answer carries the input gate's verdict per image (`cxr.serve.trust`); `?uncertainty=true` adds the
 MC-dropout uncertainty per finding. A `shadow` model, when configured, scores a copy of every answered
@@ -32,6 +32,7 @@ from cxr.data.findings import FINDINGS
 from cxr.data.images import encode_png
 from cxr.features import image_stats, project_embedding
 from cxr.inference import prepare
+from cxr.serve.admin import load_admin_token, require_admin_token
 from cxr.serve.batcher import DynamicBatcher, Scored
 from cxr.serve.capture import CaptureUnavailable, CaptureWriter, capture_record, new_event_id
 from cxr.serve.decoder import DICOM, JSON, DecodedImage, decode_request, media_type
@@ -78,6 +79,7 @@ class ServerConfig:
     input_gate: str = "refuse"  # out-of-distribution images: refuse (422) or flag in the answer
     shadow: Path | None = None  # a model directory mirrored in shadow mode (captured, never returned)
     max_shadow_pending: int = 64  # mirrored requests waiting at most; beyond, copies are skipped (counted)
+    admin_token_file: Path | None = None  # default: $CXR_ADMIN_TOKEN, else $CXR_HOME/admin-token
 
     def __post_init__(self) -> None:
         if self.input_gate not in POLICIES:
@@ -529,9 +531,10 @@ async def _read_body(request: web.Request) -> bytes:
 
 def build_app(config: ServerConfig) -> web.Application:
     """The aiohttp application for a configuration."""
+    admin = require_admin_token(load_admin_token(config.admin_token_file))  # before the models: fails fast
     server = Server(config)
     max_bytes = int(config.max_body_mb * 1024 * 1024)
-    app = web.Application(client_max_size=max_bytes)
+    app = web.Application(client_max_size=max_bytes, middlewares=[admin])
     app["server"], app["max_body_bytes"] = server, max_bytes
     app.router.add_get("/ping", server.ping)
     app.router.add_post("/invocations", server.invocations)
