@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from cxr.config import DEFAULT_CONFIG, cxr_home
 from cxr.serve.limits import add_limit_arguments, limits_from_args
@@ -109,9 +110,10 @@ def _serve(args: argparse.Namespace) -> int:
         capture_sample_percent=args.capture_sample, endpoint_name=args.endpoint_name, backend=args.backend,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads, sessions=args.sessions,
         max_body_mb=args.max_body_mb, limits=limits_from_args(args), input_gate=args.input_gate,
-        shadow=model_dir(args.shadow) if args.shadow else None,
+        shadow=model_dir(args.shadow) if args.shadow else None, admin_token_file=args.admin_token_file,
     )  # fmt: skip
     print(f"serving {', '.join(f'{k}={v}' for k, v in models.items())} on http://{args.host}:{args.port}")
+    _print_admin_token_source(args.admin_token_file)
     serve(config)
     return 0
 
@@ -125,16 +127,34 @@ def _parse_weights(text: str) -> dict[str, float]:
 
 def _gateway(args: argparse.Namespace) -> int:
     from cxr.serve.gateway import GatewayConfig, run_gateway
+    from cxr.serve.ratelimit import DEFAULT_RATE_LIMIT
 
     endpoints = _parse_endpoints(args.endpoint)
     weights = _parse_weights(args.weights) if args.weights else None
     config = GatewayConfig(
         endpoints=endpoints, weights=weights, host=args.host, port=args.port, region=args.region,
         max_body_mb=args.max_body_mb, read_timeout=args.read_timeout, shadow_endpoint=args.shadow_endpoint,
+        rate_limit=args.rate_limit or DEFAULT_RATE_LIMIT, trusted_proxies=tuple(args.trusted_proxy),
+        admin_token_file=args.admin_token_file,
     )  # fmt: skip
     print(f"gateway {', '.join(f'{k}={v}' for k, v in endpoints.items())} on http://{args.host}:{args.port}")
+    _print_admin_token_source(args.admin_token_file)
     run_gateway(config)
     return 0
+
+
+def _print_admin_token_source(path: Path | None) -> None:
+    from cxr.serve.admin import admin_token_source
+
+    print(f"/admin/* needs 'Authorization: Bearer <token>' with the token from {admin_token_source(path)}")
+
+
+def _admin_token_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin-token-file", type=Path, default=None,
+        help="file holding the bearer token that /admin/* requires (default: $CXR_ADMIN_TOKEN, else "
+        "$CXR_HOME/admin-token, created with a random token on first start)",
+    )  # fmt: skip
 
 
 def _parse_endpoints(specs: list[str]) -> dict[str, str]:
@@ -372,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the verdict",
     )  # fmt: skip
     add_limit_arguments(srv)
+    _admin_token_option(srv)
     srv.set_defaults(func=_serve)
 
     gw = commands.add_parser("gateway", help="A/B gateway in front of serverless SageMaker endpoints")
@@ -390,6 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="a SageMaker endpoint sent a copy of every answered request (same inference id); its answers "
         "are captured by its container, never returned",
     )  # fmt: skip
+    gw.add_argument(
+        "--rate-limit", default=None,
+        help="requests per client, e.g. 20/second or 20/second;1000/hour, or none (default 20/second); "
+        "beyond it 429 with Retry-After",
+    )  # fmt: skip
+    gw.add_argument(
+        "--trusted-proxy", action="append", default=[], metavar="NETWORK",
+        help="a proxy (address or network, repeat per proxy) whose X-Forwarded-For names the client to limit "
+        "(default: none; the peer address is the client)",
+    )  # fmt: skip
+    _admin_token_option(gw)
     gw.set_defaults(func=_gateway)
 
     iam = commands.add_parser("iam", help="write least-privilege IAM policy documents, one per role")

@@ -23,7 +23,8 @@ from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
 from cxr.cli import main
-from cxr.serve.gateway import GatewayConfig, build_gateway_app, runtime_client
+from cxr.serve.admin import admin_headers, load_admin_token
+from cxr.serve.gateway import GATEWAY, GatewayConfig, build_gateway_app, runtime_client
 
 from .conftest import free_port, script_invocations
 
@@ -51,6 +52,7 @@ class GatewayThread:
         self.url = f"http://127.0.0.1:{config.port}"
         self.endpoints = config.endpoints
         self.app = build_gateway_app(config, client)
+        self.admin_token = load_admin_token(config.admin_token_file)  # the one the gateway read or made
         self.runner = web.AppRunner(self.app, access_log=None)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -66,6 +68,12 @@ class GatewayThread:
 
     def post(self, headers: dict | None = None, body: bytes = PAYLOAD):
         return call(self.url, "/invocations", body, {"Content-Type": JSON, **(headers or {})})
+
+    def admin(self, body: bytes | None = None, method: str = "POST", headers: dict | None = None):
+        """/admin/weights with the gateway's admin token."""
+        return call(
+            self.url, "/admin/weights", body, {**admin_headers(self.admin_token), **(headers or {})}, method
+        )
 
     def stop(self) -> None:
         self.run(self.runner.cleanup())
@@ -118,7 +126,8 @@ def endpoints(s3_server, moto_queue) -> dict[str, str]:
 
 @pytest.fixture
 def gateway(endpoints):
-    config = GatewayConfig(endpoints, weights={"A": 1, "B": 0}, port=free_port())
+    """Routing tests send hundreds of requests at once from one client: no rate limit here."""
+    config = GatewayConfig(endpoints, weights={"A": 1, "B": 0}, port=free_port(), rate_limit=None)
     live = GatewayThread(config, tag_endpoint(runtime_client(config)))
     yield live
     live.stop()
@@ -144,7 +153,7 @@ def test_weights_send_everything_to_a_and_target_variant_forces_b(gateway):
 
 
 def test_sticky_keys_and_an_even_split(gateway, s3_server):
-    assert call(gateway.url, "/admin/weights", json.dumps({"A": 0.5, "B": 0.5}).encode())[0] == 200
+    assert gateway.admin(json.dumps({"A": 0.5, "B": 0.5}).encode())[0] == 200
     sticky = {served(gateway, {"X-Cxr-Route-Key": "patient-7"}) for _ in range(10)}
     assert len(sticky) == 1
     counts = [served(gateway, {"X-Cxr-Route-Key": f"key-{i}"}) for i in range(200)]
@@ -158,12 +167,12 @@ def test_sticky_keys_and_an_even_split(gateway, s3_server):
 
 def test_live_weight_change(gateway):
     assert {served(gateway) for _ in range(10)} == {"A"}
-    status, body, _ = call(gateway.url, "/admin/weights", json.dumps({"A": 0, "B": 3}).encode())
+    status, body, _ = gateway.admin(json.dumps({"A": 0, "B": 3}).encode())
     assert status == 200 and body == {"A": 0.0, "B": 1.0}
     assert {served(gateway) for _ in range(10)} == {"B"}
-    assert call(gateway.url, "/admin/weights", method="GET")[1] == {"A": 0.0, "B": 1.0}
+    assert gateway.admin(method="GET")[1] == {"A": 0.0, "B": 1.0}
     for bad in (b'{"A": 1, "C": 1}', b"[1, 2]", b"not json", b'{"A": -1, "B": 1}'):
-        status, body, _ = call(gateway.url, "/admin/weights", bad)
+        status, body, _ = gateway.admin(bad)
         assert status == 400 and body["error"], bad
 
 
@@ -258,12 +267,15 @@ def test_unreachable_endpoint_is_503(monkeypatch):
         live.stop()
 
 
-def test_cli_gateway_serves_and_stops_on_sigterm(endpoints, s3_server):
+def test_cli_gateway_serves_and_stops_on_sigterm(endpoints, s3_server, tmp_path):
     port = free_port()
     body = json.dumps({"instances": [uuid.uuid4().hex]}).encode()  # a request moto has not seen: scripted
     script_invocations(s3_server, canned("cli"))
+    token_file = tmp_path / "token"
+    token_file.write_text("a-token-the-operator-chose-0123456789\n")
     command = [sys.executable, "-m", "cxr.cli", "gateway", "--endpoint", f"A={endpoints['A']}",
-               "--endpoint", f"B={endpoints['B']}", "--weights", "A=0,B=1", "--port", str(port)]  # fmt: skip
+               "--endpoint", f"B={endpoints['B']}", "--weights", "A=0,B=1", "--port", str(port),
+               "--admin-token-file", str(token_file)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -279,9 +291,15 @@ def test_cli_gateway_serves_and_stops_on_sigterm(endpoints, s3_server):
         status, answer, headers = call(url, "/invocations", body, {"Content-Type": JSON})
         assert status == 200 and answer == {"served_by": "cli"} and headers[VARIANT] == "B"
         assert headers["X-Cxr-Endpoint"] == endpoints["B"]
+        assert call(url, "/admin/weights", method="GET")[0] == 401
+        right = admin_headers("a-token-the-operator-chose-0123456789")
+        assert call(url, "/admin/weights", None, right, "GET")[1] == {"A": 0.0, "B": 1.0}
+        text = call(url, "/metrics", method="GET")[1]
+        assert metric(text, "cxr_gateway_rate_limit_info", limit="20 per 1 second") == 1  # the default
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+    assert "a-token-the-operator-chose" not in process.stdout.read().decode()
 
 
 @pytest.mark.parametrize(
@@ -294,6 +312,10 @@ def test_cli_gateway_serves_and_stops_on_sigterm(endpoints, s3_server):
         (["--endpoint", "A=cxr-a", "--endpoint", "B=cxr-b", "--weights", "A=x"], "--weights must look like"),
         (["--endpoint", "A=cxr-a", "--endpoint", "B=cxr-b", "--weights", "A=1,C=1"], "exactly the variants"),
         (["--endpoint", "A=cxr-a", "--endpoint", "B=cxr-b", "--weights", "A=-1,B=1"], "non-negative"),
+        (["--endpoint", "A=cxr-a", "--rate-limit", "lots"], 'rate limit must look like "20/second"'),
+        (["--endpoint", "A=cxr-a", "--rate-limit", "0/second"], "must allow at least one request"),
+        (["--endpoint", "A=cxr-a", "--trusted-proxy", "proxy.local"], "trusted proxies must be IP"),
+        (["--endpoint", "A=cxr-a", "--admin-token-file", "/nonexistent/token"], "No such file"),
     ],
 )
 def test_cli_rejects_malformed_endpoints_and_weights(args, message, capsys):
@@ -335,3 +357,101 @@ def test_shadow_endpoint_gets_a_copy_with_the_same_inference_id(endpoints):
     assert champion[0]["InferenceId"] == "case-7" and champion[1]["InferenceId"]
     assert all(c["Body"] == PAYLOAD and c["CustomAttributes"] == "shadow_of=A" for c in shadow)
     assert metric(text, "cxr_gateway_shadow_total", outcome="answered") == 2
+
+
+def idle_client(monkeypatch):
+    """A runtime client for tests whose requests never reach an endpoint."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    return boto3.client("sagemaker-runtime", region_name="us-east-1")
+
+
+def test_admin_routes_need_the_token_from_the_embedded_default(monkeypatch, isolated_home):
+    monkeypatch.delenv("CXR_ADMIN_TOKEN", raising=False)
+    live = GatewayThread(GatewayConfig({"A": "cxr-a"}, port=free_port()), idle_client(monkeypatch))
+    try:
+        token_file = isolated_home / "admin-token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        assert live.admin_token == token_file.read_text().strip()
+        for headers in ({}, {"Authorization": "Basic YWRtaW46YWRtaW4="}, {"Authorization": "Bearer"}):
+            for method in ("GET", "POST"):
+                status, body, answer = call(live.url, "/admin/weights", b'{"A": 1}', headers, method)
+                assert status == 401 and answer["WWW-Authenticate"].startswith("Bearer"), body
+        assert call(live.url, "/admin/other", method="GET")[0] == 401
+        for wrong in ("not-the-token-0123456789", live.admin_token[:-1], live.admin_token + "x"):
+            status, body, _ = live.admin(b'{"A": 1}', headers=admin_headers(wrong))
+            assert status == 403 and body == {"error": "wrong admin token"}
+        assert live.admin(method="GET")[:2] == (200, {"A": 1.0})
+        assert (
+            call(live.url, "/ping", method="GET")[0] == 200
+            and call(live.url, "/metrics", method="GET")[0] == 200
+        )
+    finally:
+        live.stop()
+
+
+def forwarded(client: str) -> dict:
+    return {"X-Forwarded-For": client}
+
+
+def test_a_client_over_its_limit_gets_429_while_others_pass(endpoints):
+    """Behind a trusted proxy (the test, on 127.0.0.1), each X-Forwarded-For client has its own budget."""
+    config = GatewayConfig(endpoints, weights={"A": 1, "B": 0}, port=free_port(), rate_limit="3/day",
+                           trusted_proxies=("127.0.0.1",))  # fmt: skip
+    live = GatewayThread(config, tag_endpoint(runtime_client(config)))
+    try:
+        statuses = [live.post(forwarded("10.0.0.1"))[0] for _ in range(5)]
+        # The first three pass; a day-window boundary in between may let one more through, never two.
+        assert statuses[:3] == [200] * 3 and statuses[3:] in ([429, 429], [200, 429]), statuses
+        status, body, headers = live.post(forwarded("10.0.0.1"))
+        assert status == 429 and "rate limit 3 per 1 day exceeded" in body["error"]
+        assert int(headers["Retry-After"]) >= 1
+        for chain in ("10.0.0.1, 127.0.0.1", "10.9.9.9, 10.0.0.1"):  # via a second proxy; a forged first hop
+            assert live.post(forwarded(chain))[0] == 429, chain
+        assert live.admin(method="GET", headers=forwarded("10.0.0.1"))[0] == 429  # counted before the token
+        assert call(live.url, "/ping", None, forwarded("10.0.0.1"), "GET")[0] == 200
+        assert served(live, forwarded("10.0.0.2")) == "A"  # another client still passes
+        assert served(live) == "A"  # and so does the proxy itself
+        text = call(live.url, "/metrics", None, forwarded("10.0.0.1"), "GET")[1]
+    finally:
+        live.stop()
+    refused = statuses.count(429) + 3
+    assert metric(text, "cxr_gateway_rate_limited_total", route="/invocations") == refused
+    assert metric(text, "cxr_gateway_rate_limited_total", route="/admin/weights") == 1
+    assert metric(text, "cxr_gateway_requests_total", status="200", variant="A") == statuses.count(200) + 2
+    assert metric(text, "cxr_gateway_rate_limit_info", limit="3 per 1 day") == 1
+
+
+def test_forwarded_for_is_ignored_unless_the_peer_is_a_trusted_proxy(monkeypatch):
+    live = GatewayThread(
+        GatewayConfig({"A": "cxr-a"}, port=free_port(), rate_limit="2/day"), idle_client(monkeypatch)
+    )
+    unknown_variant = {
+        "X-Amzn-SageMaker-Target-Variant": "Z"
+    }  # answered 400 by the gateway, no endpoint call
+    try:
+        statuses = [live.post({**unknown_variant, **forwarded(f"10.0.1.{i}")})[0] for i in range(5)]
+    finally:
+        live.stop()
+    assert statuses[:2] == [400, 400] and statuses[-1] == 429 and set(statuses) == {400, 429}, statuses
+
+
+def test_clients_are_forgotten_once_their_windows_pass(monkeypatch):
+    """Memory follows the clients of the last windows: 300 clients leave no counter behind."""
+    config = GatewayConfig(
+        {"A": "cxr-a"}, port=free_port(), rate_limit="1/second", trusted_proxies=("127.0.0.1",)
+    )
+    live = GatewayThread(config, idle_client(monkeypatch))
+    unknown_variant = {"X-Amzn-SageMaker-Target-Variant": "Z"}
+    counters = live.app[GATEWAY].rate_limiter.storage.storage  # limits' in-memory counters, one per window
+    try:
+        for i in range(300):
+            assert live.post({**unknown_variant, **forwarded(f"10.1.{i // 256}.{i % 256}")})[0] == 400
+        assert sum("/10.1." in key for key in list(counters)) == 300
+        deadline = time.monotonic() + 60
+        while any("/10.1." in key for key in list(counters)):  # each request sweeps the windows that passed
+            assert time.monotonic() < deadline, len(counters)
+            time.sleep(0.5)
+            live.post({**unknown_variant, **forwarded("10.2.0.1")})
+    finally:
+        live.stop()

@@ -14,8 +14,11 @@ custom attributes; its answer is dropped, its container captures it, and the mon
 
 GET  /ping                liveness
 POST /invocations         forwarded to the chosen variant's endpoint
-GET  /metrics             Prometheus text format (requests, latency, upstream errors, weights)
-GET|POST /admin/weights   read or change the weights without a restart
+GET  /metrics             Prometheus text format (requests, latency, upstream errors, weights, refusals)
+GET|POST /admin/weights   read or change the weights without a restart (bearer token: `cxr.serve.admin`)
+
+Each client gets a request rate limit (`cxr.serve.ratelimit`; /ping and /metrics are exempt): beyond it,
+429 with Retry-After before any endpoint is called.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -42,8 +46,16 @@ from botocore.exceptions import (
 )
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from cxr.serve.admin import load_admin_token, require_admin_token
 from cxr.serve.errors import PayloadTooLarge, RequestError
 from cxr.serve.headers import CUSTOM_ATTRIBUTES, INFERENCE_ID, INVOKED_VARIANT, TARGET_VARIANT, route_key
+from cxr.serve.ratelimit import (
+    DEFAULT_RATE_LIMIT,
+    ClientRateLimiter,
+    parse_networks,
+    parse_rate_limit,
+    rate_limit_middleware,
+)
 from cxr.serve.router import Router
 
 log = logging.getLogger(__name__)
@@ -77,8 +89,13 @@ class GatewayConfig:
     threads: int = 32
     shadow_endpoint: str | None = None  # mirrored in the background; its answers are never returned
     max_shadow_pending: int = 64  # mirrored calls waiting at most; beyond, copies are skipped (counted)
+    rate_limit: str | None = DEFAULT_RATE_LIMIT  # per client, e.g. "20/second;1000/hour"; None or "none": off
+    trusted_proxies: tuple[str, ...] = ()  # networks whose X-Forwarded-For names the client
+    admin_token_file: Path | None = None  # default: $CXR_ADMIN_TOKEN, else $CXR_HOME/admin-token
 
     def __post_init__(self) -> None:
+        parse_rate_limit(self.rate_limit)  # raises ValueError for a string `limits` cannot read
+        parse_networks(self.trusted_proxies)
         if not self.endpoints:
             raise ValueError("the gateway needs at least one variant=endpoint")
         bad_variants = [v for v in self.endpoints if not VARIANT_NAME.fullmatch(v)]
@@ -123,6 +140,14 @@ class GatewayMetrics:
             "cxr_gateway_endpoint_info", "SageMaker endpoint (value 1) behind each variant",
             ["variant", "endpoint"], registry=self.registry,
         )  # fmt: skip
+        self.rate_limited = Counter(
+            "cxr_gateway_rate_limited", "Requests refused (429) for exceeding their client's rate limit, by "
+            "route", ["route"], registry=self.registry,
+        )  # fmt: skip
+        self.rate_limit = Gauge(
+            "cxr_gateway_rate_limit_info", "Per-client rate limit in force (value 1)", ["limit"],
+            registry=self.registry,
+        )  # fmt: skip
 
     def exposition(self) -> bytes:
         """The text exposition format for /metrics."""
@@ -161,6 +186,8 @@ class Gateway:
         self.pool = ThreadPoolExecutor(config.threads, thread_name_prefix="invoke")
         self.max_body_bytes = int(config.max_body_mb * 1024 * 1024)
         self._shadow_tasks: set[asyncio.Future[None]] = set()
+        self.rate_limiter = ClientRateLimiter(config.rate_limit, config.trusted_proxies)
+        self.metrics.rate_limit.labels(self.rate_limiter.description).set(1)
         for variant, endpoint in config.endpoints.items():
             self.metrics.endpoint.labels(variant, endpoint).set(1)
         self._publish_weights()
@@ -329,8 +356,12 @@ GATEWAY = web.AppKey("gateway", Gateway)
 
 def build_gateway_app(config: GatewayConfig, client: Any = None) -> web.Application:
     """The aiohttp application; `client` replaces the `sagemaker-runtime` client (tests stub it)."""
+    admin = require_admin_token(load_admin_token(config.admin_token_file))  # first: fails fast
     gateway = Gateway(config, client)
-    app = web.Application(client_max_size=gateway.max_body_bytes)
+    limit = rate_limit_middleware(
+        gateway.rate_limiter, lambda route: gateway.metrics.rate_limited.labels(route).inc()
+    )
+    app = web.Application(client_max_size=gateway.max_body_bytes, middlewares=[limit, admin])
     app[GATEWAY] = gateway
     app.router.add_get("/ping", gateway.ping)
     app.router.add_post("/invocations", gateway.invocations)
