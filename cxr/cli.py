@@ -459,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--finding", default=None, help="finding to explain (default: the most likely)")
     pred.set_defaults(func=_predict)
 
+    commands.add_parser("app", help="the web application: read, review, watch (`cxr app --help`)")
     demo = commands.add_parser("demo-data", help="write the synthetic demo dataset in the NIH layout")
     demo.add_argument("--dest", default=str(cxr_home() / "demo" / "custom"), help="output directory")
     demo.add_argument("--patients", type=int, default=600, help="number of patients")
@@ -470,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cxr` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["app"]:  # the web application has its own options and subcommands
+        from cxr_app.cli import main as app_main
+
+        return app_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

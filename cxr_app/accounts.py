@@ -113,6 +113,7 @@ def requires(role: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 abort(403)
             return view(*args, **kwargs)
 
+        wrapped.required_role = role  # type: ignore[attr-defined]
         return wrapped
 
     return decorate

@@ -5,44 +5,21 @@
 | database_url | CXR_APP_DATABASE | sqlite:///~/.cxr/app.db (the file MonitorFlow reads reviews from) |
 | endpoint_url | CXR_APP_ENDPOINT | http://127.0.0.1:8080 (a local `cxr serve`) |
 | secret_key | CXR_APP_SECRET | a random key kept in ~/.cxr/app-secret (mode 0600) |
-| admin_token | CXR_ADMIN_TOKEN | the endpoint's own token file, ~/.cxr/admin-token |
+| admin_token | CXR_ADMIN_TOKEN | the token file the local endpoint also reads, ~/.cxr/admin-token |
 | registry | CXR_REGISTRY | local (or the s3:// prefix of the SageMaker Model Registry's files) |
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from cxr.config import cxr_home
 from cxr.registry import DEFAULT_GROUP, ModelRegistry, open_registry
 from cxr.reviews import default_database_url
+from cxr.serve.admin import load_admin_token, local_secret
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def secret_file(path: Path) -> str:
-    """The secret kept in `path`, created (random, mode 0600, atomically) when missing."""
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        value = secrets.token_urlsafe(32)
-        try:
-            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return path.read_text().strip()
-        with os.fdopen(handle, "w") as out:
-            out.write(value)
-        return value
-
-
-def _admin_token() -> str | None:
-    token = os.environ.get("CXR_ADMIN_TOKEN")
-    path = cxr_home() / "admin-token"
-    return token or (path.read_text().strip() if path.is_file() else None)
 
 
 @dataclass
@@ -56,9 +33,9 @@ class AppSettings:
         default_factory=lambda: os.environ.get("CXR_APP_ENDPOINT", "http://127.0.0.1:8080")
     )
     secret_key: str = field(
-        default_factory=lambda: os.environ.get("CXR_APP_SECRET") or secret_file(cxr_home() / "app-secret")
+        default_factory=lambda: os.environ.get("CXR_APP_SECRET") or local_secret(cxr_home() / "app-secret")
     )
-    admin_token: str | None = field(default_factory=_admin_token)
+    admin_token: str | None = field(default_factory=load_admin_token)
     registry: str = field(default_factory=lambda: os.environ.get("CXR_REGISTRY", "local"))
     group: str = DEFAULT_GROUP
     host: str = "127.0.0.1"

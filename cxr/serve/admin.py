@@ -50,13 +50,18 @@ def load_admin_token(path: str | Path | None = None) -> str:
     if path is None and os.environ.get(ENV):
         token = os.environ[ENV]
     else:
-        file = Path(source)
-        if path is None and not file.exists():
-            _create(file)
-        token = _read(file)
+        token = local_secret(Path(source)) if path is None else _read(Path(source))
     token = _checked(token, source)
     log.info("admin routes need the bearer token from %s", source)
     return token
+
+
+def local_secret(path: Path) -> str:
+    """The secret kept in `path`, created (random, mode 0600, atomically) when missing: the admin token,
+    the web application's session key."""
+    if not path.exists():
+        _create(path)
+    return _read(path)
 
 
 def admin_headers(token: str) -> dict[str, str]:

@@ -39,10 +39,12 @@ from cxr.serve.decoder import DICOM, JSON, DecodedImage, decode_request, media_t
 from cxr.serve.errors import NotAcceptable, PayloadTooLarge, RequestError, ServiceUnavailable, ShuttingDown
 from cxr.serve.headers import (
     CUSTOM_ATTRIBUTES,
+    EXPLAIN,
     INFERENCE_ID,
     INVOKED_VARIANT,
     SHADOW,
     TARGET_VARIANT,
+    UNCERTAINTY,
     route_key,
 )
 from cxr.serve.limits import Limits, exceeds
@@ -52,9 +54,6 @@ from cxr.serve.router import Router
 from cxr.serve.trust import POLICIES, InputRefused, Trust, enforce, wants_uncertainty
 
 log = logging.getLogger(__name__)
-
-EXPLAIN = "X-Cxr-Explain"
-UNCERTAINTY = "X-Cxr-Uncertainty"
 
 
 @dataclass
