@@ -1,0 +1,130 @@
+"""The web application as a person uses it: a real headless Chromium against `cxr app` and a real
+`cxr serve`: sign in, read a real NIH film, see its findings and a heatmap, review it, watch the endpoint,
+and find the review used by a MonitorFlow run."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+
+import numpy as np
+import pytest
+from metaflow import Runner
+
+from cxr.data.findings import FINDINGS
+from cxr.monitor.baseline import compute_baseline
+from cxr.registry import Registry
+
+from .app_support import LiveApp, add_user
+from .browser import keep_screenshot, tab_to
+from .conftest import REPO, free_port
+from .serving_support import CROP, LiveServer, make_package
+
+pytestmark = pytest.mark.browser
+PASSWORD = "rita-password-5678"
+
+
+@pytest.fixture
+def stack(tmp_path, nih_root):
+    """A registered model with its baseline, served with capture, and the app in front of it."""
+    package, model, cache = make_package(tmp_path / "pkg", nih_root)
+    version = Registry().register({"model.tar.gz": package}, {"mean_auroc": 0.5}, {}, status="production")
+    rows = np.arange(40)
+    compute_baseline(model, cache, rows, CROP, {}, dict.fromkeys(FINDINGS, 0.5)).save(version.directory)
+    live = LiveServer(free_port(), "--model", str(package), "--capture", str(tmp_path / "capture"))
+    env = {"CXR_ADMIN_TOKEN": live.admin_token, "METAFLOW_DEFAULT_DATASTORE": "local",
+           "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path)}  # fmt: skip
+    add_user("rita", PASSWORD, "reviewer", env)
+    app = LiveApp("--endpoint", live.url, env=env)
+    try:
+        yield app, live, env
+    finally:
+        app.stop()
+        live.stop()
+
+
+def sign_in(page, app):
+    """Sign in with the keyboard only."""
+    page.goto(app.url + "/")
+    assert "/sign-in" in page.url
+    tab_to(page, page.locator("#username"))
+    page.keyboard.type("rita")
+    page.keyboard.press("Tab")
+    page.keyboard.type(PASSWORD)
+    page.keyboard.press("Enter")
+    page.wait_for_url(app.url + "/")
+
+
+def drop(page, body: bytes) -> None:
+    """Drag a PNG file onto the drop zone, as a file dragged from the desktop arrives."""
+    page.evaluate(
+        """(b64) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "film.png", {type: "image/png"}));
+            const options = {dataTransfer: transfer, bubbles: true, cancelable: true};
+            document.getElementById("dropzone").dispatchEvent(new DragEvent("drop", options));
+        }""",
+        base64.b64encode(body).decode(),
+    )
+
+
+def test_read_review_and_the_review_reaches_monitor_flow(page, stack, nih_root, tmp_path):
+    app, _, env = stack
+    sign_in(page, app)
+    keep_screenshot(page, "read")
+    tab_to(page, page.locator("#image"))  # the file picker is reachable by keyboard
+    film = sorted((nih_root / "images_001" / "images").glob("*.png"))[0]
+    page.set_input_files("#image", str(film))
+    page.get_by_role("button", name="Read").click()
+    page.wait_for_url("**/cases/*")
+    inference_id = page.url.rsplit("/", 1)[1]
+
+    rows = page.locator("table.findings tbody tr")
+    assert rows.count() == len(FINDINGS)
+    assert page.locator("#model-version").inner_text() == "1" and page.locator("#variant").inner_text() == "A"
+    assert page.locator("#input-check").inner_text() in ("in_distribution", "unchecked")
+    assert page.locator("img#film").evaluate("img => img.naturalWidth") == 1024  # the real film, full size
+    probability = float(rows.first.locator("td").first.inner_text())
+    assert 0 <= probability <= 1
+
+    page.locator("tr[data-finding='Effusion']").get_by_role("link", name="Show").click()
+    heatmap = page.locator("img#heatmap")
+    heatmap.wait_for()
+    page.wait_for_function("() => document.querySelector('img#heatmap').complete")
+    assert heatmap.evaluate("img => img.naturalWidth") == CROP  # Grad-CAM over the model's input
+    keep_screenshot(page, "case")
+
+    row = page.locator("tr[data-finding='Effusion']")
+    flipped = "absent" if row.locator("input[value='1']").is_checked() else "present"
+    row.get_by_label(flipped).check()
+    page.get_by_role("button", name="Save review").click()
+    assert "1 finding(s) corrected" in page.locator(".flash").inner_text()
+
+    page.goto(app.url + "/")
+    drop(page, film.read_bytes())  # a second film, dragged onto the page
+    page.wait_for_url("**/cases/*")
+    assert page.url.rsplit("/", 1)[1] != inference_id
+    page.goto(app.url + "/review")
+    assert "1 of 2 cases reviewed" in page.locator("main").inner_text()
+
+    end = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30)).isoformat()
+    flow = Runner(str(REPO / "flows" / "monitor_flow.py"), show_output=False, env={**os.environ, **env},
+                  cwd=str(tmp_path))  # fmt: skip
+    with flow.run(capture_uri=str(tmp_path / "capture"), window_end=end, window_hours=2.0) as running:
+        assert running.status == "successful", running.stderr
+        run = running.run
+    join = run["join"].task
+    assert join["labelled_cases"].data == 1  # the review, read from the app's database with no file
+    results = join["results"].data
+    matched = results[(results["check"] == "performance") & (results["feature"] == "labelled_images")]
+    assert matched["statistic"].tolist() == [1]  # matched by inference id, once despite the heatmap request
+    assert join["traffic_summary"].data[0]["images"] == 2  # three requests: two films, one heatmap
+
+    page.goto(app.url + "/watch")
+    assert page.locator("#traffic tbody tr").first.locator("th").inner_text() == "A"
+    assert run.pathspec in page.locator("#monitor-runs").inner_text()
+    assert page.locator("img.plot").evaluate("img => img.naturalWidth") > 0
+    assert "1" in page.locator("#ab tbody tr").first.inner_text()
+    keep_screenshot(page, "watch")
