@@ -78,9 +78,15 @@ def monitor_runs(limit: int = 30) -> list[dict[str, Any]]:
             "run": run.pathspec, "finished": run.finished_at, "window_end": data.window[1],
             "violations": list(data.violations), "drift": dict(data.drift_summary),
             "labelled_cases": getattr(data, "labelled_cases", None),
-            "shadow_agreement": list(getattr(data, "shadow_agreement", []) or []),
+            "shadow_agreement": _mean_agreement(getattr(data, "shadow_agreement", None) or []),
         })  # fmt: skip
     return runs
+
+
+def _mean_agreement(rows: list[dict[str, Any]]) -> float | None:
+    """The champion's and the shadow's decisions agreeing, averaged over findings (None without a shadow)."""
+    values = [float(r["statistic"]) for r in rows if r.get("statistic") is not None]
+    return float(np.mean(values)) if values else None
 
 
 def drift_plot(runs: list[dict[str, Any]]) -> bytes:
@@ -89,6 +95,7 @@ def drift_plot(runs: list[dict[str, Any]]) -> bytes:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axis = plt.subplots(figsize=(8, 3.2))
     ordered = sorted(runs, key=lambda r: r["window_end"])
@@ -100,6 +107,8 @@ def drift_plot(runs: list[dict[str, Any]]) -> bytes:
         counts = [r["drift"].get(f"{family}.violations", 0) for r in ordered]
         axis.plot(ends, counts, marker="o", label=family)
     axis.set_ylabel("violations")
+    axis.set_ylim(bottom=0)
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_title("MonitorFlow violations per check, by window end")
     if families:
         axis.legend(fontsize=7, loc="upper left", ncols=3)

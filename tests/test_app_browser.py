@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import os
+from contextlib import contextmanager
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from metaflow import Runner
@@ -16,23 +20,25 @@ from cxr.data.findings import FINDINGS
 from cxr.monitor.baseline import compute_baseline
 from cxr.registry import Registry
 
-from .app_support import LiveApp, add_user
+from .app_support import Client, LiveApp, add_user
 from .browser import keep_screenshot, tab_to
 from .conftest import REPO, free_port
-from .serving_support import CROP, LiveServer, make_package
+from .serving_support import CROP, LiveServer, dicom_bytes, make_package
 
 pytestmark = pytest.mark.browser
 PASSWORD = "rita-password-5678"
 
 
-@pytest.fixture
-def stack(tmp_path, nih_root):
-    """A registered model with its baseline, served with capture, and the app in front of it."""
+@contextmanager
+def running_stack(tmp_path, nih_root, *serve_args: str):
+    """A registered model with its baseline, served with capture, and `cxr app` in front of it."""
     package, model, cache = make_package(tmp_path / "pkg", nih_root)
     version = Registry().register({"model.tar.gz": package}, {"mean_auroc": 0.5}, {}, status="production")
     rows = np.arange(40)
     compute_baseline(model, cache, rows, CROP, {}, dict.fromkeys(FINDINGS, 0.5)).save(version.directory)
-    live = LiveServer(free_port(), "--model", str(package), "--capture", str(tmp_path / "capture"))
+    live = LiveServer(
+        free_port(), "--model", str(package), "--capture", str(tmp_path / "capture"), *serve_args
+    )
     env = {"CXR_ADMIN_TOKEN": live.admin_token, "METAFLOW_DEFAULT_DATASTORE": "local",
            "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path)}  # fmt: skip
     add_user("rita", PASSWORD, "reviewer", env)
@@ -42,6 +48,12 @@ def stack(tmp_path, nih_root):
     finally:
         app.stop()
         live.stop()
+
+
+@pytest.fixture
+def stack(tmp_path, nih_root):
+    with running_stack(tmp_path, nih_root) as running:
+        yield running
 
 
 def sign_in(page, app):
@@ -128,3 +140,43 @@ def test_read_review_and_the_review_reaches_monitor_flow(page, stack, nih_root, 
     assert page.locator("img.plot").evaluate("img => img.naturalWidth") > 0
     assert "1" in page.locator("#ab tbody tr").first.inner_text()
     keep_screenshot(page, "watch")
+
+
+def test_admin_actions_reach_the_endpoint_and_registry_and_dicom_tags_are_not_kept(tmp_path, nih_root):
+    film = sorted((nih_root / "images_001" / "images").glob("*.png"))[1]
+    pixels = cv2.imread(str(film), cv2.IMREAD_GRAYSCALE)
+    with running_stack(tmp_path, nih_root, "--challenger", str(tmp_path / "pkg" / "model.tar.gz"),
+                       "--weights", "A=100,B=0") as (app, live, env):  # fmt: skip
+        add_user("ada", "ada-password-1234", "admin", env)
+        admin = Client(app.url)
+        assert admin.sign_in("ada", "ada-password-1234").status_code == 302
+        admin.get("/")
+        upload = {"image": ("Doe_Jane_PID-SECRET-4242.dcm", dicom_bytes(pixels))}
+        read = admin.http.post(app.url + "/read", data={"csrf_token": admin.token}, files=upload, timeout=120)
+        assert read.status_code == 200 and "/cases/" in read.url
+        image = admin.get(read.url.removeprefix(app.url) + "/image.png")
+        assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+        database = Path(os.environ["CXR_HOME"]) / "app.db"
+        stored = b"".join(p.read_bytes() for p in database.parent.glob("app.db*"))
+        for identifier in (b"Doe^Jane", b"PID-SECRET-4242", b"Doe_Jane"):
+            assert identifier not in stored  # neither the tags nor the file name
+
+        admin.get("/watch")
+        assert admin.post("/watch/weights", {"weight-A": "0", "weight-B": "1"}).status_code == 302
+        assert json.loads(live.admin("GET", "/admin/weights")[1]) == {"A": 0.0, "B": 1.0}
+
+        registry = Registry()
+        candidate = registry.register(
+            {"model.tar.gz": tmp_path / "pkg" / "model.tar.gz"}, {"mean_auroc": 0.6}, {}
+        )
+        admin.get("/watch")
+        assert admin.post(f"/models/{candidate.version}/approve").status_code == 302
+        assert registry.get(candidate.version).status == "production" and registry.get(1).status == "archived"
+        admin.get("/watch")
+        assert admin.post("/models/1/rollback").status_code == 302
+        assert registry.get(1).status == "production" and registry.get(candidate.version).status == "archived"
+        card = admin.get(f"/models/{candidate.version}/card")
+        assert card.status_code == 200 and "Model version 2" in card.text
+        audit = admin.get("/admin/audit").text
+        for action in ("weights", "model_approve", "model_rollback", "signed_in"):
+            assert f"<td>{action}</td>" in audit, action
