@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from cxr.data.findings import FINDINGS
 from cxr_app.accounts import MAX_FAILURES, add_user
 from cxr_app.settings import AppSettings
 
@@ -181,3 +182,38 @@ def test_hostile_uploads_get_a_clear_4xx(app_url):
                                timeout=60)  # fmt: skip
     assert too_big.status_code == 413
     assert app.extensions["cxr_store"].case_counts()["cases"] == 0
+
+
+def test_pages_load_nothing_from_elsewhere_and_endpoint_failures_are_explained(app_url, nih_root):
+    url, _, _ = app_url
+    viewer = Client(url)
+    viewer.sign_in("vic", PASSWORDS["vic"])
+    page = viewer.get("/")
+    policy = page.headers["Content-Security-Policy"]
+    assert (
+        "default-src 'self'" in policy
+        and "script-src 'self'" in policy
+        and "frame-ancestors 'none'" in policy
+    )
+    assert "http" not in re.sub(r"https?://127\.0\.0\.1:\d+", "", page.text.split("<main")[0])  # no CDN
+    film = sorted((nih_root / "images_001" / "images").glob("*.png"))[0].read_bytes()
+    form = {"csrf_token": viewer.token}
+    down = viewer.http.post(url + "/read", data=form, files={"image": ("f.png", film)}, timeout=60)
+    assert down.status_code == 502 and "cannot be reached" in down.text
+
+
+def test_the_worklist_puts_the_most_uncertain_first(app_url):
+    _, app, _ = app_url
+    store = app.extensions["cxr_store"]
+    answer = {"decisions": dict.fromkeys(FINDINGS, False)}
+    for name, priority in [("calm", 10), ("unsure", 900), ("middling", 300)]:
+        store.add_case({"inference_id": name, "created_by": "vic", "answer": answer, "priority": priority,
+                        "image_png": b""})  # fmt: skip
+    assert [c["inference_id"] for c in store.worklist(uncertain_first=False)] == [
+        "calm",
+        "unsure",
+        "middling",
+    ]
+    assert [c["inference_id"] for c in store.worklist(uncertain_first=True)] == ["unsure", "middling", "calm"]
+    store.reviews.save("unsure", dict.fromkeys(FINDINGS, 0), "rita")
+    assert [c["inference_id"] for c in store.worklist(uncertain_first=True)] == ["middling", "calm"]

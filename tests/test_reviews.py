@@ -60,3 +60,20 @@ def test_a_case_asked_again_under_its_id_counts_once():
     assert first.inference_ids == ["a", "b", "c"] and first.records == n
     assert np.array_equal(first.probabilities, traffic.probabilities[[0, 1, 3]])
     assert len(first.gate_verdicts) == len(first.uncertainty) == 3
+
+
+def test_uncertainty_orders_the_worklist_before_closeness_to_the_operating_point():
+    from cxr_app.cases import priority
+
+    probabilities = dict.fromkeys(FINDINGS, 0.1)
+    thresholds = dict.fromkeys(FINDINGS, 0.5)
+    near = priority({"probabilities": probabilities | {"Mass": 0.48}}, thresholds)
+    far = priority({"probabilities": probabilities}, thresholds)
+    assert near > far  # without uncertainty: a probability near its operating point is less certain
+    spread = priority(
+        {"probabilities": probabilities, "uncertainty": dict.fromkeys(FINDINGS, 0.02)}, thresholds
+    )
+    wider = priority(
+        {"probabilities": probabilities, "uncertainty": dict.fromkeys(FINDINGS, 0.05)}, thresholds
+    )
+    assert wider > spread > 0 > near
