@@ -3,6 +3,7 @@ A/B comparison from reviews, and the registry's versions."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 from collections import defaultdict
 from typing import Any
@@ -103,12 +104,16 @@ def drift_plot(runs: list[dict[str, Any]]) -> bytes:
         {k.removesuffix(".violations") for r in ordered for k in r["drift"] if k.endswith(".violations")}
     )
     ends = [r["window_end"] for r in ordered]
+    highest = 0.0
     for family in families:
         counts = [r["drift"].get(f"{family}.violations", 0) for r in ordered]
+        highest = max(highest, *counts)
         axis.plot(ends, counts, marker="o", label=family)
     axis.set_ylabel("violations")
-    axis.set_ylim(bottom=0)
+    axis.set_ylim(0, max(1.0, highest) * 1.15)
     axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(ends) == 1:  # one run: a day around it, not years
+        axis.set_xlim(ends[0] - dt.timedelta(hours=12), ends[0] + dt.timedelta(hours=12))
     axis.set_title("MonitorFlow violations per check, by window end")
     if families:
         axis.legend(fontsize=7, loc="upper left", ncols=3)
