@@ -41,6 +41,7 @@ from cxr.data.split import split_summary
 from cxr.evaluate import choose_thresholds, parse_operating_points, report_thresholds, youden_thresholds
 from cxr.evaluate import evaluate as evaluate_predictions
 from cxr.gate import DEFAULT_MAX_SENSITIVITY_DROP, promotion_gate
+from cxr.metaflow_cards import keep_cards_with_datastore
 from cxr.model import CXRNet
 from cxr.monitor.baseline import compute_baseline
 from cxr.ood import GATE_FILE
@@ -61,6 +62,7 @@ from cxr.train import train as train_model
 from cxr.uncertainty import HeadSampler
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+keep_cards_with_datastore()  # cards where the client and the UI find them, wherever the run started
 
 
 def remote_prefix(setting: str | None, name: str = "cxr-cache") -> str | None:
