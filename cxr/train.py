@@ -266,6 +266,7 @@ def train(
             log.info("early stopping: no val AUROC gain for %d epochs", config.patience)
             break
         train_set.set_epoch(epoch)
+        started = time.perf_counter()
         loss, rate = _train_epoch(
             step_model, loader, steps, optimizer, scheduler, criterion, config, device, epoch, progress
         )
@@ -276,12 +277,14 @@ def train(
         record = {
             "epoch": epoch,
             "train_loss": loss,
+            "val_loss": probability_loss(criterion, val_probs, val_set.labels, device),
             "val_mean_auroc": val_auroc,
             "img_per_s": rate,
             "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - started,
         }
         history.append(record)
-        log.info("epoch %d: loss %.4f, val mean AUROC %.4f, %.1f img/s", epoch, loss, val_auroc, rate)
+        print(epoch_line(record), flush=True)  # stdout: the task log a run's viewers read
         if val_auroc > best["auroc"] or best["epoch"] < 0:
             best = {"auroc": val_auroc, "epoch": epoch}
             _save_atomic(
@@ -319,6 +322,25 @@ def train(
         str(device),
         asdict(config),
         None if val_probabilities is None else val_probabilities.numpy(),
+    )
+
+
+def probability_loss(
+    criterion: nn.Module, probs: np.ndarray, labels: np.ndarray, device: torch.device
+) -> float:
+    """The training criterion on probabilities (taken back to logits), e.g. the loss on validation."""
+    logits = torch.logit(torch.from_numpy(np.asarray(probs, np.float32)), eps=1e-6)
+    targets = torch.from_numpy(np.asarray(labels, np.float32))
+    return float(criterion(logits.to(device), targets.to(device)))
+
+
+def epoch_line(record: dict[str, float]) -> str:
+    """One plain line per epoch: `epoch 0: loss …, val loss …, val mean AUROC …, lr …, … img/s, … s`
+    (a training job's metric definitions read the loss, val mean AUROC and img/s from it)."""
+    return (
+        f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
+        f"val mean AUROC {record['val_mean_auroc']:.4f}, lr {record['lr']:.3g}, "
+        f"{record['img_per_s']:.1f} img/s, {record['seconds']:.1f} s"
     )
 
 

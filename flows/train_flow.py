@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from functools import partial
@@ -327,6 +328,8 @@ class CXRTrainFlow(FlowSpec):
         print(f"input gate: OOD AUROC {gate_report['auroc']:.3f}, real test images refused "
               f"{gate_report['real_refused']:.2%}")  # fmt: skip
         self.metrics = {**report.to_dict(), "calibration": summary, "input_gate": gate_report}
+        self.mean_auroc = shown_number(report.mean_auroc)  # headline artifacts: small enough for the UI
+        self.mean_auroc_ci = [shown_number(bound) for bound in report.mean_auroc_ci]
         self.test_predictions = pd.DataFrame(test_probs, columns=[f"prob_{f}" for f in FINDINGS])
         self.test_predictions.insert(0, "Image Index", test_meta["image_id"])
         thresholds = {row["finding"]: row["threshold"] for row in self.metrics["per_class"]}
@@ -418,14 +421,29 @@ class CXRTrainFlow(FlowSpec):
 
     @step
     def end(self):
-        """Point to the results."""
+        """Sum the run up in one line (the `headline` artifact) and point to the results."""
         run = f"Flow('{current.flow_name}')['{current.run_id}']"
-        print(f"mean AUROC {self.metrics['mean_auroc']:.4f} on {self.metrics['n_images']} test images")
+        self.headline = headline(self.metrics, self.model_group, self.model_version, self.model_status)
+        print(self.headline)
         print(f"model version {self.model_version} ({self.model_status}): {self.model_package}")
         print(f"metrics:  python -c \"from metaflow import Flow; print({run}['end'].task['metrics'].data)\"")
         flow_file = os.path.relpath(__file__)
         print(f"cards:    python {flow_file} card view evaluate   (or: python {flow_file} card server)")
         print(f"registry: cxr registry list --group {self.model_group}")
+
+
+def shown_number(value: float) -> float | None:
+    """A metric as the Metaflow UI can show it: a plain float, None when not finite (JSON has no NaN)."""
+    return float(value) if math.isfinite(value) else None
+
+
+def headline(metrics: dict, group: str, version: int, status: str) -> str:
+    """One line for a run's artifact table: the registered version, its status and its test mean AUROC."""
+    lo, hi = metrics["mean_auroc_ci"]
+    return (
+        f"{group} version {version} ({status}): test mean AUROC {metrics['mean_auroc']:.4f} "
+        f"(95% CI {lo:.4f}-{hi:.4f}) on {metrics['n_images']} images"
+    )
 
 
 def _metrics_card(report) -> None:
