@@ -1,5 +1,6 @@
 """The real train flow through Metaflow's local runtime, read back with the Metaflow client."""
 
+import base64
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from metaflow import Runner
+from metaflow.cards import get_cards
 from sklearn.metrics import roc_auc_score
 
 from cxr.data import cache_store
@@ -47,11 +49,26 @@ def write_config(tmp_path, remote="none", epochs=2, n_patients=40):
 
 
 def flow_env(tmp_path):
+    """The documented local profile (config/metaflow/config_local.json), its datastore in tmp_path/metaflow,
+    away from the working directory (tmp_path); local metadata, as no metadata service runs in tests."""
+    home = tmp_path / "metaflowconfig"
+    home.mkdir(exist_ok=True)
+    profile = (REPO / "config" / "metaflow" / "config_local.json").read_text()
+    (home / "config_local.json").write_text(profile.replace("YOUR-DIRECTORY", str(tmp_path)))
+    outside = {k: v for k, v in os.environ.items() if k not in json.loads(profile)}  # the profile decides
     return {
-        **os.environ,
-        "METAFLOW_DEFAULT_DATASTORE": "local",
-        "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path),
+        **outside,
+        "METAFLOW_HOME": str(home),
+        "METAFLOW_PROFILE": "local",
+        "METAFLOW_DEFAULT_METADATA": "local",
     }
+
+
+def card_contents(task) -> list[str]:
+    """Each card's components (JSON) of a task, found as the client and the UI backend find them."""
+    pages = [card.get() for card in get_cards(task)]
+    payloads = [re.search(r'__MF_DATA__\[[^]]+\] = "([^"]+)"', page) for page in pages]
+    return [base64.b64decode(match.group(1)).decode() for match in payloads if match]
 
 
 def run_flow(tmp_path, config=None, **params):
@@ -66,6 +83,30 @@ def run_flow(tmp_path, config=None, **params):
 def test_whole_pipeline_on_demo_data(tmp_path):
     run = run_flow(tmp_path)
     end = run["end"].task
+    assert not (tmp_path / ".metaflow").exists()  # everything in the profile's datastore, none in the cwd
+    for step, title in (
+        ("split", "## Split ("),
+        ("train", "## Training on"),
+        ("evaluate", "## Test: mean AUROC"),
+    ):
+        (content,) = card_contents(run[step].task)  # where get_cards and the UI backend look
+        assert title in content and '"type": "vegaChart"' in content
+    metrics, (lo, hi) = end["metrics"].data, end["metrics"].data["mean_auroc_ci"]
+    names = ("headline", "mean_auroc", "mean_auroc_ci", "model_version", "model_status", "model_group")
+    headline = {name: end[name] for name in names}  # small, plain artifacts for the UI's artifact table
+    assert end["metrics"].size > 4096 and all(a.size < 4096 for a in headline.values())  # its default limit
+    assert json.dumps([a.data for a in headline.values()], allow_nan=False)  # as the UI backend sends them
+    assert (headline["mean_auroc"].data, headline["mean_auroc_ci"].data) == (metrics["mean_auroc"], [lo, hi])
+    assert headline["headline"].data == (
+        f"demo version {headline['model_version'].data} (production): test mean AUROC "
+        f"{metrics['mean_auroc']:.4f} (95% CI {lo:.4f}-{hi:.4f}) on {metrics['n_images']} images"
+    )
+    train_log = run["train"].task.stdout  # one plain line per epoch in the task's log (the UI's log view)
+    epochs = re.findall(r"^epoch (\d): loss [\d.]+, val loss [\d.]+, val mean AUROC [\d.]+, lr [\d.e-]+, "
+                        r"[\d.]+ img/s, [\d.]+ s$", train_log, re.MULTILINE)  # fmt: skip
+    assert epochs == ["0", "1"]
+    history = run["train"].task["history"].data
+    assert all(h["val_loss"] > 0 and h["seconds"] > 0 for h in history)
     cache = ShardCache(end["data_cache"].data["local_dir"])
     assert (
         end["config"].data["preprocess"]["size"] == 48 and cache.manifest["key"] == end["data_cache_key"].data
@@ -84,7 +125,7 @@ def test_whole_pipeline_on_demo_data(tmp_path):
     assert len(list(run["preprocess"])) == len(groups) < len(cache.manifest["shards"])
 
     assert [h["epoch"] for h in end["history"].data] == [0, 1]
-    metrics, predictions = end["metrics"].data, end["test_predictions"].data
+    predictions = end["test_predictions"].data
     labels = cache.labels[cache.rows_for(predictions["Image Index"])]
     for k, finding in enumerate(FINDINGS):  # recomputed here from the stored predictions
         column = predictions[f"prob_{finding}"].to_numpy()
