@@ -105,13 +105,13 @@ class ReviewStore:
     def table(self) -> pd.DataFrame:
         """Ground truth as MonitorFlow reads it: one row per reviewed case, `inference_id` and 14 columns."""
         with self.engine.connect() as connection:
-            long = pd.DataFrame(
+            answers = pd.DataFrame(
                 connection.execute(select(reviews.c.inference_id, reviews.c.finding, reviews.c.label)).all(),
                 columns=["inference_id", "finding", "label"],
             )
-        if long.empty:
+        if answers.empty:
             return pd.DataFrame(columns=["inference_id", *FINDINGS])
-        wide = long.pivot(index="inference_id", columns="finding", values="label").reindex(columns=FINDINGS)
+        wide = answers.pivot(index="inference_id", columns="finding", values="label").reindex(columns=FINDINGS)
         return wide.dropna().astype(int).reset_index().rename_axis(columns=None)
 
 
