@@ -24,7 +24,11 @@ def declared_minimum() -> tuple[int, int]:
 
 def sources() -> list[Path]:
     """Every Python file the project ships or runs: library, flows, benchmarks, tests, setup.py."""
-    files = [REPO / "setup.py", *sorted((REPO / "cxr").rglob("*.py"))]
+    files = [
+        REPO / "setup.py",
+        *sorted((REPO / "cxr").rglob("*.py")),
+        *sorted((REPO / "cxr_app").rglob("*.py")),
+    ]
     for folder in ("flows", "bench", "tests"):
         files += sorted((REPO / folder).glob("*.py"))
     return files
