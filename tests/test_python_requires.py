@@ -23,7 +23,7 @@ def declared_minimum() -> tuple[int, int]:
 
 
 def sources() -> list[Path]:
-    """Every Python file the project ships or runs: library, flows, benchmarks, tests, setup.py."""
+    """Every Python file the project ships or runs: library, web app, flows, benchmarks, tests, setup.py."""
     files = [
         REPO / "setup.py",
         *sorted((REPO / "cxr").rglob("*.py")),
