@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import OrderedDict
 
-from flask import Flask, Response, render_template
+from flask import Flask, Response, current_app, render_template
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
 
@@ -43,6 +43,7 @@ def create_app(settings: AppSettings | None = None) -> Flask:
     app.extensions["cxr_store"] = Store(settings.database_url)
     app.extensions["cxr_endpoint"] = Endpoint(settings.endpoint_url, settings.admin_token)
     app.extensions["cxr_heatmaps"] = OrderedDict()
+    app.extensions["cxr_monitor_runs"] = {}
 
     from cxr_app.views import views
 
@@ -58,6 +59,9 @@ def _security_headers(response: Response) -> Response:
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "same-origin"
     response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Cache-Control"] = "no-store"  # films and findings stay off shared workstations' disks
+    if current_app.config["SESSION_COOKIE_SECURE"]:
+        response.headers["Strict-Transport-Security"] = "max-age=31536000"
     return response
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import hashlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +12,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from flask import abort, current_app, g, redirect, request, session, url_for
 
-from cxr_app.store import ROLES, Store, now
+from cxr_app.store import ROLES, Store, now, users
 
 HASHER = PasswordHasher()  # Argon2id with the library's current recommended parameters
 MAX_FAILURES = 5  # failed sign-ins in a row before the account locks
@@ -20,6 +20,12 @@ LOCK_MINUTES = 15
 MIN_PASSWORD = 12
 # Verified against when the user does not exist, so that a wrong name costs as long as a wrong password.
 _DUMMY = HASHER.hash("an account that does not exist")
+
+
+FAILED = (
+    f"sign-in failed: wrong user name or password (after {MAX_FAILURES} failures in a row an account is "
+    f"locked for {LOCK_MINUTES} minutes)"
+)
 
 
 class SignInError(Exception):
@@ -40,27 +46,34 @@ def add_user(store: Store, username: str, password: str, role: str) -> None:
 
 
 def sign_in(store: Store, username: str, password: str) -> dict[str, Any]:
-    """The account when the password is right and it is not locked; locks it after repeated failures."""
-    user = store.user(username)
+    """The account when the password is right and it is not locked; locks it after repeated failures.
+
+    Each attempt is counted before the password is checked, in one atomic update, so parallel guesses
+    cannot outrun the lock. Every failure says the same thing and costs one Argon2 verification, so
+    neither the message nor the time tells whether an account exists or is locked.
+    """
+    user = store.count_attempt(username)
     if user is None:
         _verify(_DUMMY, password)
-        store.log(None, "sign_in_failed", account=username[:64])
-        raise SignInError("wrong user name or password")
-    locked = user["locked_until"]
-    if locked is not None and _aware(locked) > now():
+        store.log(None, "sign_in_failed_unknown_account")  # the name as typed may be a password
+        raise SignInError(FAILED)
+    locked = user["locked_until"] is not None and _aware(user["locked_until"]) > now()
+    if locked or user["failed_logins"] > MAX_FAILURES:
+        _verify(_DUMMY, password)
         store.log(username, "sign_in_refused_locked")
-        raise SignInError(f"this account is locked after {MAX_FAILURES} failed sign-ins; try again later")
+        raise SignInError(FAILED)
     if not _verify(user["password_hash"], password):
-        failures = user["failed_logins"] + 1
-        lock = now() + dt.timedelta(minutes=LOCK_MINUTES) if failures >= MAX_FAILURES else None
-        store.update_user(username, failed_logins=0 if lock else failures, locked_until=lock)
-        store.log(username, "account_locked" if lock else "sign_in_failed", failures=failures)
-        raise SignInError("wrong user name or password")
+        if user["failed_logins"] >= MAX_FAILURES:
+            store.lock(username, now() + dt.timedelta(minutes=LOCK_MINUTES))
+            store.log(username, "account_locked", failures=user["failed_logins"])
+        else:
+            store.log(username, "sign_in_failed", failures=user["failed_logins"])
+        raise SignInError(FAILED)
     if HASHER.check_needs_rehash(user["password_hash"]):
         store.update_user(username, password_hash=HASHER.hash(password))
     store.update_user(username, failed_logins=0, locked_until=None)
     store.log(username, "signed_in")
-    return user
+    return store.user(username) or user
 
 
 def _verify(hashed: str, password: str) -> bool:
@@ -75,27 +88,36 @@ def _aware(moment: dt.datetime) -> dt.datetime:
 
 
 def current_user() -> dict[str, Any] | None:
-    """The signed-in account of this request (checked against the database every request)."""
+    """The signed-in account of this request, checked against the database on every request: a session
+    ends when its account signs out anywhere, is reset or locked, or `session_hours` after sign-in."""
     if "user" not in g:
-        name = session.get("user")
+        g.user = None
+        name, since = session.get("user"), session.get("since", 0)
         user = current_app.extensions["cxr_store"].user(name) if name else None
-        g.user = user if user and session.get("epoch") == _epoch(user) else None
+        hours = current_app.extensions["cxr_settings"].session_hours
+        fresh = time.time() - float(since) < hours * 3600
+        if user and fresh and session.get("version") == user["session_version"] and user["role"] in ROLES:
+            g.user = user
     return g.user
-
-
-def _epoch(user: dict[str, Any]) -> str:
-    """Changes when the password changes, so that resetting it signs out every session."""
-    return hashlib.sha256(str(user["password_hash"]).encode()).hexdigest()[:16]
 
 
 def start_session(user: dict[str, Any]) -> None:
     session.clear()
-    session["user"], session["epoch"] = user["username"], _epoch(user)
+    session["user"], session["version"], session["since"] = (
+        user["username"],
+        user["session_version"],
+        time.time(),
+    )
     session.permanent = True
 
 
+def end_sessions(store: Store, username: str) -> None:
+    """Sign `username` out everywhere: every session cookie issued so far stops working."""
+    store.update_user(username, session_version=users.c.session_version + 1)
+
+
 def has_role(user: dict[str, Any] | None, role: str) -> bool:
-    return user is not None and ROLES.index(user["role"]) >= ROLES.index(role)
+    return user is not None and user["role"] in ROLES and ROLES.index(user["role"]) >= ROLES.index(role)
 
 
 def requires(role: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -63,7 +63,8 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--insecure-cookies",
         action="store_true",
-        help="send the session cookie over plain HTTP off loopback (behind a TLS proxy only)",
+        help="session cookie without the Secure flag off loopback: for plain HTTP, never in production "
+        "(behind a TLS-terminating proxy the browser sees HTTPS, so keep the default)",
     )
     return parser
 

@@ -16,19 +16,21 @@ from sqlalchemy import (
     Column,
     DateTime,
     Engine,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
     String,
     Table,
     Text,
+    exists,
     func,
     insert,
     select,
     update,
 )
 
-from cxr.reviews import ReviewStore, open_engine
+from cxr.reviews import ReviewStore, open_engine, reviews
 
 ROLES = ("viewer", "reviewer", "admin")
 
@@ -41,6 +43,7 @@ users = Table(
     Column("role", String(16), nullable=False),
     Column("failed_logins", Integer, nullable=False, default=0),
     Column("locked_until", DateTime(timezone=True)),
+    Column("session_version", Integer, nullable=False, default=0),  # raised to end every session
 )
 cases = Table(
     "cases",
@@ -53,6 +56,7 @@ cases = Table(
     Column("answer", JSON, nullable=False),  # the endpoint's answer for this image
     Column("priority", Integer, nullable=False, default=0),  # higher: more uncertain, reviewed first
     Column("image_png", LargeBinary, nullable=False),
+    Index("cases_worklist", "priority", "created_at"),
 )
 audit = Table(
     "audit",
@@ -94,10 +98,24 @@ class Store:
         values = {"password_hash": password_hash, "role": role, "failed_logins": 0, "locked_until": None}
         with self.engine.begin() as connection:
             found = connection.execute(select(users.c.username).where(users.c.username == username)).first()
-            if found:
+            if found:  # a reset ends the account's sessions
+                values["session_version"] = users.c.session_version + 1
                 connection.execute(update(users).where(users.c.username == username).values(**values))
             else:
-                connection.execute(insert(users).values(username=username, **values))
+                connection.execute(insert(users).values(username=username, session_version=0, **values))
+
+    def count_attempt(self, username: str) -> dict[str, Any] | None:
+        """Count one sign-in attempt (atomically) and return the account as it is now, or None."""
+        with self.engine.begin() as connection:
+            connection.execute(update(users).where(users.c.username == username)
+                               .values(failed_logins=users.c.failed_logins + 1))  # fmt: skip
+            row = connection.execute(select(users).where(users.c.username == username)).mappings().first()
+        return dict(row) if row else None
+
+    def lock(self, username: str, until: dt.datetime) -> None:
+        """Lock the account until `until`; its sessions end."""
+        self.update_user(username, locked_until=until, failed_logins=0,
+                         session_version=users.c.session_version + 1)  # fmt: skip
 
     def update_user(self, username: str, **values: Any) -> None:
         with self.engine.begin() as connection:
@@ -116,31 +134,37 @@ class Store:
 
     def worklist(self, uncertain_first: bool, limit: int = 100) -> list[dict[str, Any]]:
         """Cases awaiting review: oldest first, or the most uncertain first."""
-        reviewed = self.reviews.reviewed()
         order = [cases.c.priority.desc(), cases.c.created_at] if uncertain_first else [cases.c.created_at]
         columns = [c for c in cases.c if c.name != "image_png"]
-        waiting: list[dict[str, Any]] = []
+        query = select(*columns).where(~self._reviewed(cases.c.inference_id)).order_by(*order).limit(limit)
         with self.engine.connect() as connection:
-            for row in connection.execute(select(*columns).order_by(*order)).mappings():
-                if row["inference_id"] not in reviewed:
-                    waiting.append(dict(row))
-                if len(waiting) >= limit:
-                    break
-        return waiting
+            return [dict(row) for row in connection.execute(query).mappings()]
 
     def case_counts(self) -> dict[str, int]:
         with self.engine.connect() as connection:
             total = connection.execute(select(func.count()).select_from(cases)).scalar_one()
-        return {"cases": int(total), "reviewed": len(self.reviews.reviewed())}
+            reviewed = connection.execute(select(func.count()).where(self._reviewed(cases.c.inference_id)))
+            return {"cases": int(total), "reviewed": int(reviewed.scalar_one())}
 
-    def reviewed_cases(self) -> list[dict[str, Any]]:
-        """Every reviewed case with its answer and labels (for A/B accuracy per variant)."""
-        truth = self.reviews.table().set_index("inference_id")
+    def reviewed_cases(self, limit: int = 5000) -> list[dict[str, Any]]:
+        """The latest `limit` reviewed cases with their answer and labels (for A/B accuracy per variant)."""
         columns = [cases.c.inference_id, cases.c.variant, cases.c.model_version, cases.c.answer]
-        query = select(*columns).where(cases.c.inference_id.in_(list(truth.index)))
+        latest = (select(*columns).where(self._reviewed(cases.c.inference_id))
+                  .order_by(cases.c.created_at.desc()).limit(limit).subquery())  # fmt: skip
+        query = select(latest, reviews.c.finding, reviews.c.label).join(
+            reviews, reviews.c.inference_id == latest.c.inference_id
+        )
+        found: dict[str, dict[str, Any]] = {}
         with self.engine.connect() as connection:
-            rows = [dict(r) for r in connection.execute(query).mappings()]
-        return [{**row, "labels": truth.loc[row["inference_id"]].to_dict()} for row in rows]
+            for row in connection.execute(query).mappings():
+                fields = {k: row[k] for k in ("inference_id", "variant", "model_version", "answer")}
+                case = found.setdefault(row["inference_id"], {**fields, "labels": {}})
+                case["labels"][row["finding"]] = int(row["label"])
+        return list(found.values())
+
+    @staticmethod
+    def _reviewed(inference_id: Any) -> Any:
+        return exists().where(reviews.c.inference_id == inference_id)
 
     # audit
     def log(self, actor: str | None, action: str, **detail: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,13 +25,23 @@ from cxr.data.findings import FINDINGS
 from cxr.registry import RegistryError
 from cxr.serve.errors import RequestError
 from cxr_app import watch
-from cxr_app.accounts import SignInError, add_user, current_user, has_role, requires, sign_in, start_session
+from cxr_app.accounts import (
+    SignInError,
+    add_user,
+    current_user,
+    end_sessions,
+    has_role,
+    requires,
+    sign_in,
+    start_session,
+)
 from cxr_app.cases import PNG, findings_table, read_film
 from cxr_app.endpoint import Endpoint, EndpointError
 from cxr_app.store import ROLES, Store
 
 views = Blueprint("views", __name__)
 HEATMAPS_KEPT = 64
+MONITOR_RUNS_KEPT_S = 60.0
 
 
 def store() -> Store:
@@ -82,7 +93,10 @@ def _local(target: str | None) -> str | None:
 
 @views.route("/sign-out", methods=["POST"])
 def sign_out() -> Any:
-    store().log(username() or None, "signed_out")
+    """End every session of this account (a copied cookie stops working too)."""
+    if current_user() is not None:
+        end_sessions(store(), username())
+        store().log(username(), "signed_out")
     session.clear()
     return redirect(url_for("views.sign_in"))
 
@@ -112,8 +126,13 @@ def read_upload() -> Any:
         return render_template("read.html", endpoint_url=endpoint().url), error.status_code
     except EndpointError as error:
         flash(f"the endpoint answered {error.status}: {error.message}", "error")
-        return render_template("read.html", endpoint_url=endpoint().url), 422 if error.status == 422 else 502
+        return render_template("read.html", endpoint_url=endpoint().url), _relayed(error.status)
     return redirect(url_for("views.case", inference_id=inference_id))
+
+
+def _relayed(status: int) -> int:
+    """The endpoint's refusal of the request (4xx) as ours; its failures as a bad gateway."""
+    return status if 400 <= status < 500 and status not in (401, 403) else 502
 
 
 @views.route("/cases/<inference_id>")
@@ -125,6 +144,7 @@ def case(inference_id: str) -> Any:
     return render_template(
         "case.html", case=found, answer=answer, rows=findings_table(answer),
         review=store().reviews.get(inference_id), heatmap=request.args.get("heatmap"),
+        order=request.args.get("order", ""),
     )  # fmt: skip
 
 
@@ -193,9 +213,12 @@ def review(inference_id: str) -> Any:
     corrected = sorted(f for f in FINDINGS if bool(labels[f]) != bool(decided[f]))
     store().log(username(), "review", inference_id=inference_id, corrected=corrected)
     flash(f"review saved ({len(corrected)} finding(s) corrected)", "info")
-    waiting = store().worklist(uncertain_first=False, limit=1)
-    return redirect(url_for("views.case", inference_id=waiting[0]["inference_id"]) if waiting
-                    else url_for("views.worklist"))  # fmt: skip
+    uncertain = request.form.get("order") == "uncertain"
+    waiting = store().worklist(uncertain_first=uncertain, limit=1)
+    if not waiting:
+        return redirect(url_for("views.worklist"))
+    order = "uncertain" if uncertain else None
+    return redirect(url_for("views.case", inference_id=waiting[0]["inference_id"], order=order))
 
 
 # -- watch ----------------------------------------------------------------------------------------------
@@ -215,7 +238,8 @@ def watch_page() -> Any:
     except EndpointError as error:
         weights = {}
         problems.append(f"endpoint weights: {error.message}")
-    runs = watch.monitor_runs()
+    runs, problem = _monitor_runs()
+    problems += [problem] if problem else []
     try:
         versions = watch.registry_versions(current_app.extensions["cxr_settings"].open_registry())
     except (RegistryError, OSError) as error:
@@ -230,7 +254,19 @@ def watch_page() -> Any:
 @views.route("/watch/drift.svg")
 @requires("viewer")
 def drift_plot() -> Response:
-    return Response(watch.drift_plot(watch.monitor_runs()), mimetype="image/svg+xml")
+    return Response(watch.drift_plot(_monitor_runs()[0]), mimetype="image/svg+xml")
+
+
+def _monitor_runs() -> tuple[list[dict[str, Any]], str | None]:
+    """The latest MonitorFlow runs (kept a minute, for the page and its plot), or why there are none."""
+    kept = current_app.extensions["cxr_monitor_runs"]
+    if time.monotonic() - kept.get("at", -1e9) > MONITOR_RUNS_KEPT_S:
+        try:
+            kept.update(runs=watch.monitor_runs(), problem=None)
+        except Exception as error:  # the Metaflow client: a service down, a datastore unreadable, ...
+            kept.update(runs=[], problem=f"MonitorFlow runs: {type(error).__name__}: {error}"[:300])
+        kept["at"] = time.monotonic()
+    return kept["runs"], kept["problem"]
 
 
 @views.route("/models/<int:version>/card")
@@ -249,15 +285,23 @@ def model_card(version: int) -> Any:
 def model_action(version: int, action: str) -> Any:
     """approve (to production) or rollback (an earlier version back to production) or archive."""
     registry = current_app.extensions["cxr_settings"].open_registry()
+    allowed = {
+        "approve": ("candidate", "approved"),
+        "archive": ("candidate", "approved"),
+        "rollback": ("archived",),
+    }
+    if action not in allowed:
+        abort(404)
     try:
+        status = registry.get(version).status
+        if status not in allowed[action]:
+            raise RegistryError(f"cannot {action} version {version}: it is {status}")
         if action == "approve":
             registry.approve(version)
         elif action == "rollback":
             registry.set_status(version, "production", f"Rolled back to by {username()}.")
-        elif action == "archive":
-            registry.set_status(version, "archived")
         else:
-            abort(404)
+            registry.set_status(version, "archived")
     except RegistryError as error:
         flash(str(error), "error")
         return redirect(url_for("views.watch_page"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 from collections import defaultdict
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -67,17 +68,15 @@ def monitor_runs(limit: int = 30) -> list[dict[str, Any]]:
     except MetaflowNotFound:
         return []
     runs: list[dict[str, Any]] = []
-    for run in flow.runs():
-        if len(runs) >= limit:
-            break
-        if not run.successful:
-            continue
-        data = run.data
-        if data is None:
+    for run in islice(flow.runs(), limit * 3):  # newest first; failed and unfinished ones are skipped
+        data = run.data if run.successful else None
+        window = getattr(data, "window", None)
+        if data is None or window is None or len(runs) >= limit:
             continue
         runs.append({
-            "run": run.pathspec, "finished": run.finished_at, "window_end": data.window[1],
-            "violations": list(data.violations), "drift": dict(data.drift_summary),
+            "run": run.pathspec, "finished": run.finished_at, "window_end": window[1],
+            "violations": list(getattr(data, "violations", [])),
+            "drift": dict(getattr(data, "drift_summary", {})),
             "labelled_cases": getattr(data, "labelled_cases", None),
             "shadow_agreement": _mean_agreement(getattr(data, "shadow_agreement", None) or []),
         })  # fmt: skip
@@ -92,13 +91,11 @@ def _mean_agreement(rows: list[dict[str, Any]]) -> float | None:
 
 def drift_plot(runs: list[dict[str, Any]]) -> bytes:
     """SVG: violations per check family in each monitor run's window, over time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: its global state is not for a threaded server
     from matplotlib.ticker import MaxNLocator
 
-    figure, axis = plt.subplots(figsize=(8, 3.2))
+    figure = Figure(figsize=(8, 3.2))
+    axis = figure.subplots()
     ordered = sorted(runs, key=lambda r: r["window_end"])
     families = sorted(
         {k.removesuffix(".violations") for r in ordered for k in r["drift"] if k.endswith(".violations")}
@@ -121,7 +118,6 @@ def drift_plot(runs: list[dict[str, Any]]) -> bytes:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="svg")
-    plt.close(figure)
     return buffer.getvalue()
 
 

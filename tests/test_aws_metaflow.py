@@ -15,7 +15,7 @@ import pytest
 import torch
 from metaflow import Runner
 
-from .test_train_flow import FLOW, write_config
+from .test_train_flow import FLOW, card_contents, write_config
 
 BUCKET = "cxr-metaflow"
 
@@ -64,6 +64,8 @@ def test_s3_datastore_run_kill_and_resume_on_another_machine(tmp_path, s3):
     assert train["checkpoint_uri"].data.startswith(
         f"s3://{BUCKET}/data/cxr-checkpoints/CXRTrainFlow/{origin}/"
     )
+    (content,) = card_contents(train)  # cards in S3 beside the datastore, where the UI backend reads them
+    assert "## Training on" in content
     cache = run["end"].task["data_cache"].data
     assert cache["uri"] == f"s3://{BUCKET}/data/cxr-cache/{cache['key']}"
     keys = [
