@@ -130,7 +130,7 @@ class CXRTrainFlow(FlowSpec):
        (local registry or SageMaker Model Registry); with a deploy step, a promoted version is `approved`.
     8. deploy: when enabled, release a promoted version to SageMaker (staging → smoke test → production);
        only a version that serves becomes `production` in the registry.
-    9. end: print where to look next.
+    9. end: the run's `headline` (version, status, test mean AUROC) and where to look next.
     """
 
     config_file = IncludeFile(
