@@ -17,6 +17,7 @@ from metaflow import FlowSpec, IncludeFile, Parameter, card, current, schedule, 
 from metaflow.cards import Markdown, Table, VegaChart
 
 from cxr.config import cxr_home, parse_config
+from cxr.metaflow_cards import keep_cards_with_datastore
 from cxr.monitor import report
 from cxr.monitor.acquisition import acquisition_checks
 from cxr.monitor.baseline import Baseline
@@ -30,6 +31,7 @@ from cxr.reviews import default_database_url, is_database_url, read_reviews
 from cxr.serve.headers import SHADOW
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+keep_cards_with_datastore()  # cards where the client and the UI find them, wherever the run started
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -24,6 +24,7 @@ from .app_support import Client, LiveApp, add_user
 from .browser import keep_screenshot, tab_to
 from .conftest import REPO, free_port
 from .serving_support import CROP, LiveServer, dicom_bytes, make_package
+from .test_train_flow import card_contents
 
 pytestmark = pytest.mark.browser
 PASSWORD = "rita-password-5678"
@@ -40,7 +41,7 @@ def running_stack(tmp_path, nih_root, *serve_args: str):
         free_port(), "--model", str(package), "--capture", str(tmp_path / "capture"), *serve_args
     )
     env = {"CXR_ADMIN_TOKEN": live.admin_token, "METAFLOW_DEFAULT_DATASTORE": "local",
-           "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path)}  # fmt: skip
+           "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "metaflow")}  # fmt: skip
     add_user("rita", PASSWORD, "reviewer", env)
     app = LiveApp("--endpoint", live.url, env=env)
     try:
@@ -138,6 +139,7 @@ def test_read_review_and_the_review_reaches_monitor_flow(page, stack, nih_root, 
     matched = results[(results["check"] == "performance") & (results["feature"] == "labelled_images")]
     assert matched["statistic"].tolist() == [1]  # matched by inference id, once despite the heatmap request
     assert join["traffic_summary"].data[0]["images"] == 2  # three requests: two films, one heatmap
+    assert len(card_contents(join)) == 1  # the monitor's card, where the client and the Metaflow UI look
 
     page.goto(app.url + "/watch")
     assert page.locator("#traffic tbody tr").first.locator("th").inner_text() == "A"
