@@ -111,7 +111,8 @@ class ReviewStore:
             )
         if answers.empty:
             return pd.DataFrame(columns=["inference_id", *FINDINGS])
-        wide = answers.pivot(index="inference_id", columns="finding", values="label").reindex(columns=FINDINGS)
+        wide = answers.pivot(index="inference_id", columns="finding", values="label")
+        wide = wide.reindex(columns=FINDINGS)
         return wide.dropna().astype(int).reset_index().rename_axis(columns=None)
 
 
