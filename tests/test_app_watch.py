@@ -46,3 +46,16 @@ def test_ab_accuracy_per_variant_from_reviews():
     rows = {r["variant"]: r for r in watch.reviewed_accuracy(cases)}
     assert rows["A"]["sensitivity"] == 1.0 and rows["A"]["specificity"] == 12 / 13
     assert rows["B"]["sensitivity"] == 0.0 and rows["B"]["agreement"] == 13 / 14
+
+
+def test_the_gateways_metrics_read_the_same_way():
+    from cxr.serve.gateway import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    for seconds in (0.2, 0.3, 0.4):
+        metrics.latency.labels("B").observe(seconds)
+    metrics.requests.labels("B", "200").inc(3)
+    metrics.requests.labels("B", "429").inc(2)
+    (row,) = watch.traffic(metrics.exposition().decode())
+    assert row["variant"] == "B" and row["requests"] == 5 and row["errors"] == 2
+    assert 100 <= row["p50_ms"] <= 500
