@@ -1,0 +1,207 @@
+"""The shard cache resident on the training device, augmented there: the GPU never waits for a loader.
+
+`DeviceCache` copies cache rows shard by shard (through a pinned buffer on CUDA) into one uint8
+[n, size, size] tensor on the device, with their labels; NIH at 256² is 7.35 GB. `DeviceLoader` iterates
+a `ShardDataset`'s items as batches of (uint8 [B, 1, crop, crop], float32 [B, 14]) on that device:
+
+- the order is the CPU loader's: the dataset's `EpochSampler`, shuffled by (seed, epoch);
+- each image's crop, flip, rotation, scale and shift are drawn from the same generator
+  `np.random.default_rng((seed, epoch, row))` as the CPU path's `augment`, in the same order, so both draw
+  the same numbers whatever the device or batch composition; the draws become one affine matrix per image,
+  applied to the batch by `F.affine_grid` + `F.grid_sample` (bilinear, reflection about the edge pixels'
+  centres = OpenCV's BORDER_REFLECT_101), rounded back to uint8;
+- evaluation batches are the exact central crops.
+
+The host draws the matrices (a few microseconds an image) and queues work; nothing waits for the device
+between batches: indices go to the device once an epoch, matrices through pinned memory without blocking.
+Outputs differ from the CPU path's OpenCV warp only by interpolation rounding (OpenCV quantises positions
+to 1/32 pixel): tests/test_device_augment.py bounds the difference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cxr.data.cache import ShardCache
+from cxr.data.loader import Augmentation, EpochSampler, ShardDataset
+
+
+class WarpDraw(NamedTuple):
+    """One image's random augmentation, drawn exactly as `cxr.data.loader.augment` draws it."""
+
+    top: int
+    left: int
+    angle: float  # radians
+    scale: float
+    shift_x: float  # pixels
+    shift_y: float
+    flip: float  # -1.0 mirrors the image horizontally, 1.0 keeps it
+
+
+def draw_warp(size: int, crop: int, aug: Augmentation, rng: np.random.Generator) -> WarpDraw:
+    """The augmentation of one size×size image cropped to crop×crop: the CPU path's draws, in its order."""
+    top, left = rng.integers(0, size - crop + 1, size=2)
+    angle = math.radians(rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg))
+    scale = rng.uniform(*aug.scale)
+    shift = rng.uniform(-aug.max_shift, aug.max_shift, size=2) * crop
+    flip = -1.0 if aug.flip and rng.random() < 0.5 else 1.0
+    return WarpDraw(int(top), int(left), angle, float(scale), float(shift[0]), float(shift[1]), flip)
+
+
+def warp_matrices(draws: list[WarpDraw], crop: int) -> np.ndarray:
+    """float64 [B, 2, 3] mapping each output pixel (x, y) to its input pixel (cv2's WARP_INVERSE_MAP).
+
+    input = centre_in + R·S⁻¹·F·(output - centre_out), the same composition as `augment`.
+    """
+    top, left, angle, scale, shift_x, shift_y, flip = np.array(draws, dtype=np.float64).reshape(-1, 7).T
+    c, s = np.cos(angle) / scale, np.sin(angle) / scale
+    linear = np.stack([np.stack([c * flip, -s], -1), np.stack([s * flip, c], -1)], -2)  # [B, 2, 2]
+    half = (crop - 1) / 2
+    centre_in = np.stack([left + half + shift_x, top + half + shift_y], -1)
+    offset = centre_in - linear @ np.array([half, half])
+    return np.concatenate([linear, offset[:, :, None]], -1)
+
+
+def grid_thetas(matrices: np.ndarray, size: int, crop: int) -> np.ndarray:
+    """float32 [B, 2, 3] for `F.affine_grid(..., align_corners=True)`: pixel matrices in normalised units.
+
+    With align_corners=True, -1 and 1 are the centres of the edge pixels: x = (x̂ + 1)(crop - 1)/2 on the
+    output side and û = 2u/(size - 1) - 1 on the input side.
+    """
+    linear, offset = matrices[:, :, :2], matrices[:, :, 2]
+    theta = np.empty_like(matrices)
+    theta[:, :, :2] = linear * (crop - 1) / (size - 1)
+    theta[:, :, 2] = (linear.sum(-1) * (crop - 1) + 2 * offset) / (size - 1) - 1
+    return theta.astype(np.float32)
+
+
+def warp_batch(images: torch.Tensor, thetas: torch.Tensor, crop: int) -> torch.Tensor:
+    """uint8 [B, H, W] images warped by normalised [B, 2, 3] matrices → uint8 [B, 1, crop, crop]."""
+    source = images.unsqueeze(1).float()
+    grid = F.affine_grid(thetas, [len(images), 1, crop, crop], align_corners=True)
+    warped = F.grid_sample(source, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+    return warped.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def center_crop_batch(images: torch.Tensor, crop: int) -> torch.Tensor:
+    """uint8 [B, H, W] → the central crop×crop windows, uint8 [B, 1, crop, crop] (as `center_crop`)."""
+    top, left = (images.shape[1] - crop) // 2, (images.shape[2] - crop) // 2
+    return images[:, None, top : top + crop, left : left + crop].contiguous()
+
+
+def resident_bytes(cache: ShardCache, rows: np.ndarray | None = None) -> int:
+    """Device memory a `DeviceCache` of these rows takes (images and labels)."""
+    count = len(cache) if rows is None else len(np.unique(rows))
+    return count * (cache.size * cache.size + cache.labels.shape[1] * 4)
+
+
+def fits_on_device(
+    cache: ShardCache, rows: np.ndarray | None, device: torch.device, fraction: float = 0.5
+) -> bool:
+    """Whether the rows take at most `fraction` of the device's free memory now (CUDA only)."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return resident_bytes(cache, rows) <= fraction * free
+
+
+class DeviceCache:
+    """Rows of a `ShardCache` held on one device: uint8 images [n, size, size] and float32 labels [n, 14]."""
+
+    def __init__(self, cache: ShardCache, rows: np.ndarray | None = None, device: torch.device | str = "cpu"):
+        self.cache, self.device, self.size = cache, torch.device(device), cache.size
+        self.rows = np.arange(len(cache)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+        self.images = torch.empty(
+            (len(self.rows), self.size, self.size), dtype=torch.uint8, device=self.device
+        )
+        self.labels = torch.from_numpy(cache.labels[self.rows]).to(self.device)
+        self._load()
+
+    def slots(self, rows: np.ndarray) -> np.ndarray:
+        """Positions of cache rows in `images`; every row must be resident."""
+        rows = np.asarray(rows, dtype=np.int64)
+        slots = np.searchsorted(self.rows, rows)
+        if not np.array_equal(self.rows[np.minimum(slots, len(self.rows) - 1)], rows):
+            raise ValueError("some rows are not resident on the device")
+        return slots
+
+    def _load(self) -> None:
+        """Copy the rows in shard by shard (cache rows are ordered by shard, so each is one slot range).
+
+        On CUDA each shard's rows go through pinned memory without blocking; PyTorch's pinned-memory pool
+        reuses a buffer only once its copy is done, so reading the next shard overlaps the transfer.
+        """
+        shard_of = self.cache.meta["shard"].to_numpy()[self.rows]
+        offset_of = self.cache.meta["offset"].to_numpy()[self.rows]
+        starts = np.flatnonzero(np.diff(shard_of, prepend=-1))
+        for start, stop in zip(starts, [*starts[1:], len(self.rows)], strict=True):
+            pixels = torch.from_numpy(self.cache.shard(int(shard_of[start]))[offset_of[start:stop]])
+            if self.device.type == "cuda":
+                self.images[start:stop].copy_(pixels.pin_memory(), non_blocking=True)
+            else:
+                self.images[start:stop] = pixels
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class DeviceLoader:
+    """Batches of a `ShardDataset` from a `DeviceCache`: the CPU loader's order, draws and crops, on device.
+
+    Like `make_loader`'s DataLoader: iterate once per epoch after `dataset.set_epoch(epoch)`.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        resident: DeviceCache,
+        batch_size: int = 32,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
+        if dataset.cache.key != resident.cache.key:
+            raise ValueError("the dataset and the resident rows come from different caches")
+        self.dataset, self.resident = dataset, resident
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.sampler = EpochSampler(dataset, shuffle, seed)
+        self.slots = resident.slots(dataset.rows)
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        return full + int(rest > 0 and not self.drop_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.dataset.epoch
+        order = np.fromiter((index for _, index in self.sampler), dtype=np.int64, count=len(self.dataset))
+        slots = self._to_device(self.slots[order])  # once an epoch
+        for batch in range(len(self)):
+            chosen = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
+            where = slots[chosen]
+            images = self.resident.images.index_select(0, where)
+            if self.dataset.train:
+                thetas = self._to_device(self.thetas(self.dataset.rows[order[chosen]], epoch))
+                images = warp_batch(images, thetas, self.dataset.crop)
+            else:
+                images = center_crop_batch(images, self.dataset.crop)
+            yield images, self.resident.labels.index_select(0, where)
+
+    def thetas(self, rows: np.ndarray, epoch: int) -> np.ndarray:
+        """Normalised warp matrices of cache rows in an epoch: the draws of `ShardDataset.__getitem__`."""
+        data, size = self.dataset, self.resident.size
+        draws = [
+            draw_warp(size, data.crop, data.augmentation, np.random.default_rng((data.seed, epoch, int(row))))
+            for row in rows
+        ]
+        return grid_thetas(warp_matrices(draws, data.crop), size, data.crop)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.resident.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.resident.device, non_blocking=True)
