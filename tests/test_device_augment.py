@@ -4,6 +4,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import BatchSampler
 
 from cxr.data import device_augment
 from cxr.data.cache import PreprocessSettings, build_cache
@@ -17,7 +18,7 @@ from cxr.data.device_augment import (
     warp_batch,
     warp_matrices,
 )
-from cxr.data.loader import Augmentation, ShardDataset, make_loader
+from cxr.data.loader import Augmentation, EpochSampler, ShardDataset, make_loader
 
 CROP, SEED = 224, 5
 # Measured: OpenCV quantises sampling positions to 1/32 pixel, grid_sample does not; over 240 augmented
@@ -96,7 +97,8 @@ def test_draws_are_the_cpu_paths(cache, resident, monkeypatch):
         draws = [draw_warp(256, CROP, Augmentation(), np.random.default_rng((SEED, epoch, r))) for r in rows]
         np.testing.assert_allclose(warp_matrices(draws, CROP), np.stack(handed), rtol=0, atol=1e-9)
         loader = DeviceLoader(dataset, resident, seed=SEED)
-        assert np.array_equal(loader.thetas(rows, epoch), grid_thetas(np.stack(handed), 256, CROP))
+        thetas = loader.thetas(rows, np.full(len(rows), epoch))
+        assert np.array_equal(thetas, grid_thetas(np.stack(handed), 256, CROP))
 
 
 def test_augmented_crops_match_the_cpu_loader(cache, resident, cpu_augmented):
@@ -146,6 +148,22 @@ def test_augmentation_does_not_depend_on_batch_composition(cache, resident):
     assert all(torch.equal(again[row], whole[row]) for row in rows)
     later = device_epochs(cache, resident, True, 2, 16, shuffle=False)[1]
     assert not torch.equal(torch.cat([images for images, _ in later]), torch.stack(list(whole.values())))
+
+
+def test_a_batch_sampler_sets_the_batches(cache, resident):
+    """Two processes' shares of each batch (a batch sampler apiece) put together are the batch of one."""
+    dataset = ShardDataset(cache, crop=CROP, train=True, seed=SEED)
+    dataset.set_epoch(2)
+    whole = list(DeviceLoader(dataset, resident, 16, shuffle=True, seed=SEED))
+    batches = [list(batch) for batch in BatchSampler(EpochSampler(dataset, True, SEED), 16, False)]
+    shares = [
+        list(DeviceLoader(dataset, resident, batch_sampler=[batch[rank::2] for batch in batches]))
+        for rank in (0, 1)
+    ]
+    assert len(shares[0]) == len(whole) == 8
+    for (images, labels), (even, even_labels), (odd, odd_labels) in zip(whole, *shares, strict=True):
+        assert torch.equal(images[0::2], even) and torch.equal(images[1::2], odd)
+        assert torch.equal(labels[0::2], even_labels) and torch.equal(labels[1::2], odd_labels)
 
 
 def test_identity_and_flip_warps_are_exact(resident):

@@ -4,7 +4,8 @@
 [n, size, size] tensor on the device, with their labels; NIH at 256² is 7.35 GB. `DeviceLoader` iterates
 a `ShardDataset`'s items as batches of (uint8 [B, 1, crop, crop], float32 [B, 14]) on that device:
 
-- the order is the CPU loader's: the dataset's `EpochSampler`, shuffled by (seed, epoch);
+- the order is the CPU loader's: the dataset's `EpochSampler`, shuffled by (seed, epoch), in batches
+  as `DataLoader` makes them, or those of any batch sampler of `(epoch, index)` items;
 - each image's crop, flip, rotation, scale and shift are drawn from the same generator
   `np.random.default_rng((seed, epoch, row))` as the CPU path's `augment`, in the same order, so both draw
   the same numbers whatever the device or batch composition; the draws become one affine matrix per image,
@@ -13,7 +14,7 @@ a `ShardDataset`'s items as batches of (uint8 [B, 1, crop, crop], float32 [B, 14
 - evaluation batches are the exact central crops.
 
 The host draws the matrices (a few microseconds an image) and queues work; nothing waits for the device
-between batches: indices go to the device once an epoch, matrices through pinned memory without blocking.
+between batches: each batch's indices and matrices go through pinned memory without blocking.
 Outputs differ from the CPU path's OpenCV warp only by interpolation rounding (OpenCV quantises positions
 to 1/32 pixel): tests/test_device_augment.py bounds the difference.
 """
@@ -21,12 +22,13 @@ to 1/32 pixel): tests/test_device_augment.py bounds the difference.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import BatchSampler
 
 from cxr.data.cache import ShardCache
 from cxr.data.loader import Augmentation, EpochSampler, ShardDataset
@@ -153,7 +155,9 @@ class DeviceCache:
 class DeviceLoader:
     """Batches of a `ShardDataset` from a `DeviceCache`: the CPU loader's order, draws and crops, on device.
 
-    Like `make_loader`'s DataLoader: iterate once per epoch after `dataset.set_epoch(epoch)`.
+    Like a DataLoader: `batch_size`, `shuffle`, `seed` and `drop_last` batch `EpochSampler`'s order, or
+    `batch_sampler` yields each batch's `(epoch, index)` items itself (e.g. one process's share of every
+    global batch); iterate once per epoch after `dataset.set_epoch(epoch)`.
     """
 
     def __init__(
@@ -164,43 +168,42 @@ class DeviceLoader:
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        batch_sampler: Iterable[list[tuple[int, int]]] | None = None,
     ):
         if dataset.cache.key != resident.cache.key:
             raise ValueError("the dataset and the resident rows come from different caches")
         self.dataset, self.resident = dataset, resident
-        self.batch_size, self.drop_last = batch_size, drop_last
-        self.sampler = EpochSampler(dataset, shuffle, seed)
+        self.batch_sampler = batch_sampler or BatchSampler(
+            EpochSampler(dataset, shuffle, seed), batch_size, drop_last
+        )
         self.slots = resident.slots(dataset.rows)
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.dataset), self.batch_size)
-        return full + int(rest > 0 and not self.drop_last)
+        return len(self.batch_sampler)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self.dataset.epoch
-        order = np.fromiter((index for _, index in self.sampler), dtype=np.int64, count=len(self.dataset))
-        slots = self._to_device(self.slots[order])  # once an epoch
-        for batch in range(len(self)):
-            chosen = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
-            where = slots[chosen]
+        for items in self.batch_sampler:
+            epochs, indices = np.asarray(items, dtype=np.int64).reshape(-1, 2).T
+            where = self._to_device(self.slots[indices])
             images = self.resident.images.index_select(0, where)
             if self.dataset.train:
-                thetas = self._to_device(self.thetas(self.dataset.rows[order[chosen]], epoch))
+                thetas = self._to_device(self.thetas(self.dataset.rows[indices], epochs))
                 images = warp_batch(images, thetas, self.dataset.crop)
             else:
                 images = center_crop_batch(images, self.dataset.crop)
             yield images, self.resident.labels.index_select(0, where)
 
-    def thetas(self, rows: np.ndarray, epoch: int) -> np.ndarray:
-        """Normalised warp matrices of cache rows in an epoch: the draws of `ShardDataset.__getitem__`."""
+    def thetas(self, rows: np.ndarray, epochs: np.ndarray) -> np.ndarray:
+        """Normalised warp matrices of cache rows in their epochs: the draws of `ShardDataset.__getitem__`."""
         data, size = self.dataset, self.resident.size
         draws = [
-            draw_warp(size, data.crop, data.augmentation, np.random.default_rng((data.seed, epoch, int(row))))
-            for row in rows
+            draw_warp(size, data.crop, data.augmentation, np.random.default_rng((data.seed, int(e), int(r))))
+            for e, r in zip(epochs, rows, strict=True)
         ]
         return grid_thetas(warp_matrices(draws, data.crop), size, data.crop)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the resident device, through pinned memory without waiting on CUDA."""
         tensor = torch.from_numpy(array)
         if self.resident.device.type != "cuda":
             return tensor
