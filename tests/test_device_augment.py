@@ -24,6 +24,7 @@ CROP, SEED = 224, 5
 # Measured: OpenCV quantises sampling positions to 1/32 pixel, grid_sample does not; over 240 augmented
 # images the per-image mean |difference| stayed under 0.0002 gray levels and no pixel differed by more than 1.
 MEAN_TOLERANCE, PIXEL_TOLERANCE = 0.01, 1
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]  # the same code, on each device here
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +36,14 @@ def cache(nih_root, tmp_path_factory):
     )
 
 
-@pytest.fixture(scope="module")
-def resident(cache):
-    return DeviceCache(cache)
+@pytest.fixture(scope="module", params=DEVICES)
+def resident(cache, request):
+    return DeviceCache(cache, device=request.param)
+
+
+def one_pass(loader):
+    """One pass over a loader, its batches brought to the CPU."""
+    return [(images.cpu(), labels.cpu()) for images, labels in loader]
 
 
 def epochs(loader, dataset, count=2):
@@ -45,7 +51,7 @@ def epochs(loader, dataset, count=2):
     out = []
     for epoch in range(count):
         dataset.set_epoch(epoch)
-        out.append(list(loader))
+        out.append(one_pass(loader))
     return out
 
 
@@ -154,10 +160,11 @@ def test_a_batch_sampler_sets_the_batches(cache, resident):
     """Two processes' shares of each batch (a batch sampler apiece) put together are the batch of one."""
     dataset = ShardDataset(cache, crop=CROP, train=True, seed=SEED)
     dataset.set_epoch(2)
-    whole = list(DeviceLoader(dataset, resident, 16, shuffle=True, seed=SEED))
+    whole = one_pass(DeviceLoader(dataset, resident, 16, shuffle=True, seed=SEED))
     batches = [list(batch) for batch in BatchSampler(EpochSampler(dataset, True, SEED), 16, False)]
+    assert {epoch for batch in batches for epoch, _ in batch} == {2}
     shares = [
-        list(DeviceLoader(dataset, resident, batch_sampler=[batch[rank::2] for batch in batches]))
+        one_pass(DeviceLoader(dataset, resident, batch_sampler=[batch[rank::2] for batch in batches]))
         for rank in (0, 1)
     ]
     assert len(shares[0]) == len(whole) == 8
@@ -171,7 +178,7 @@ def test_identity_and_flip_warps_are_exact(resident):
     images = resident.images[:4]
     for flip, expected in ((1.0, images), (-1.0, images.flip(-1))):
         draws = [WarpDraw(0, 0, 0.0, 1.0, 0.0, 0.0, flip)] * len(images)
-        thetas = torch.from_numpy(grid_thetas(warp_matrices(draws, 256), 256, 256))
+        thetas = torch.from_numpy(grid_thetas(warp_matrices(draws, 256), 256, 256)).to(images.device)
         assert torch.equal(warp_batch(images, thetas, 256)[:, 0], expected)
 
 
@@ -181,3 +188,18 @@ def test_only_resident_rows_of_the_same_cache_are_served(cache):
     assert torch.equal(partial.images[3], torch.from_numpy(np.array(cache.image(13))))
     with pytest.raises(ValueError, match="not resident"):
         DeviceLoader(ShardDataset(cache, np.arange(5, 15), crop=CROP), partial)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
+def test_batches_never_wait_for_the_gpu(cache):
+    """CUDA's sync debug mode raises on any operation that makes the host wait for the device."""
+    resident = DeviceCache(cache, device="cuda")
+    for train in (True, False):
+        dataset = ShardDataset(cache, crop=CROP, train=train, seed=SEED)
+        loader = DeviceLoader(dataset, resident, 16, shuffle=True, seed=SEED)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            batches = list(loader)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert len(batches) == 8 and batches[0][0].is_cuda

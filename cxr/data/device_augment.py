@@ -1,6 +1,6 @@
 """The shard cache resident on the training device, augmented there: the GPU never waits for a loader.
 
-`DeviceCache` copies cache rows shard by shard (through a pinned buffer on CUDA) into one uint8
+`DeviceCache` copies cache rows shard by shard (through pinned memory on CUDA) into one uint8
 [n, size, size] tensor on the device, with their labels; NIH at 256² is 7.35 GB. `DeviceLoader` iterates
 a `ShardDataset`'s items as batches of (uint8 [B, 1, crop, crop], float32 [B, 14]) on that device:
 
@@ -13,8 +13,9 @@ a `ShardDataset`'s items as batches of (uint8 [B, 1, crop, crop], float32 [B, 14
   centres = OpenCV's BORDER_REFLECT_101), rounded back to uint8;
 - evaluation batches are the exact central crops.
 
-The host draws the matrices (a few microseconds an image) and queues work; nothing waits for the device
-between batches: each batch's indices and matrices go through pinned memory without blocking.
+The host draws the matrices (about 30 µs an image, mostly seeding the generator) while the device works
+on earlier batches; nothing waits for the device between batches: each batch's indices and matrices go
+through pinned memory without blocking.
 Outputs differ from the CPU path's OpenCV warp only by interpolation rounding (OpenCV quantises positions
 to 1/32 pixel): tests/test_device_augment.py bounds the difference.
 """
