@@ -7,6 +7,9 @@ happen on the training device (`cxr.model`), which keeps the loader's memory tra
 Augmentation randomness comes from (seed, epoch, index), and the epoch travels with each index from the
 sampler in the main process (`EpochSampler`), so persistent worker processes see every new epoch and the
 batches do not depend on the number of workers.
+
+Under data-parallel training each process reads its share of every global batch (`GlobalBatchSampler`):
+the global batches, their order and each image's augmentation are the same whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -127,6 +130,57 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return ((epoch, int(i)) for i in order)
 
 
+def global_batch_sizes(n: int, batch_size: int, world_size: int = 1) -> list[int]:
+    """Sizes of an epoch's global batches over `n` items: full batches, then the remainder unless it has
+    fewer items than there are processes (every process needs at least one image a step)."""
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    return [size for size in sizes if size >= world_size]
+
+
+def rank_share(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Process `rank`'s contiguous part of a global batch; parts differ in size by at most one item."""
+    return np.array_split(batch, world_size)[rank]
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Process `rank`'s share of each global batch of `batch_size` items, in `EpochSampler`'s order.
+
+    The global batches are the same whatever `world_size`: consecutive runs of the epoch's order, the last
+    one partial (`global_batch_sizes`); each process takes its `rank_share` of every one.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not 0 <= rank < world_size or batch_size < world_size:
+            raise ValueError(
+                f"a global batch of {batch_size} cannot be shared by rank {rank} of {world_size}"
+            )
+        self.order = EpochSampler(dataset, shuffle, seed)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def global_batch_sizes(self) -> list[int]:
+        """Sizes of this epoch's global batches (summed over every process)."""
+        return global_batch_sizes(len(self.order), self.batch_size, self.world_size)
+
+    def __len__(self) -> int:
+        return len(self.global_batch_sizes())
+
+    def __iter__(self):
+        items = np.array(list(self.order), dtype=np.int64).reshape(-1, 2)  # (epoch, index) rows
+        for start, size in zip(
+            range(0, len(items), self.batch_size), self.global_batch_sizes(), strict=False
+        ):
+            share = rank_share(items[start : start + size], self.rank, self.world_size)
+            yield [(int(epoch), int(index)) for epoch, index in share]
+
+
 def make_loader(
     dataset: ShardDataset,
     batch_size: int = 32,
@@ -134,16 +188,17 @@ def make_loader(
     workers: int = 0,
     seed: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """A DataLoader over a shard dataset: persistent workers, order and augmentation set by `set_epoch`."""
+    """A DataLoader over a shard dataset: persistent workers, order and augmentation set by `set_epoch`;
+    `batch_size` is the global batch, of which process `rank` of `world_size` reads its share."""
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=EpochSampler(dataset, shuffle, seed),
+        batch_sampler=GlobalBatchSampler(dataset, batch_size, shuffle, seed, rank, world_size),
         generator=torch.Generator().manual_seed(seed),  # worker seeds never draw from the global RNG
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
-        drop_last=False,
         prefetch_factor=4 if workers > 0 else None,
     )
