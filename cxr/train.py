@@ -2,8 +2,14 @@
 
 `train(...)` is the one entry point. It runs locally, inside a Metaflow step, on AWS Batch, or inside a
 SageMaker training container (`python -m cxr.train`, which reads the SM_* environment and checkpoints to
-/opt/ml/checkpoints). Every epoch writes `last.pt` (model, optimizer, scheduler, epoch, history, RNG
-state) atomically; a restarted run with the same checkpoint directory continues from the epoch after it.
+/opt/ml/checkpoints). Every epoch writes `last.pt` (model, optimizer, scheduler, epoch, history, per-step
+losses) atomically; a restarted run with the same checkpoint directory continues from the epoch after it.
+Randomness is a function of (seed, epoch): the loader's order and augmentation, and dropout's stream (per
+process), so a resumed epoch is the epoch it replaces.
+
+Past one GPU it trains data-parallel with PyTorch DDP (`cxr.distributed`): `batch_size` is the global batch,
+which each process reads its share of, so the batches, their augmentation and (with batch-norm statistics
+synchronised) the gradients are those of one process whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from cxr import distributed
 from cxr.config import cxr_home
 from cxr.data.cache import ShardCache
 from cxr.data.loader import ShardDataset, make_loader
@@ -59,6 +66,9 @@ class TrainConfig:
     compile: bool = False
     workers: int = 2
     seed: int = 0
+    gpus: int = 1  # data-parallel processes on this machine: one a GPU (without CUDA, CPU processes)
+    sync_batchnorm: bool = True  # gpus > 1: batch-norm statistics of the global batch, as in one process
+    lr_batch: int | None = None  # the batch size `lr` is for; when set, lr × batch_size / lr_batch is used
     max_batches_per_epoch: int | None = None  # for quick runs
 
     @classmethod
@@ -114,12 +124,19 @@ def build_model(config: TrainConfig, device: torch.device) -> CXRNet:
     return model
 
 
+def learning_rate(config: TrainConfig) -> float:
+    """The peak learning rate: `lr`, scaled linearly with the global batch when `lr_batch` says which batch
+    size `lr` was set for (lr × batch_size / lr_batch)."""
+    return config.lr * config.batch_size / config.lr_batch if config.lr_batch else config.lr
+
+
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    lr = learning_rate(config)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
     raise ValueError(f"unknown optimizer {config.optimizer!r}; use 'adamw' or 'sgd'")
 
@@ -175,25 +192,6 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
     )
 
 
-def _rng_state() -> dict[str, Any]:
-    """Every RNG's state as tensors and plain values, so checkpoints load with `weights_only=True`."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    numpy_state = [kind, torch.from_numpy(np.asarray(keys, np.int64)), int(pos), int(has_gauss), float(gauss)]
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _save_atomic(payload: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
@@ -222,10 +220,65 @@ def train(
     device: torch.device | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainResult:
-    """Train on cache rows `train_rows`, select on val mean AUROC; checkpoint every epoch and resume."""
-    device = device or pick_device()
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    """Train on cache rows `train_rows`, select on val mean AUROC; checkpoint every epoch and resume.
+
+    With `config.gpus` > 1 it runs itself in that many local processes (`cxr.distributed.launch`) and
+    returns rank 0's result; started by torchrun, each process trains on its share of every global batch.
+    """
+    if config.gpus > 1 and not distributed.launched():
+        _check_processes(config, device)
+        arguments = (cache, train_rows, val_rows, config, checkpoint_dir, progress, device, on_checkpoint)
+        return distributed.launch(train, config.gpus, *arguments)
+    world = distributed.current_world()
+    device = device or (distributed.device_for(world) if world.size > 1 else pick_device())
+    with distributed.process_group(world, device):
+        return _train(
+            cache, train_rows, val_rows, config, Path(checkpoint_dir), progress and world.main, device,
+            on_checkpoint, world,
+        )  # fmt: skip
+
+
+def _check_processes(config: TrainConfig, device: torch.device | None) -> None:
+    on_cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
+    if on_cuda and torch.cuda.device_count() < config.gpus:
+        raise ValueError(f"train.gpus is {config.gpus} but {torch.cuda.device_count()} GPUs are visible")
+    if config.batch_size < config.gpus:
+        raise ValueError(f"train.batch_size ({config.batch_size}, global) is smaller than train.gpus")
+
+
+@dataclass
+class _Run:
+    """Where training stands: the history so far, the best epoch, the epoch to start from."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    step_losses: list[list[float]] = field(default_factory=list)
+    best: dict[str, float] = field(default_factory=lambda: {"auroc": -math.inf, "epoch": -1})
+    start_epoch: int = 0
+    resumed_from: int | None = None
+
+    def add(self, record: dict[str, float], step_losses: list[float]) -> bool:
+        """Record an epoch; whether its validation AUROC is the best so far."""
+        self.history.append(record)
+        self.step_losses.append(step_losses)
+        improved = record["val_mean_auroc"] > self.best["auroc"] or self.best["epoch"] < 0
+        if improved:
+            self.best = {"auroc": record["val_mean_auroc"], "epoch": record["epoch"]}
+        return improved
+
+
+def _train(
+    cache: ShardCache,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    config: TrainConfig,
+    checkpoint_dir: Path,
+    progress: bool,
+    device: torch.device,
+    on_checkpoint: Callable[[Path], None] | None,
+    world: distributed.World,
+) -> TrainResult:
+    if world.main:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     train_set = ShardDataset(cache, train_rows, crop=config.crop, train=True, seed=config.seed)
@@ -237,92 +290,155 @@ def train(
         workers=config.workers,
         seed=config.seed,
         pin_memory=device.type == "cuda",
+        rank=world.rank,
+        world_size=world.size,
     )
     steps = min(len(loader), config.max_batches_per_epoch or len(loader))
     model = build_model(config, device)
+    if world.size > 1 and config.sync_batchnorm:
+        distributed.sync_batchnorm(model, device)
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer, steps)
     criterion = nn.BCEWithLogitsLoss(
         pos_weight=_pos_weight(train_set.labels, device) if config.pos_weight else None
     )
-    step_model: Any = torch.compile(model) if config.compile else model
+    run = _resume(checkpoint_dir, model, optimizer, scheduler, world)
+    step_model: Any = distributed.wrap(model, device)
+    if config.compile:
+        step_model = torch.compile(step_model)
 
-    history: list[dict[str, float]] = []
-    best = {"auroc": -math.inf, "epoch": -1}
-    start_epoch, resumed_from = 0, None
-    checkpoint = load_checkpoint(checkpoint_dir)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None and checkpoint.get("scheduler"):
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        history, best = checkpoint["history"], checkpoint["best"]
-        start_epoch = resumed_from = checkpoint["epoch"] + 1
-        _set_rng_state(checkpoint["rng"])
-        log.info("resuming from %s after epoch %d", checkpoint_dir / LAST, checkpoint["epoch"])
-
-    for epoch in range(start_epoch, config.epochs):
-        if epoch - best["epoch"] > config.patience and best["epoch"] >= 0:
+    for epoch in range(run.start_epoch, config.epochs):
+        if epoch - run.best["epoch"] > config.patience and run.best["epoch"] >= 0:
             log.info("early stopping: no val AUROC gain for %d epochs", config.patience)
             break
         train_set.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(config.seed, epoch, world.rank))  # dropout: one stream per process
         started = time.perf_counter()
-        loss, rate = _train_epoch(
-            step_model, loader, steps, optimizer, scheduler, criterion, config, device, epoch, progress
+        step_losses, loss, rate = _train_epoch(
+            step_model, loader, steps, optimizer, scheduler, criterion, config, device, epoch, progress, world
         )
-        val_probs = score_fast(model, val_set, f"epoch {epoch} validation", progress=progress).probabilities
-        val_auroc = mean_auroc(val_set.labels, val_probs)
+        val_probs, val_auroc, val_loss = _validate(model, val_set, criterion, device, epoch, progress, world)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val_auroc)
         record = {
             "epoch": epoch,
             "train_loss": loss,
-            "val_loss": probability_loss(criterion, val_probs, val_set.labels, device),
+            "val_loss": val_loss,
             "val_mean_auroc": val_auroc,
             "img_per_s": rate,
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
         }
-        history.append(record)
-        print(epoch_line(record), flush=True)  # stdout: the task log a run's viewers read
-        if val_auroc > best["auroc"] or best["epoch"] < 0:
-            best = {"auroc": val_auroc, "epoch": epoch}
-            _save_atomic(
-                {
-                    "model": model.state_dict(),
-                    "epoch": epoch,
-                    "val_mean_auroc": val_auroc,
-                    "val_probabilities": torch.from_numpy(val_probs),
-                },
-                checkpoint_dir / BEST,
-            )
-        _save_atomic(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "epoch": epoch,
-                "history": history,
-                "best": best,
-                "rng": _rng_state(),
-                "config": asdict(config),
-            },
-            checkpoint_dir / LAST,
-        )
-        if on_checkpoint is not None:
-            on_checkpoint(checkpoint_dir)  # e.g. copy the checkpoints to S3, so another machine can resume
-    best_checkpoint = torch.load(checkpoint_dir / BEST, map_location="cpu", weights_only=True)
-    val_probabilities = best_checkpoint.get("val_probabilities")
-    return TrainResult(
-        best_checkpoint["model"],
-        history,
-        int(best["epoch"]),
-        float(best["auroc"]),
-        resumed_from,
-        str(device),
-        asdict(config),
-        None if val_probabilities is None else val_probabilities.numpy(),
+        improved = run.add(record, step_losses)
+        if val_probs is not None:  # rank 0
+            print(epoch_line(record), flush=True)  # stdout: the task log a run's viewers read
+            if improved:
+                _save_best(model, epoch, val_auroc, val_probs, checkpoint_dir)
+            _save_last(model, optimizer, scheduler, epoch, run, config, checkpoint_dir)
+            if on_checkpoint is not None:
+                on_checkpoint(checkpoint_dir)  # e.g. copy the checkpoints to S3, so another machine resumes
+    best_state, val_probabilities = distributed.broadcast_from_main(
+        _best_checkpoint(checkpoint_dir) if world.main else None
     )
+    return TrainResult(
+        best_state,
+        run.history,
+        int(run.best["epoch"]),
+        float(run.best["auroc"]),
+        run.resumed_from,
+        str(device) if world.size == 1 else f"{device.type} × {world.size}",
+        asdict(config),
+        val_probabilities,
+    )
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The torch seed of one process's epoch (dropout), so a resumed epoch draws what it would have."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _validate(
+    model: CXRNet,
+    val_set: ShardDataset,
+    criterion: nn.Module,
+    device: torch.device,
+    epoch: int,
+    progress: bool,
+    world: distributed.World,
+) -> tuple[np.ndarray | None, float, float]:
+    """Rank 0 scores the validation rows: its probabilities (None elsewhere), and in every process the mean
+    AUROC and loss (the other processes wait for them)."""
+    if not world.main:
+        return (None, *distributed.broadcast_from_main(None))
+    probs = score_fast(model, val_set, f"epoch {epoch} validation", progress=progress).probabilities
+    figures = mean_auroc(val_set.labels, probs), probability_loss(criterion, probs, val_set.labels, device)
+    return (probs, *distributed.broadcast_from_main(figures))
+
+
+def _resume(
+    checkpoint_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    world: distributed.World,
+) -> _Run:
+    """Load the last checkpoint, if any, into every process: rank 0 reads it and sends it to the others, so
+    machines need not share the checkpoint directory."""
+    checkpoint = distributed.broadcast_from_main(load_checkpoint(checkpoint_dir) if world.main else None)
+    if checkpoint is None:
+        return _Run()
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scheduler is not None and checkpoint.get("scheduler"):
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    log.info("resuming from %s after epoch %d", checkpoint_dir / LAST, checkpoint["epoch"])
+    start = checkpoint["epoch"] + 1
+    step_losses = checkpoint.get("step_losses") or [[] for _ in checkpoint["history"]]
+    return _Run(checkpoint["history"], step_losses, checkpoint["best"], start, start)
+
+
+def _save_best(
+    model: nn.Module, epoch: int, val_auroc: float, val_probs: np.ndarray, checkpoint_dir: Path
+) -> None:
+    _save_atomic(
+        {
+            "model": model.state_dict(),
+            "epoch": epoch,
+            "val_mean_auroc": val_auroc,
+            "val_probabilities": torch.from_numpy(val_probs),
+        },
+        checkpoint_dir / BEST,
+    )
+
+
+def _save_last(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    epoch: int,
+    run: _Run,
+    config: TrainConfig,
+    checkpoint_dir: Path,
+) -> None:
+    _save_atomic(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "epoch": epoch,
+            "history": run.history,
+            "step_losses": run.step_losses,
+            "best": run.best,
+            "config": asdict(config),
+        },
+        checkpoint_dir / LAST,
+    )
+
+
+def _best_checkpoint(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], np.ndarray | None]:
+    best = torch.load(checkpoint_dir / BEST, map_location="cpu", weights_only=True)
+    val_probabilities = best.get("val_probabilities")
+    return best["model"], None if val_probabilities is None else val_probabilities.numpy()
 
 
 def probability_loss(
@@ -361,13 +477,20 @@ def _train_epoch(
     device: torch.device,
     epoch: int,
     progress: bool,
-) -> tuple[float, float]:
+    world: distributed.World,
+) -> tuple[list[float], float, float]:
+    """One pass over `steps` global batches: each step's loss over its global batch, the epoch's loss and
+    img/s (over every process). Losses stay on the device until the epoch ends: no step waits for the host.
+
+    Each process's loss is its batch share's mean scaled by its share of the global batch, so the gradients
+    DDP averages are those of the global batch's mean loss, however unevenly a last batch divides.
+    """
     model.train()
-    total, seen, start = 0.0, 0, time.perf_counter()
+    sizes = loader.batch_sampler.global_batch_sizes()[:steps]
+    sums = torch.zeros(steps, dtype=torch.float64, device=device)
+    start = time.perf_counter()
     bar = Progress(f"epoch {epoch}", steps, unit="batches", enabled=progress)
-    for step, (images, labels) in enumerate(loader):
-        if step >= steps:
-            break
+    for step, (images, labels) in zip(range(steps), loader, strict=False):
         images = images.to(device, non_blocking=True)
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -375,17 +498,19 @@ def _train_epoch(
         with _autocast(device, config.amp):
             loss = criterion(model(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * (len(images) * world.size / sizes[step]) if world.size > 1 else loss).backward()
         if config.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step()
-        total += float(loss.detach()) * len(images)
-        seen += len(images)
-        bar.update(1, loss=f"{total / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+        sums[step] = loss.detach() * len(images)
+        bar.update(1)
     bar.close()
-    return total / max(seen, 1), seen / max(time.perf_counter() - start, 1e-9)
+    totals = distributed.all_reduce_sum(sums).cpu()  # the epoch's one wait for the device
+    counts = torch.tensor(sizes, dtype=torch.float64)
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    return (totals / counts).tolist(), float(totals.sum() / counts.sum()), float(counts.sum()) / elapsed
 
 
 def sagemaker_main() -> int:
@@ -411,6 +536,8 @@ def sagemaker_main() -> int:
         checkpoints,
         progress=False,
     )
+    if not distributed.current_world().main:
+        return 0  # under torchrun (instance_count > 1) rank 0 writes the model
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(result.best_state, model_dir / "model.pt")
     summary = {
