@@ -23,8 +23,8 @@ to 1/32 pixel): tests/test_device_augment.py bounds the difference.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -169,18 +169,20 @@ class DeviceLoader:
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
-        batch_sampler: Iterable[list[tuple[int, int]]] | None = None,
+        batch_sampler: Iterable[Sequence[tuple[int, int]]] | None = None,
     ):
         if dataset.cache.key != resident.cache.key:
             raise ValueError("the dataset and the resident rows come from different caches")
         self.dataset, self.resident = dataset, resident
-        self.batch_sampler = batch_sampler or BatchSampler(
-            EpochSampler(dataset, shuffle, seed), batch_size, drop_last
+        self.batch_sampler: Any = (
+            BatchSampler(EpochSampler(dataset, shuffle, seed), batch_size, drop_last)
+            if batch_sampler is None
+            else batch_sampler
         )
         self.slots = resident.slots(dataset.rows)
 
     def __len__(self) -> int:
-        return len(self.batch_sampler)  # type: ignore[arg-type]
+        return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for items in self.batch_sampler:
