@@ -1,8 +1,9 @@
 """The deployable package, in SageMaker's layout: `model.tar.gz` with
 
 model.pt            the network's state dict
-model.onnx          the serving graph for ONNX Runtime (when exported and verified)
-metadata.json       findings, image size, crop, dropout, thresholds, name, version, lineage, ONNX check
+model.onnx          the serving graph for ONNX Runtime and OpenVINO FP32/BF16 (when exported and verified)
+model_int8.xml/.bin the graph quantised to INT8 by NNCF, as an OpenVINO IR (when verified)
+metadata.json       findings, image size, crop, dropout, thresholds, name, version, lineage, backend checks
 model_card.md       the model card
 input_gate.npz      the input gate's out-of-distribution detectors (when fitted; see cxr.ood)
 code/inference.py   SageMaker handlers (re-exported from cxr.inference)
@@ -16,9 +17,11 @@ import io
 import json
 import tarfile
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import cxr
@@ -28,8 +31,9 @@ INFERENCE_SHIM = '''"""SageMaker entry point: the handlers live in the bundled c
 from cxr.inference import input_fn, model_fn, output_fn, predict_fn  # noqa: F401
 '''
 REQUIREMENTS = "opencv-python-headless>=4.8\nnumpy>=1.24\npandas>=2\npyyaml>=6\ntqdm>=4\nonnxruntime>=1.17\n"
-ONNX_TOLERANCE = 1e-4  # max |probability difference| between ONNX Runtime and PyTorch
-ONNX_MAX_AUROC_DELTA = 0.002
+ONNX_TOLERANCE = 1e-4  # max |probability difference| between ONNX Runtime (or OpenVINO FP32) and PyTorch
+ONNX_MAX_AUROC_DELTA = 0.002  # max |mean AUROC difference| from PyTorch, every backend
+LOW_PRECISION_TOLERANCE = 0.05  # max |probability difference| for BF16 and INT8: a bound on gross errors
 
 
 def build_package(
@@ -94,14 +98,13 @@ def unpack(package: str | Path, directory: str | Path) -> Path:
 def score_package(package: str | Path, cache: Any, rows: Any, batch_size: int = 64,
                   label: str = "scoring the package") -> Any:  # fmt: skip
     """Probabilities [N, 14] of a packaged model on cache rows, preprocessed as the package specifies, batch
-    by batch with the fastest backend it offers (the GPU; else its verified ONNX export; else PyTorch)."""
-    import numpy as np
-
+    by batch with the fastest float32 backend it offers (the GPU; else its verified ONNX export; else
+    PyTorch): models are compared here, not the precisions they may be served in."""
     from cxr.data.loader import NO_AUGMENTATION, ShardDataset
     from cxr.inference import load_model, prepare
     from cxr.progress import Progress
     from cxr.scoring import NetPredictor, score
-    from cxr.serve.predictor import load_predictor
+    from cxr.serve.predictor import load_predictor, verified_backends
 
     rows = np.asarray(rows)
     with tempfile.TemporaryDirectory() as directory:
@@ -110,7 +113,8 @@ def score_package(package: str | Path, cache: Any, rows: Any, batch_size: int = 
             model, metadata = load_model(unpacked)
             predictor: Any = NetPredictor(model)
         else:
-            predictor = load_predictor(unpacked)
+            offered = verified_backends(unpacked, json.loads((unpacked / "metadata.json").read_text()))
+            predictor = load_predictor(unpacked, "onnx" if "onnx" in offered else "torch")
             metadata = predictor.metadata
     if metadata["image_size"] == cache.size:
         dataset = ShardDataset(cache, rows, crop=metadata["crop"], augmentation=NO_AUGMENTATION)
@@ -126,37 +130,131 @@ def score_package(package: str | Path, cache: Any, rows: Any, batch_size: int = 
     return np.concatenate(outputs) if outputs else np.zeros((0, len(FINDINGS)), np.float32)
 
 
-VERIFY_IMAGES = 512  # rows the ONNX export is checked on (spread evenly over the rows given)
+VERIFY_IMAGES = 512  # rows the exports are checked on (spread evenly over the rows given)
+
+
+@dataclass
+class BackendChecks:
+    """What registration verified: the ONNX Runtime check, OpenVINO's per precision, and the files the
+    verified backends need in the package (by their names there)."""
+
+    onnx: dict[str, Any]
+    openvino: dict[str, dict[str, Any]] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
 
 
 def export_and_verify_onnx(
     model: Any, crop: int, cache: Any, rows: Any, out_path: str | Path, max_images: int = VERIFY_IMAGES
 ) -> dict[str, Any]:
-    """Export the serving graph and check it on (at most `max_images` of) the cache rows against PyTorch
-    on the CPU in float32: probabilities within 1e-4 and mean AUROC within 0.002. Returns the check
-    (`verified` says whether the export may be served)."""
-    import numpy as np
+    """Export the serving graph to `out_path` and check it under ONNX Runtime (`export_and_verify`, no
+    OpenVINO). Returns the check (`verified` says whether the export may be served)."""
+    out_path = Path(out_path)
+    directory, name = out_path.parent, out_path.name
+    return export_and_verify(
+        model, crop, cache, rows, directory, max_images, openvino=False, onnx_name=name
+    ).onnx
 
+
+def export_and_verify(
+    model: Any, crop: int, cache: Any, rows: Any, work_dir: str | Path, max_images: int = VERIFY_IMAGES,
+    calibration_rows: Any = None, openvino: bool = True, onnx_name: str = "model.onnx",
+    max_auroc_delta: float = ONNX_MAX_AUROC_DELTA,
+) -> BackendChecks:  # fmt: skip
+    """Export the serving graph and check each CPU backend on (at most `max_images` of) the cache rows
+    against PyTorch on the CPU in float32: mean AUROC within `max_auroc_delta` (0.002) and probabilities
+    within 1e-4 for ONNX Runtime and OpenVINO FP32, 0.05 for BF16 and INT8. With `openvino`, BF16 is
+    checked where this CPU has it natively, and INT8 is NNCF-quantised on (at most 300 of)
+    `calibration_rows` first."""
     from cxr.data.loader import ShardDataset
     from cxr.scoring import NetPredictor, OnnxNetPredictor, score
-    from cxr.serve.predictor import export_onnx
+    from cxr.serve.openvino_backend import INT8_FILE, OpenVinoPredictor
+    from cxr.serve.predictor import ONNX_FILE, export_onnx
+
+    work_dir = Path(work_dir)
+    model = model.eval()
+    onnx_path = export_onnx(model, crop, work_dir / onnx_name)
+    dataset = ShardDataset(cache, _spread(rows, max_images), crop=crop)
+    reference = score(NetPredictor(model, "cpu"), dataset, "backend check: PyTorch").probabilities
+
+    def check(label: str, load: Any, tolerance: float) -> dict[str, Any]:
+        try:
+            predictor = load()
+        except ImportError as error:
+            return {"verified": False, "reason": f"{error.name or error} is not installed"}
+        probs = score(predictor, dataset, f"backend check: {label}").probabilities
+        return compare(reference, probs, dataset.labels, tolerance, max_auroc_delta)
+
+    checks = BackendChecks(check("ONNX Runtime", lambda: OnnxNetPredictor(onnx_path), ONNX_TOLERANCE))
+    if openvino:
+        for precision, tolerance in (("fp32", ONNX_TOLERANCE), ("bf16", LOW_PRECISION_TOLERANCE)):
+            checks.openvino[precision] = _unless_unsupported(precision) or check(
+                f"OpenVINO {precision.upper()}", lambda p=precision: OpenVinoPredictor(onnx_path, p),
+                tolerance,
+            )  # fmt: skip
+        checks.openvino["int8"] = _unless_unsupported("int8") or _int8_check(
+            check, onnx_path, cache, calibration_rows, crop, work_dir / INT8_FILE
+        )
+    if checks.onnx["verified"] or any(checks.openvino.get(p, {}).get("verified") for p in ("fp32", "bf16")):
+        checks.files[ONNX_FILE] = onnx_path
+    if checks.openvino.get("int8", {}).get("verified"):
+        int8 = work_dir / INT8_FILE
+        checks.files.update({int8.name: int8, int8.with_suffix(".bin").name: int8.with_suffix(".bin")})
+    return checks
+
+
+def compare(
+    reference: Any, probs: Any, labels: Any, tolerance: float, max_auroc_delta: float = ONNX_MAX_AUROC_DELTA
+) -> dict[str, Any]:
+    """A backend's probabilities against PyTorch's on the same images: max and mean |difference|, mean
+    AUROC difference, and `verified` when within `tolerance` and `max_auroc_delta`."""
     from cxr.train import mean_auroc
 
-    rows = np.asarray(rows)
-    if len(rows) > max_images:
-        rows = rows[np.linspace(0, len(rows) - 1, max_images).round().astype(int)]
-    model = model.eval()
-    export_onnx(model, crop, out_path)
-    try:
-        session = OnnxNetPredictor(out_path)
-    except ImportError:
-        return {"verified": False, "reason": "onnxruntime is not installed"}
-    dataset = ShardDataset(cache, rows, crop=crop)
-    reference = score(NetPredictor(model, "cpu"), dataset, "ONNX check: PyTorch").probabilities
-    onnx_probs = score(session, dataset, "ONNX check: ONNX Runtime").probabilities
-    labels = dataset.labels
-    diff = float(np.abs(onnx_probs - reference).max()) if len(reference) else 0.0
-    delta = abs(mean_auroc(labels, onnx_probs) - mean_auroc(labels, reference)) if len(reference) else 0.0
+    if not len(reference):
+        return {"verified": True, "max_abs_diff": 0.0, "mean_abs_diff": 0.0, "auroc_delta": 0.0, "images": 0}
+    diff = np.abs(np.asarray(probs, np.float64) - reference)
+    delta = abs(mean_auroc(labels, probs) - mean_auroc(labels, reference))
     delta = 0.0 if delta != delta else delta
-    verified = diff <= ONNX_TOLERANCE and delta <= ONNX_MAX_AUROC_DELTA
-    return {"verified": verified, "max_abs_diff": diff, "auroc_delta": delta, "images": len(reference)}
+    largest = float(diff.max())
+    return {
+        "verified": largest <= tolerance and delta <= max_auroc_delta,
+        "max_abs_diff": largest,
+        "mean_abs_diff": float(diff.mean()),
+        "auroc_delta": float(delta),
+        "images": len(reference),
+    }
+
+
+def _spread(rows: Any, count: int) -> Any:
+    """At most `count` of `rows`, spread evenly over them."""
+    rows = np.asarray(rows)
+    return rows[np.linspace(0, len(rows) - 1, count).round().astype(int)] if len(rows) > count else rows
+
+
+def _unless_unsupported(precision: str) -> dict[str, Any] | None:
+    """A refusal when this CPU (or its missing OpenVINO) cannot check `precision` natively, else None."""
+    from cxr.serve.openvino_backend import cpu_supports
+
+    try:
+        supported = cpu_supports(precision)
+    except ImportError:
+        return {"verified": False, "reason": "openvino is not installed"}
+    return None if supported else {"verified": False, "reason": f"this CPU has no native {precision.upper()}"}
+
+
+def _int8_check(
+    check: Any, onnx_path: Path, cache: Any, rows: Any, crop: int, out_path: Path
+) -> dict[str, Any]:
+    """`check` of the INT8 model NNCF makes from the ONNX graph, calibrated on center crops of (at most
+    300 of) cache `rows`."""
+    from cxr.data.loader import ShardDataset
+    from cxr.serve.openvino_backend import CALIBRATION_IMAGES, OpenVinoPredictor, quantize_int8
+
+    if rows is None or not len(rows):
+        return {"verified": False, "reason": "no calibration images"}
+    dataset = ShardDataset(cache, _spread(rows, CALIBRATION_IMAGES), crop=crop)
+    images = [dataset[i][0].numpy() for i in range(len(dataset))]
+
+    def load() -> Any:
+        return OpenVinoPredictor(quantize_int8(onnx_path, images, out_path), "int8")
+
+    return {**check("OpenVINO INT8", load, LOW_PRECISION_TOLERANCE), "calibration_images": len(images)}

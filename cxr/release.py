@@ -1,4 +1,4 @@
-"""Releasing a trained model: compare with production, package (with a verified ONNX export), register.
+"""Releasing a trained model: compare with production, package (with verified CPU backends), register.
 
 The flow's register step and any script use the same calls, so every registered version has a
 package in SageMaker's layout stamped with its own name and version, a model card and its metrics.
@@ -23,7 +23,7 @@ from cxr.evaluate import YOUDEN, auroc_or_nan, report_thresholds
 from cxr.gate import GateDecision, threshold_table
 from cxr.model import CXRNet
 from cxr.model_card import render_model_card
-from cxr.package import build_package, export_and_verify_onnx, score_package
+from cxr.package import BackendChecks, build_package, export_and_verify, score_package
 from cxr.registry import ModelRegistry, ModelVersion
 
 
@@ -33,6 +33,7 @@ class Release:
 
     version: ModelVersion
     onnx_check: dict[str, Any]
+    openvino_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def monitoring_rows(rows: dict[str, np.ndarray]) -> np.ndarray:
@@ -148,8 +149,13 @@ def release_model(
     status: str | None = None,
     files: dict[str, str | Path | bytes] | None = None,
     package_files: dict[str, str | Path] | None = None,
+    calibration_rows: np.ndarray | None = None,
 ) -> Release:
-    """Package, verify the ONNX export on the test rows, register, stamp the version; status comes last.
+    """Package, verify the CPU backends on the test rows, register, stamp the version; status comes last.
+
+    The ONNX export is checked under ONNX Runtime and OpenVINO (FP32, BF16), and an INT8 model is
+    quantised on `calibration_rows` (default: the cache rows outside `test_rows`) and checked; each
+    verified backend ships in the package (`cxr.package.export_and_verify`).
 
     `package_settings` needs image_size, crop and dropout. The version is registered as a candidate, gets
     its stamped package, card and `files` (e.g. the monitoring baseline), and only then its `status`
@@ -166,14 +172,14 @@ def release_model(
     }
     model = CXRNet(pretrained=False, dropout=float(package_settings["dropout"]))
     model.load_state_dict(state_dict)
+    if calibration_rows is None:
+        calibration_rows = np.setdiff1d(np.arange(len(cache)), test_rows)
     with tempfile.TemporaryDirectory() as work:
-        onnx_path = Path(work) / "model.onnx"
-        onnx_check = export_and_verify_onnx(model, int(package_settings["crop"]), cache, test_rows, onnx_path)
-        served_onnx = onnx_path if onnx_check["verified"] else None
-        metadata["onnx"] = onnx_check
-        draft = build_package(
-            state_dict, metadata, Path(work) / "model.tar.gz", "", served_onnx, package_files
-        )
+        checks = export_and_verify(model, int(package_settings["crop"]), cache, test_rows,
+                                   Path(work), calibration_rows=calibration_rows)  # fmt: skip
+        metadata.update({"onnx": checks.onnx, "openvino": checks.openvino})
+        package_files = {**(package_files or {}), **checks.files}
+        draft = build_package(state_dict, metadata, Path(work) / "model.tar.gz", "", files=package_files)
         version = registry.register(
             {"model.tar.gz": draft, "metrics.json": json.dumps(metrics).encode()},
             metrics={"mean_auroc": metrics["mean_auroc"], "auroc": metrics["auroc"]},
@@ -182,14 +188,13 @@ def release_model(
             decision=decision.text(),
         )
         card = render_model_card(version.version, metrics, lineage, decision.text(),
-                                 {"ONNX check": onnx_check}, decision.at_production_thresholds)  # fmt: skip
+                                 _check_lines(checks), decision.at_production_thresholds)  # fmt: skip
         stamped = build_package(
             state_dict,
             {**metadata, "version": version.version},
             Path(work) / "stamped" / "model.tar.gz",
             card,
-            served_onnx,
-            package_files,
+            files=package_files,
         )
         version = registry.put_files(
             version.version, {**(files or {}), "model_card.md": card.encode(), "model.tar.gz": stamped}
@@ -197,4 +202,12 @@ def release_model(
     status = status or registration_status(decision, deploys=False)
     if status != "candidate":
         version = registry.set_status(version.version, status, decision.text())
-    return Release(version, onnx_check)
+    return Release(version, checks.onnx, checks.openvino)
+
+
+def _check_lines(checks: BackendChecks) -> dict[str, Any]:
+    """The model card's lines on the backend checks."""
+    return {
+        "ONNX check": checks.onnx,
+        **{f"OpenVINO {p.upper()} check": c for p, c in checks.openvino.items()},
+    }

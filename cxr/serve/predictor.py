@@ -1,6 +1,7 @@
-"""Model backends for serving: eager PyTorch or ONNX Runtime, both returning probabilities and embeddings.
+"""Model backends for serving: eager PyTorch, ONNX Runtime or OpenVINO (FP32, BF16, INT8), all returning
+probabilities and embeddings.
 
-Both consume uint8 [B, 1, crop, crop] batches prepared exactly as evaluation prepares them (resize to the
+All consume uint8 [B, 1, crop, crop] batches prepared exactly as evaluation prepares them (resize to the
 cached size, center crop) and return (probabilities [B, 14], penultimate embeddings [B, 512]).
 """
 
@@ -21,9 +22,21 @@ from torch.nn import functional as F
 from cxr.calibration import CalibratedPredictor, Calibrator
 from cxr.inference import load_model
 from cxr.model import CXRNet
+from cxr.serve.openvino_backend import INT8_FILE, PRECISIONS, OpenVinoPredictor, backend_name, cpu_supports
 
 log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
+OPENVINO = tuple(backend_name(precision) for precision in PRECISIONS)
+BACKENDS = ("auto", "onnx", "torch", *OPENVINO)
+# `auto` serves the first of these the package verified, fastest first as bench/bench_serve.py measures
+# them (P3) on a 2-core AVX-512 CPU; eager PyTorch when none is there.
+AUTO_ORDER = ("openvino-int8", "openvino-bf16", "openvino-fp32", "onnx")
+SOURCES = {  # the package file each backend reads
+    "onnx": ONNX_FILE,
+    "openvino-fp32": ONNX_FILE,
+    "openvino-bf16": ONNX_FILE,
+    "openvino-int8": INT8_FILE,
+}
 
 
 class ServingNet(nn.Module):
@@ -109,32 +122,63 @@ def onnx_session(path: str | Path, threads: int | None = None, spinning: bool = 
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def verified_backends(model_dir: str | Path, metadata: dict[str, Any]) -> list[str]:
+    """The backends a package offers: those verified at registration whose files it holds."""
+    model_dir = Path(model_dir)
+    checks = {"onnx": metadata.get("onnx") or {}}
+    checks.update({backend_name(p): c for p, c in (metadata.get("openvino") or {}).items()})
+    return [
+        name
+        for name, check in checks.items()
+        if check.get("verified") and name in SOURCES and (model_dir / SOURCES[name]).is_file()
+    ]
+
+
 def load_predictor(
     model_dir: str | Path, backend: str = "auto", threads: int | None = None, sessions: int = 1
 ) -> Predictor:
-    """`onnx`, `torch`, or `auto` (ONNX when the package has an export and onnxruntime is installed);
-    ONNX Runtime with `sessions` sessions of `threads` threads each. A package with a calibration
+    """One of `BACKENDS`: `auto` is the first of `AUTO_ORDER` the package verified, whose library is
+    installed and whose precision this CPU runs natively, else eager PyTorch; the others are that backend
+    or an error. `sessions` batches at once with `threads` threads each. A package with a calibration
     answers with calibrated probabilities."""
-    if backend not in ("auto", "onnx", "torch"):
-        raise ValueError(f"unknown backend {backend!r}; use auto, onnx or torch")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     import json
 
     metadata = json.loads((Path(model_dir) / "metadata.json").read_text())
-    has_onnx = (Path(model_dir) / ONNX_FILE).is_file() and bool(metadata.get("onnx", {}).get("verified"))
-    if backend == "onnx" and not has_onnx:
-        raise FileNotFoundError(f"{model_dir} has no verified ONNX export; serve with --backend torch")
+    offered = verified_backends(model_dir, metadata)
+    if backend not in ("auto", "torch", *offered):
+        raise FileNotFoundError(f"{model_dir} has no verified {backend} model; serve with --backend torch")
     predictor: Predictor | None = None
-    if backend == "onnx" or (backend == "auto" and has_onnx):
+    for name in [backend] if backend != "auto" else [b for b in AUTO_ORDER if b in offered]:
         try:
-            predictor = OnnxPredictor(model_dir, threads, sessions)
-        except ImportError:
-            if backend == "onnx":
+            predictor = _open(name, model_dir, threads, sessions, auto=backend == "auto")
+        except ImportError as error:
+            if backend != "auto":
                 raise
-            log.warning("onnxruntime is not installed; serving with eager PyTorch")
+            log.warning("%s is not installed (%s); trying the next backend", name, error)
+        if predictor is not None:
+            break
     predictor = predictor or TorchPredictor(model_dir, threads)
+    predictor.metadata = metadata
     if metadata.get("calibration"):  # served probabilities are the calibrated ones, whatever the backend
         return CalibratedPredictor(predictor, Calibrator.from_dict(metadata["calibration"]))
     return predictor
+
+
+def _open(
+    name: str, model_dir: str | Path, threads: int | None, sessions: int, auto: bool
+) -> Predictor | None:
+    """Backend `name` of a package; None when `auto` and this CPU lacks its precision."""
+    if name == "torch":
+        return TorchPredictor(model_dir, threads)
+    if name == "onnx":
+        return OnnxPredictor(model_dir, threads, sessions)
+    precision = name.removeprefix("openvino-")
+    if auto and not cpu_supports(precision):
+        log.info("this CPU has no native %s: not serving %s", precision.upper(), name)
+        return None
+    return OpenVinoPredictor(Path(model_dir) / SOURCES[name], precision, threads, sessions)
 
 
 def export_onnx(model: CXRNet, crop: int, path: str | Path) -> Path:
