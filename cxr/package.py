@@ -158,11 +158,10 @@ def export_and_verify_onnx(
 def export_and_verify(
     model: Any, crop: int, cache: Any, rows: Any, work_dir: str | Path, max_images: int = VERIFY_IMAGES,
     calibration_rows: Any = None, openvino: bool = True, onnx_name: str = "model.onnx",
-    max_auroc_delta: float = ONNX_MAX_AUROC_DELTA,
+    bounds: Bounds | None = None,
 ) -> BackendChecks:  # fmt: skip
     """Export the serving graph and check each CPU backend on (at most `max_images` of) the cache rows
-    against PyTorch on the CPU in float32: mean AUROC within `max_auroc_delta` (0.002) and probabilities
-    within 1e-4 for ONNX Runtime and OpenVINO FP32, 0.05 for BF16 and INT8. With `openvino`, BF16 is
+    against PyTorch on the CPU in float32, within `bounds` (see `Bounds`). With `openvino`, BF16 is
     checked where this CPU has it natively, and INT8 is NNCF-quantised on (at most 300 of)
     `calibration_rows` first."""
     from cxr.data.loader import ShardDataset
@@ -174,22 +173,23 @@ def export_and_verify(
     model = model.eval()
     onnx_path = export_onnx(model, crop, work_dir / onnx_name)
     dataset = ShardDataset(cache, _spread(rows, max_images), crop=crop)
-    reference = score(NetPredictor(model, "cpu"), dataset, "backend check: PyTorch").probabilities
+    bounds = bounds or Bounds()
+    reference = score(NetPredictor(model, "cpu"), dataset, "backend check: PyTorch", embeddings=True)
 
-    def check(label: str, load: Any, tolerance: float) -> dict[str, Any]:
+    def check(label: str, load: Any, low_precision: bool) -> dict[str, Any]:
         try:
             predictor = load()
         except ImportError as error:
             return {"verified": False, "reason": f"{error.name or error} is not installed"}
-        probs = score(predictor, dataset, f"backend check: {label}").probabilities
-        return compare(reference, probs, dataset.labels, tolerance, max_auroc_delta)
+        scores = score(predictor, dataset, f"backend check: {label}", embeddings=True)
+        return compare(reference, scores, dataset.labels, bounds, low_precision)
 
-    checks = BackendChecks(check("ONNX Runtime", lambda: OnnxNetPredictor(onnx_path), ONNX_TOLERANCE))
+    checks = BackendChecks(check("ONNX Runtime", lambda: OnnxNetPredictor(onnx_path), False))
     if openvino:
-        for precision, tolerance in (("fp32", ONNX_TOLERANCE), ("bf16", LOW_PRECISION_TOLERANCE)):
+        for precision in ("fp32", "bf16"):
             checks.openvino[precision] = _unless_unsupported(precision) or check(
                 f"OpenVINO {precision.upper()}", lambda p=precision: OpenVinoPredictor(onnx_path, p),
-                tolerance,
+                precision == "bf16",
             )  # fmt: skip
         checks.openvino["int8"] = _unless_unsupported("int8") or _int8_check(
             check, onnx_path, cache, calibration_rows, crop, work_dir / INT8_FILE
@@ -202,25 +202,52 @@ def export_and_verify(
     return checks
 
 
-def compare(
-    reference: Any, probs: Any, labels: Any, tolerance: float, max_auroc_delta: float = ONNX_MAX_AUROC_DELTA
-) -> dict[str, Any]:
-    """A backend's probabilities against PyTorch's on the same images: max and mean |difference|, mean
-    AUROC difference, and `verified` when within `tolerance` and `max_auroc_delta`."""
+def _monitor_alpha() -> float:
+    from cxr.monitor.checks import FAMILIES, MonitorConfig
+
+    return MonitorConfig().alpha / len(FAMILIES)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a backend must meet against PyTorch on the check images: its mean AUROC within
+    `max_auroc_delta`; every probability within `tolerance` (`low_precision_tolerance` for BF16 and INT8);
+    and embeddings the monitor cannot tell apart from PyTorch's (its embedding-drift test, the MMD
+    permutation test on the captured projections, at p above `min_embedding_p`, its per-family alpha),
+    since the monitoring baseline, the input gate and the uncertainty were all made from PyTorch's."""
+
+    max_auroc_delta: float = ONNX_MAX_AUROC_DELTA
+    tolerance: float = ONNX_TOLERANCE
+    low_precision_tolerance: float = LOW_PRECISION_TOLERANCE
+    min_embedding_p: float = field(default_factory=_monitor_alpha)
+
+
+def compare(reference: Any, scores: Any, labels: Any, bounds: Bounds, low_precision: bool) -> dict[str, Any]:
+    """A backend's `cxr.scoring.Scores` against PyTorch's on the same images: max and mean |probability
+    difference|, mean AUROC difference, the embedding-drift p-value, and `verified` within `bounds`."""
+    from cxr.features import project_embedding
+    from cxr.monitor.checks import MonitorConfig, mmd_test
     from cxr.train import mean_auroc
 
-    if not len(reference):
+    if not len(reference.probabilities):
         return {"verified": True, "max_abs_diff": 0.0, "mean_abs_diff": 0.0, "auroc_delta": 0.0, "images": 0}
-    diff = np.abs(np.asarray(probs, np.float64) - reference)
-    delta = abs(mean_auroc(labels, probs) - mean_auroc(labels, reference))
+    diff = np.abs(np.asarray(scores.probabilities, np.float64) - reference.probabilities)
+    delta = abs(mean_auroc(labels, scores.probabilities) - mean_auroc(labels, reference.probabilities))
     delta = 0.0 if delta != delta else delta
+    monitor = MonitorConfig()
+    x, y = (project_embedding(s.embeddings)[: monitor.max_samples] for s in (reference, scores))
+    _, drift_p = mmd_test(x, y, monitor.permutations, monitor.seed)
+    tolerance = bounds.low_precision_tolerance if low_precision else bounds.tolerance
     largest = float(diff.max())
     return {
-        "verified": largest <= tolerance and delta <= max_auroc_delta,
+        "verified": largest <= tolerance
+        and delta <= bounds.max_auroc_delta
+        and drift_p > bounds.min_embedding_p,
         "max_abs_diff": largest,
         "mean_abs_diff": float(diff.mean()),
         "auroc_delta": float(delta),
-        "images": len(reference),
+        "embedding_drift_p": drift_p,
+        "images": len(reference.probabilities),
     }
 
 
@@ -257,4 +284,4 @@ def _int8_check(
     def load() -> Any:
         return OpenVinoPredictor(quantize_int8(onnx_path, images, out_path), "int8")
 
-    return {**check("OpenVINO INT8", load, LOW_PRECISION_TOLERANCE), "calibration_images": len(images)}
+    return {**check("OpenVINO INT8", load, True), "calibration_images": len(images)}

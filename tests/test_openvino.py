@@ -22,14 +22,16 @@ from cxr.model import CXRNet
 from cxr.package import (
     LOW_PRECISION_TOLERANCE,
     ONNX_TOLERANCE,
+    Bounds,
     build_package,
+    compare,
     export_and_verify,
     score_package,
     unpack,
 )
 from cxr.registry import Registry
 from cxr.release import release_model
-from cxr.scoring import NetPredictor, score
+from cxr.scoring import NetPredictor, Scores, score
 from cxr.serve import predictor as serving
 from cxr.serve.openvino_backend import OpenVinoPredictor
 from cxr.serve.predictor import AUTO_ORDER, load_predictor
@@ -54,7 +56,7 @@ def real(nih_root, tmp_path_factory):
     model = CXRNet(pretrained=False).eval()
     rows = np.arange(len(cache))
     checks = export_and_verify(
-        model, CROP, cache, rows[60:], work, calibration_rows=rows[:60], max_auroc_delta=0.05
+        model, CROP, cache, rows[60:], work, calibration_rows=rows[:60], bounds=Bounds(max_auroc_delta=0.05)
     )
     metadata = {**SETTINGS, "onnx": checks.onnx, "openvino": checks.openvino, "name": "cxr-ov", "version": 4}
     package = build_package(model.state_dict(), metadata, work / "model.tar.gz", "", files=checks.files)
@@ -88,6 +90,20 @@ def test_every_backend_verified_at_registration_ships_in_the_package(real):
     assert checks.openvino["int8"]["calibration_images"] == 60 and checks.openvino["int8"]["images"] == 60
     with tarfile.open(real["package"]) as tar:
         assert {"model.onnx", "model_int8.xml", "model_int8.bin"} <= set(tar.getnames())
+
+
+def test_embeddings_the_monitor_would_call_drift_are_refused(real):
+    """Probabilities that agree are not enough: the monitoring baseline, the input gate and the uncertainty
+    were made from PyTorch's embeddings, so a backend whose embeddings the monitor tells apart fails."""
+    reference, labels = real["reference"], real["dataset"].labels
+    offset = reference.embeddings + 0.5 * reference.embeddings.std(axis=0)  # a systematic shift
+    same = compare(reference, reference, labels, Bounds(), low_precision=True)
+    shifted = compare(
+        reference, Scores(reference.probabilities, offset), labels, Bounds(), low_precision=True
+    )
+    assert same["verified"] and same["embedding_drift_p"] == 1.0 and same["auroc_delta"] == 0.0
+    assert not shifted["verified"] and shifted["embedding_drift_p"] < Bounds().min_embedding_p
+    assert shifted["max_abs_diff"] == 0.0 and shifted["auroc_delta"] == 0.0
 
 
 def test_auto_serves_the_first_verified_backend_this_machine_runs(real, tmp_path, monkeypatch):
