@@ -106,6 +106,15 @@ def test_embeddings_the_monitor_would_call_drift_are_refused(real):
     assert shifted["max_abs_diff"] == 0.0 and shifted["auroc_delta"] == 0.0
 
 
+def test_registration_without_openvino_ships_onnx_and_says_why(real, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    rows = np.arange(10)
+    checks = export_and_verify(real["model"], CROP, real["cache"], rows, tmp_path, calibration_rows=rows)
+    assert checks.onnx["verified"] and set(checks.files) == {"model.onnx"}
+    assert all(check == {"verified": False, "reason": "openvino is not installed"}
+               for check in checks.openvino.values()) and len(checks.openvino) == 3  # fmt: skip
+
+
 def test_auto_serves_the_first_verified_backend_this_machine_runs(real, tmp_path, monkeypatch):
     directory = unpack(real["package"], tmp_path / "unpacked")
     assert load_predictor(directory).backend == AUTO_ORDER[0]
