@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,7 +69,27 @@ def launch(function: Callable[..., Any], processes: int, *args: Any) -> Any:
         max_restarts=0,
     )
     level = logging.getLogger().getEffectiveLevel()  # the processes log as this one does
-    return elastic_launch(config, _main_result)(level, function, *args)[0]
+    with _kept_process_state():
+        return elastic_launch(config, _main_result)(level, function, *args)[0]
+
+
+@contextmanager
+def _kept_process_state() -> Iterator[None]:
+    """Undo what torch's launcher leaves behind in the calling process: its signal handlers (which turn a
+    later Ctrl-C into its own exception) and the environment variables it sets."""
+    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {name: signal.getsignal(getattr(signal, name)) for name in names} if main else {}
+    environment = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name, handler in handlers.items():
+            if handler is not None:
+                signal.signal(getattr(signal, name), handler)
+        for key in set(os.environ) - set(environment):
+            del os.environ[key]
+        os.environ.update(environment)
 
 
 def _main_result(level: int, function: Callable[..., Any], *args: Any) -> Any:
