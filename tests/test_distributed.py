@@ -4,8 +4,11 @@ global batches, and a killed distributed run resumes from its checkpoint."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -103,6 +106,29 @@ def test_killed_distributed_run_resumes_from_its_checkpoint(films, two_processes
     assert resumed_last["step_losses"] == straight_last["step_losses"]
     for key, value in straight_last["model"].items():
         assert torch.equal(value, resumed_last["model"][key]), key
+
+
+def test_torchrun_trains_the_sagemaker_entry_point_in_two_processes(films, tmp_path):
+    """As SageMaker runs it with instance_count > 1: torchrun starts every process; rank 0 alone prints the
+    epoch lines and writes the model."""
+    cache, train_rows, val_rows = films
+    (tmp_path / "split.json").write_text(json.dumps({"train": train_rows.tolist(), "val": val_rows.tolist()}))
+    env = {
+        **os.environ,
+        "SM_CHANNEL_TRAINING": str(cache.directory),
+        "SM_CHANNEL_SPLIT": str(tmp_path),
+        "SM_MODEL_DIR": str(tmp_path / "model"),
+        "CXR_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+        "SM_HPS": json.dumps({**SETTINGS, "epochs": 1}),
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "cxr.train"]  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("epoch 0: loss") == 1 and run.stdout.count("best_val_auroc=") == 1, run.stdout
+    summary = json.loads((tmp_path / "model" / "history.json").read_text())
+    assert summary["device"] == "cpu × 2" and len(summary["history"]) == 1
+    CXRNet(pretrained=False).load_state_dict(torch.load(tmp_path / "model" / "model.pt", weights_only=True))
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
