@@ -5,7 +5,7 @@ A run is launched either by `torchrun` (which sets RANK, WORLD_SIZE and LOCAL_RA
 rank 0's result. Inside each process `process_group` joins the group: NCCL on CUDA (one GPU a process),
 gloo on the CPU. Batch-norm statistics are taken over the global batch (`sync_batchnorm`): torch's
 `SyncBatchNorm` on CUDA; on the CPU, where torch's refuses CPU tensors, `CPUSyncBatchNorm` computes the
-same statistics with differentiable all-reduces.
+same statistics with differentiable all-reduces (in float64, as torch's CPU batch norm accumulates).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -57,19 +58,21 @@ def launched() -> bool:
 def launch(function: Callable[..., Any], processes: int, *args: Any) -> Any:
     """Run `function(*args)` in `processes` local processes, as `torchrun --standalone --nproc_per_node`
     would, and return rank 0's result. Arguments and the result travel pickled; a failing rank stops all."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=processes,
-        run_id=f"cxr-{uuid.uuid4().hex[:12]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",  # a free loopback port, like torchrun --standalone
-        max_restarts=0,
-    )
     level = logging.getLogger().getEffectiveLevel()  # the processes log as this one does
-    with _kept_process_state():
+    with _kept_process_state(), tempfile.TemporaryDirectory(prefix="cxr-launch-") as errors:
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=processes,
+            run_id=f"cxr-{uuid.uuid4().hex[:12]}",
+            rdzv_backend="c10d",
+            rdzv_endpoint="127.0.0.1:0",  # a free loopback port, like torchrun --standalone
+            max_restarts=0,
+            logs_specs=DefaultLogsSpecs(log_dir=errors),  # the ranks' error files, removed afterwards
+        )
         return elastic_launch(config, _main_result)(level, function, *args)[0]
 
 
