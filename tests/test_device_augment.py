@@ -9,16 +9,16 @@ from torch.utils.data import BatchSampler
 from cxr.data import device_augment
 from cxr.data.cache import PreprocessSettings, build_cache
 from cxr.data.catalog import load_catalog
-from cxr.data.device_augment import (
-    DeviceCache,
-    DeviceLoader,
+from cxr.data.device_augment import DeviceCache, DeviceLoader, grid_thetas, warp_batch
+from cxr.data.loader import (
+    Augmentation,
+    EpochSampler,
+    ShardDataset,
     WarpDraw,
     draw_warp,
-    grid_thetas,
-    warp_batch,
+    make_loader,
     warp_matrices,
 )
-from cxr.data.loader import Augmentation, EpochSampler, ShardDataset, make_loader
 
 CROP, SEED = 224, 5
 # Measured: OpenCV quantises sampling positions to 1/32 pixel, grid_sample does not; over 240 augmented

@@ -22,9 +22,8 @@ to 1/32 pixel): tests/test_device_augment.py bounds the difference.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,43 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler
 
 from cxr.data.cache import ShardCache
-from cxr.data.loader import Augmentation, EpochSampler, ShardDataset
-
-
-class WarpDraw(NamedTuple):
-    """One image's random augmentation, drawn exactly as `cxr.data.loader.augment` draws it."""
-
-    top: int
-    left: int
-    angle: float  # radians
-    scale: float
-    shift_x: float  # pixels
-    shift_y: float
-    flip: float  # -1.0 mirrors the image horizontally, 1.0 keeps it
-
-
-def draw_warp(size: int, crop: int, aug: Augmentation, rng: np.random.Generator) -> WarpDraw:
-    """The augmentation of one size×size image cropped to crop×crop: the CPU path's draws, in its order."""
-    top, left = rng.integers(0, size - crop + 1, size=2)
-    angle = math.radians(rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg))
-    scale = rng.uniform(*aug.scale)
-    shift = rng.uniform(-aug.max_shift, aug.max_shift, size=2) * crop
-    flip = -1.0 if aug.flip and rng.random() < 0.5 else 1.0
-    return WarpDraw(int(top), int(left), angle, float(scale), float(shift[0]), float(shift[1]), flip)
-
-
-def warp_matrices(draws: list[WarpDraw], crop: int) -> np.ndarray:
-    """float64 [B, 2, 3] mapping each output pixel (x, y) to its input pixel (cv2's WARP_INVERSE_MAP).
-
-    input = centre_in + R·S⁻¹·F·(output - centre_out), the same composition as `augment`.
-    """
-    top, left, angle, scale, shift_x, shift_y, flip = np.array(draws, dtype=np.float64).reshape(-1, 7).T
-    c, s = np.cos(angle) / scale, np.sin(angle) / scale
-    linear = np.stack([np.stack([c * flip, -s], -1), np.stack([s * flip, c], -1)], -2)  # [B, 2, 2]
-    half = (crop - 1) / 2
-    centre_in = np.stack([left + half + shift_x, top + half + shift_y], -1)
-    offset = centre_in - linear @ np.array([half, half])
-    return np.concatenate([linear, offset[:, :, None]], -1)
+from cxr.data.loader import EpochSampler, ShardDataset, draw_warp, warp_matrices
 
 
 def grid_thetas(matrices: np.ndarray, size: int, crop: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -88,20 +89,46 @@ def center_crop(image: np.ndarray, crop: int) -> np.ndarray:
     return np.ascontiguousarray(image[top : top + crop, left : left + crop])
 
 
-def augment(image: np.ndarray, crop: int, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
-    """Random crop + flip + rotation/scale/shift as one affine warp into a crop×crop output."""
-    size = image.shape[0]
+class WarpDraw(NamedTuple):
+    """One image's random augmentation: crop corner, rotation, scale, shift and horizontal flip."""
+
+    top: int
+    left: int
+    angle: float  # radians
+    scale: float
+    shift_x: float  # pixels
+    shift_y: float
+    flip: float  # -1.0 mirrors the image horizontally, 1.0 keeps it
+
+
+def draw_warp(size: int, crop: int, aug: Augmentation, rng: np.random.Generator) -> WarpDraw:
+    """The augmentation of one size×size image cropped to crop×crop, drawn from `rng` in a fixed order."""
     top, left = rng.integers(0, size - crop + 1, size=2)
     angle = math.radians(rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg))
     scale = rng.uniform(*aug.scale)
     shift = rng.uniform(-aug.max_shift, aug.max_shift, size=2) * crop
     flip = -1.0 if aug.flip and rng.random() < 0.5 else 1.0
-    # Output pixel p maps to input: center_in + R·S·F·(p - center_out) + offset, written as one 2×3 matrix.
-    c, s = math.cos(angle) / scale, math.sin(angle) / scale
-    linear = np.array([[c * flip, -s], [s * flip, c]])
-    center_out = np.array([(crop - 1) / 2, (crop - 1) / 2])
-    center_in = np.array([left + (crop - 1) / 2, top + (crop - 1) / 2]) + shift
-    matrix = np.hstack([linear, (center_in - linear @ center_out)[:, None]])
+    return WarpDraw(int(top), int(left), angle, float(scale), float(shift[0]), float(shift[1]), flip)
+
+
+def warp_matrices(draws: list[WarpDraw], crop: int) -> np.ndarray:
+    """float64 [B, 2, 3] mapping each output pixel (x, y) to its input pixel (cv2's WARP_INVERSE_MAP).
+
+    input = centre_in + R·S⁻¹·F·(output - centre_out): rotation, scale and flip about the crop's centre,
+    which sits at the crop corner plus half a crop, plus the shift.
+    """
+    top, left, angle, scale, shift_x, shift_y, flip = np.array(draws, dtype=np.float64).reshape(-1, 7).T
+    c, s = np.cos(angle) / scale, np.sin(angle) / scale
+    linear = np.stack([np.stack([c * flip, -s], -1), np.stack([s * flip, c], -1)], -2)  # [B, 2, 2]
+    half = (crop - 1) / 2
+    centre_in = np.stack([left + half + shift_x, top + half + shift_y], -1)
+    offset = centre_in - linear @ np.array([half, half])
+    return np.concatenate([linear, offset[:, :, None]], -1)
+
+
+def augment(image: np.ndarray, crop: int, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
+    """Random crop + flip + rotation/scale/shift as one affine warp into a crop×crop output."""
+    matrix = warp_matrices([draw_warp(image.shape[0], crop, aug, rng)], crop)[0]
     return cv2.warpAffine(
         np.asarray(image),
         matrix,
