@@ -33,7 +33,8 @@ from torch import nn
 from cxr import distributed
 from cxr.config import cxr_home
 from cxr.data.cache import ShardCache
-from cxr.data.loader import ShardDataset, make_loader
+from cxr.data.device_augment import DeviceCache, DeviceLoader, fits_on_device
+from cxr.data.loader import GlobalBatchSampler, ShardDataset, make_loader
 from cxr.model import CXRNet
 from cxr.progress import Progress
 from cxr.scoring import score_fast
@@ -65,6 +66,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     workers: int = 2
+    data_path: str = "auto"  # auto | loader | device: the CPU loader, or the cache resident on the device
     seed: int = 0
     gpus: int = 1  # data-parallel processes on this machine: one a GPU (without CUDA, CPU processes)
     sync_batchnorm: bool = True  # gpus > 1: batch-norm statistics of the global batch, as in one process
@@ -94,6 +96,7 @@ class TrainResult:
     device: str
     config: dict[str, Any] = field(default_factory=dict)
     val_probabilities: np.ndarray | None = None  # the best epoch's, row-aligned with the validation rows
+    data_path: str = "loader"  # the data path training used: loader | device
 
 
 def checkpoint_dir(flow_name: str, run_id: str, step: str = "train") -> Path:
@@ -283,16 +286,8 @@ def _train(
     torch.backends.cudnn.benchmark = device.type == "cuda"
     train_set = ShardDataset(cache, train_rows, crop=config.crop, train=True, seed=config.seed)
     val_set = ShardDataset(cache, val_rows, crop=config.crop, train=False)
-    loader = make_loader(
-        train_set,
-        config.batch_size,
-        shuffle=True,
-        workers=config.workers,
-        seed=config.seed,
-        pin_memory=device.type == "cuda",
-        rank=world.rank,
-        world_size=world.size,
-    )
+    loader, data_path = train_loader(train_set, val_rows, config, device, world)
+    log.info("training data path: %s", data_path)
     steps = min(len(loader), config.max_batches_per_epoch or len(loader))
     model = build_model(config, device)
     if world.size > 1 and config.sync_batchnorm:
@@ -349,7 +344,48 @@ def _train(
         str(device) if world.size == 1 else f"{device.type} × {world.size}",
         asdict(config),
         val_probabilities,
+        data_path,
     )
+
+
+def train_loader(
+    train_set: ShardDataset,
+    val_rows: np.ndarray,
+    config: TrainConfig,
+    device: torch.device,
+    world: distributed.World,
+) -> tuple[Any, str]:
+    """The training batches of this process and the data path that makes them, `loader` or `device`.
+
+    `device` (or `auto` where the train and validation rows take at most half the free memory of every
+    process's device, CUDA only) holds those rows on the device and augments there (`DeviceLoader`);
+    `loader` reads them through `make_loader`'s workers. Both yield this process's share of the same
+    global batches.
+    """
+    if config.data_path not in ("auto", "loader", "device"):
+        raise ValueError(f"unknown data_path {config.data_path!r}; use 'auto', 'loader' or 'device'")
+    rows = np.concatenate([train_set.rows, np.asarray(val_rows, dtype=np.int64)])
+    on_device = config.data_path == "device"
+    if config.data_path == "auto":  # every process takes the same path
+        short = torch.tensor([0 if fits_on_device(train_set.cache, rows, device) else 1], device=device)
+        on_device = int(distributed.all_reduce_sum(short).item()) == 0
+    if not on_device:
+        loader = make_loader(
+            train_set,
+            config.batch_size,
+            shuffle=True,
+            workers=config.workers,
+            seed=config.seed,
+            pin_memory=device.type == "cuda",
+            rank=world.rank,
+            world_size=world.size,
+        )
+        return loader, "loader"
+    batches = GlobalBatchSampler(
+        train_set, config.batch_size, shuffle=True, seed=config.seed, rank=world.rank, world_size=world.size
+    )
+    resident = DeviceCache(train_set.cache, rows, device)
+    return DeviceLoader(train_set, resident, batch_sampler=batches), "device"
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -546,6 +582,7 @@ def sagemaker_main() -> int:
         "best_val_auroc": result.best_val_auroc,
         "resumed_from_epoch": result.resumed_from_epoch,
         "device": result.device,
+        "data_path": result.data_path,
     }
     (model_dir / "history.json").write_text(json.dumps(summary, indent=1))
     print(f"best_val_auroc={result.best_val_auroc:.6f}")  # scraped by the training job's metric definitions

@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from cxr import train as train_module
+from cxr.data import device_augment
 from cxr.data.cache import PreprocessSettings, build_cache, cache_rows
 from cxr.data.catalog import load_catalog
-from cxr.data.loader import ShardDataset
+from cxr.data.loader import ShardDataset, draw_warp
 from cxr.data.split import patient_split
 from cxr.data.synthetic import make_demo_dataset
+from cxr.distributed import World
 from cxr.model import CXRNet
-from cxr.train import TrainConfig, predict, train
+from cxr.train import TrainConfig, load_checkpoint, predict, train, train_loader
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +116,79 @@ def test_sagemaker_entry_point(tiny, tmp_path):
     assert len(summary["history"]) == 1 and (tmp_path / "checkpoints" / "last.pt").is_file()
     state = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
     assert state["head.3.weight"].shape == (14, 512) and np.isfinite(summary["best_val_auroc"])
+
+
+@pytest.fixture(scope="module")
+def nih_cache(nih_root, tmp_path_factory):
+    """The real NIH films cached at the shipped 256² (crops of 224 train on them)."""
+    catalog, _ = load_catalog(nih_root)
+    root = tmp_path_factory.mktemp("nih_cache")
+    return build_cache(catalog, PreprocessSettings(size=256), root=root, workers=1, progress=False)
+
+
+NIH_TRAIN, NIH_VAL = np.arange(0, 48), np.arange(100, 116)
+NIH_CONFIG = dict(
+    epochs=1, batch_size=8, max_batches_per_epoch=4, crop=224, pretrained=False, workers=2, seed=3
+)
+# The two data paths' crops differ by at most one gray level in a few pixels (tests/test_device_augment.py).
+# Under SGD the four steps' losses then differ by at most 5e-6 relative (measured), and a mirrored warp
+# moves them by 2e-4 or more. AdamW's first steps scale each gradient by its own magnitude, so near-zero
+# gradients of either sign move a weight by a whole learning rate: there the paths drift apart by up to
+# 3e-3 within four steps, as much as a wrong warp does, and the comparison would tell nothing.
+STEP_LOSS_TOLERANCE = 5e-5
+
+
+def step_losses(cache, data_path, directory):
+    """The per-step losses of one short SGD run on the NIH rows, and the data path it used."""
+    config = TrainConfig(**NIH_CONFIG, optimizer="sgd", data_path=data_path)
+    result = train(cache, NIH_TRAIN, NIH_VAL, config, directory, progress=False)
+    return load_checkpoint(directory)["step_losses"][0], result.data_path
+
+
+def test_device_data_path_trains_as_the_loader(nih_cache, tmp_path, monkeypatch):
+    """On real NIH films at shipped sizes the device data path (here on the CPU) gives the loader path's
+    per-step losses; `auto` keeps the loader off CUDA."""
+    loader, used = step_losses(nih_cache, "loader", tmp_path / "loader")
+    assert used == "loader" and len(loader) == NIH_CONFIG["max_batches_per_epoch"]
+    device, used = step_losses(nih_cache, "device", tmp_path / "device")
+    assert used == "device" and device == pytest.approx(loader, rel=STEP_LOSS_TOLERANCE)
+    assert step_losses(nih_cache, "auto", tmp_path / "auto") == (loader, "loader")
+
+    def mirrored(*args):
+        draw = draw_warp(*args)
+        return draw._replace(flip=-draw.flip)
+
+    monkeypatch.setattr(device_augment, "draw_warp", mirrored)
+    wrong, _ = step_losses(nih_cache, "device", tmp_path / "wrong")
+    assert wrong != pytest.approx(loader, rel=STEP_LOSS_TOLERANCE)
+
+
+def test_device_data_path_shares_global_batches_by_rank(nih_cache):
+    """Each process's device batches are its share of the loader path's global batches, as DDP needs."""
+    seed = NIH_CONFIG["seed"]
+    loaders = {  # 48 images: five global batches of 9, one of 3
+        (path, rank): train_loader(
+            ShardDataset(nih_cache, NIH_TRAIN, crop=224, train=True, seed=seed),
+            NIH_VAL,
+            TrainConfig(**{**NIH_CONFIG, "batch_size": 9, "data_path": path}),
+            torch.device("cpu"),
+            World(rank, 2),
+        )
+        for path in ("loader", "device")
+        for rank in (0, 1)
+    }
+    assert {key: made for key, (_, made) in loaders.items()} == {key: key[0] for key in loaders}
+    for rank in (0, 1):
+        device, loader = loaders["device", rank][0], loaders["loader", rank][0]
+        assert device.batch_sampler.global_batch_sizes() == [9, 9, 9, 9, 9, 3]
+        batches = list(zip(device, loader, strict=True))
+        assert [len(images) for (images, _), _ in batches] == [5 - rank] * 5 + [2 - rank]
+        for (images, labels), (expected, expected_labels) in batches:
+            assert torch.equal(labels, expected_labels)
+            assert (images.float() - expected.float()).abs().max() <= 1
+
+
+def test_unknown_data_path_is_rejected(nih_cache):
+    dataset = ShardDataset(nih_cache, NIH_TRAIN, crop=224, train=True)
+    with pytest.raises(ValueError, match="unknown data_path 'gpu'"):
+        train_loader(dataset, NIH_VAL, TrainConfig(data_path="gpu"), torch.device("cpu"), World())
