@@ -114,6 +114,7 @@ def test_sagemaker_entry_point(tiny, tmp_path):
     assert "best_val_auroc=" in result.stdout
     summary = json.loads((tmp_path / "model" / "history.json").read_text())
     assert len(summary["history"]) == 1 and (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert summary["data_path"] == "loader"  # auto, without CUDA
     state = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
     assert state["head.3.weight"].shape == (14, 512) and np.isfinite(summary["best_val_auroc"])
 
