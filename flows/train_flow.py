@@ -245,6 +245,7 @@ class CXRTrainFlow(FlowSpec):
         self.val_probabilities = result.val_probabilities  # the best epoch's, reused by evaluate
         self.best_epoch, self.best_val_auroc = result.best_epoch, result.best_val_auroc
         self.resumed_from_epoch, self.train_device = result.resumed_from_epoch, result.device
+        self.train_data_path = result.data_path  # loader (CPU workers) or device (cache on the GPU)
         current.card.append(Markdown(f"## Training on {result.device}: best epoch {result.best_epoch}"))
         current.card.append(VegaChart(plots.training_curves(self.history)))
         current.card.append(Table.from_dataframe(pd.DataFrame(self.history).round(4)))

@@ -106,6 +106,7 @@ def test_whole_pipeline_on_demo_data(tmp_path):
                         r"[\d.]+ img/s, [\d.]+ s$", train_log, re.MULTILINE)  # fmt: skip
     assert epochs == ["0", "1"]
     history = run["train"].task["history"].data
+    assert run["train"].task["train_data_path"].data == "loader"  # auto, without CUDA
     assert all(h["val_loss"] > 0 and h["seconds"] > 0 for h in history)
     cache = ShardCache(end["data_cache"].data["local_dir"])
     assert (
