@@ -71,12 +71,11 @@ class OpenVinoPredictor:
 
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         request, outputs = self._free.get()
-        try:
-            result = request.infer({"images": np.ascontiguousarray(batch)})
-            probs, embedding = (np.array(result[output]) for output in outputs)  # copies: the request's
-        finally:  # buffers hold its next batch
+        try:  # outputs copied out of the request, whose buffers hold its next batch
+            result = request.infer({"images": batch}, share_outputs=False)
+        finally:
             self._free.put((request, outputs))
-        return probs, embedding
+        return result[outputs[0]], result[outputs[1]]
 
 
 def quantize_int8(onnx_path: str | Path, calibration: Sequence[np.ndarray], out_path: str | Path) -> Path:
