@@ -291,3 +291,10 @@ def test_the_worklist_puts_the_most_uncertain_first(app_url):
     assert [c["inference_id"] for c in store.worklist(uncertain_first=True)] == ["unsure", "middling", "calm"]
     store.reviews.save("unsure", dict.fromkeys(FINDINGS, 0), "rita")
     assert [c["inference_id"] for c in store.worklist(uncertain_first=True)] == ["middling", "calm"]
+
+
+def test_passwords_shorter_than_12_characters_are_refused(app_url):
+    _, app, _ = app_url
+    with pytest.raises(ValueError, match="at least 12"):
+        add_user(app.extensions["cxr_store"], "sam", "eleven-char", "viewer")
+    assert app.extensions["cxr_store"].user("sam") is None
