@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -205,3 +206,14 @@ def answered(response: tuple) -> np.ndarray:
     answer = json.loads(body)
     assert status == 200 and answer["model"]["backend"] == AUTO_ORDER[0], answer
     return np.array([answer["predictions"][0]["probabilities"][f] for f in FINDINGS])
+
+
+def test_quantiser_imports_beside_metaflows_vendored_typing_extensions():
+    """A flow has loaded both typing_extensions, Metaflow's after the real one (Netflix/metaflow#2462)."""
+    script = (
+        "import typing_extensions, metaflow._vendor.typing_extensions\n"
+        "from cxr.serve.openvino_backend import _import_nncf\n"
+        "print(_import_nncf().Dataset.__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "Dataset", done.stderr[-2000:]

@@ -81,8 +81,9 @@ class OpenVinoPredictor:
 def quantize_int8(onnx_path: str | Path, calibration: Sequence[np.ndarray], out_path: str | Path) -> Path:
     """NNCF post-training quantisation of the ONNX serving graph, calibrated on uint8 [1, crop, crop]
     images; written as an OpenVINO IR at `out_path` (.xml, weights in the .bin beside it)."""
-    import nncf
     import openvino as ov
+
+    nncf = _import_nncf()
 
     _no_telemetry()
     model = ov.Core().read_model(str(onnx_path))
@@ -90,6 +91,24 @@ def quantize_int8(onnx_path: str | Path, calibration: Sequence[np.ndarray], out_
     quantized = nncf.quantize(model, dataset, subset_size=len(calibration))
     ov.save_model(quantized, str(out_path), compress_to_fp16=False)
     return Path(out_path)
+
+
+def _import_nncf() -> Any:
+    """nncf, imported under typing_extensions' own parameter check. Metaflow vendors an older
+    typing_extensions that, imported after the real one, installs a check blind to the real one's
+    defaults, and nncf's generics then fail to define (Netflix/metaflow#2462): a flow's register step
+    has both loaded."""
+    import typing
+
+    import typing_extensions
+
+    installed = typing._collect_parameters  # type: ignore[attr-defined]
+    typing._collect_parameters = getattr(typing_extensions, "_collect_parameters", installed)  # type: ignore[attr-defined]
+    try:
+        import nncf
+    finally:
+        typing._collect_parameters = installed  # type: ignore[attr-defined]
+    return nncf
 
 
 def _no_telemetry() -> None:
