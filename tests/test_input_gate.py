@@ -68,16 +68,29 @@ def test_gate_separates_foreign_images_from_real_films(real):
         "corner_crop",
     } <= set(corpus)
     held_out = real["gate"].score(real["embedded"]["test"], real["crops"]["test"])
-    report = gate_report(held_out, {g: gate_scores(real["gate"], real["predictor"], METADATA, images)
-                                    for g, images in corpus.items()})  # fmt: skip
+    scores = {
+        g: gate_scores(real["gate"], real["predictor"], METADATA, images) for g, images in corpus.items()
+    }
+    report = gate_report(held_out, scores)
     print(json.dumps(report, indent=1))
     assert report["auroc"] >= 0.95, report  # the target, over every group pooled
     alone = detector_aurocs(real, corpus)
     print(alone)
     assert alone["appearance"] >= 0.95 and alone["appearance"] > alone["embedding"], alone
-    assert all(g["auroc"] >= 0.9 for g in report["groups"].values()), report["groups"]
-    # thresholds refuse 1% of held-out films by construction; 25 unseen films can show at most 2 refused
-    assert report["real_refused"] <= 2 / 25, report
+    judged = gate_report(held_out, pool_small_groups(scores))["groups"]
+    print(judged)
+    assert all(g["auroc"] >= 0.9 for g in judged.values()), judged
+    # Each detector's threshold is about the largest of 25 held-out films, so a fresh film passes one with
+    # chance ~25/26: 25 unseen films show Binomial(25, 2/26) refusals, 6 at its 99th percentile. The
+    # refusal rate itself is judged at scale by the next test.
+    assert report["real_refused"] <= 6 / 25, report
+
+
+def pool_small_groups(scores: dict[str, np.ndarray], smallest: int = 5) -> dict[str, np.ndarray]:
+    """Groups of fewer than `smallest` images pooled as one: an AUROC over one or two images is noise."""
+    pooled = {g: s for g, s in scores.items() if len(s) >= smallest}
+    small = [s for g, s in scores.items() if len(s) < smallest]
+    return pooled | ({"small_groups": np.concatenate(small)} if small else {})
 
 
 def detector_aurocs(real, corpus) -> dict[str, float]:
