@@ -20,7 +20,9 @@ INSTALL_REQUIRES = [
     "pyyaml>=6",  # config/ files
     "boto3>=1.34",  # s3:// image sources and cache stores
     "onnx==1.23.2",  # exporting the serving graph at package time
-    "onnxruntime==1.32.0",  # verifying the export; the fast CPU serving backend
+    "onnxruntime==1.32.0",  # verifying the export; a CPU serving backend
+    "openvino==2026.4.1",  # the fastest CPU serving backends (FP32, BF16, INT8), verified at registration
+    "nncf==3.4.0",  # OpenVINO's post-training INT8 quantiser, calibrated on training images
     "threadpoolctl>=3",  # one BLAS thread for the operating points' bootstrap products
     "pydicom==3.0.2",  # DICOM requests; its bundled CT/MR files in the input gate's evaluation corpus
     "scikit-image==0.26.0",  # its bundled photographs in the input gate's evaluation corpus

@@ -45,9 +45,10 @@ from cxr.data.catalog import load_catalog
 from cxr.inference import prepare
 from cxr.model import CXRNet
 from cxr.package import build_package, export_and_verify, unpack
+from cxr.serve.backends import AUTO_ORDER, SOURCES
 from cxr.serve.decoder import decode_one
 from cxr.serve.openvino_backend import OpenVinoPredictor, cpu_supports
-from cxr.serve.predictor import AUTO_ORDER, SOURCES, onnx_session
+from cxr.serve.predictor import onnx_session
 
 CLIENTS = 10
 BACKENDS = ("onnx", "openvino-fp32", "openvino-bf16", "openvino-int8")

@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 from cxr.config import DEFAULT_CONFIG, cxr_home
+from cxr.serve.backends import BACKENDS
 from cxr.serve.limits import add_limit_arguments, limits_from_args
+
+BACKEND_HELP = "inference backend; auto: the fastest the package verified and this CPU runs"
 
 DEFAULT_DEPLOY = DEFAULT_CONFIG.parent / "deploy.yaml"
 
@@ -378,13 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("CXR_ENDPOINT_NAME", "cxr-endpoint"),
         help="endpoint name in the capture layout (default: $CXR_ENDPOINT_NAME)",
     )
-    srv.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto", help="inference backend")
+    srv.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     srv.add_argument("--max-batch", type=int, default=16, help="largest dynamic batch")
     srv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
     srv.add_argument(
-        "--threads", type=int, default=None, help="intra-op threads per ONNX session (default: all cores)"
+        "--threads",
+        type=int,
+        default=None,
+        help="threads per ONNX Runtime session or OpenVINO request (default: all cores)",
     )
-    srv.add_argument("--sessions", type=int, default=2, help="ONNX Runtime sessions scoring batches at once")
+    srv.add_argument(
+        "--sessions", type=int, default=2, help="ONNX Runtime sessions or OpenVINO requests scoring at once"
+    )
     srv.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted")
     srv.add_argument(
         "--input-gate", choices=["refuse", "flag"], default="refuse",
@@ -451,9 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("file", help="image file")
     pred.add_argument("--model", default=None, help="package; default: registry production")
     _registry_options(pred)
-    pred.add_argument(
-        "--backend", choices=["auto", "onnx", "torch"], default="auto", help="inference backend"
-    )
+    pred.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     pred.add_argument("--content-type", default=None, help="override the type guessed from the file name")
     pred.add_argument("--heatmap", default=None, help="write a Grad-CAM overlay PNG here")
     pred.add_argument("--finding", default=None, help="finding to explain (default: the most likely)")

@@ -348,7 +348,8 @@ class CXRTrainFlow(FlowSpec):
     @step
     def register(self):
         """Compare with production on this run's test images that production never trained on, package
-        (verified ONNX export), register (gated) with the images this version was fitted to and tested on."""
+        (ONNX and OpenVINO exports verified, INT8 calibrated on training images), register (gated) with
+        the images this version was fitted to and tested on."""
 
         rules = self.config["registry"]
         registry = open_configured_registry(rules, self.config["data"])
@@ -386,12 +387,15 @@ class CXRTrainFlow(FlowSpec):
             files[SPLIT_FILE] = split_record(cache.meta["image_id"], self.cache_rows)  # for later gates
             gate_file = {GATE_FILE: self.input_gate.save(Path(work) / GATE_FILE)}  # shipped in the package
             release = release_model(registry, self.model_state, settings, self.metrics, lineage, decision,
-                                    cache, test_rows, status, files, gate_file)  # fmt: skip
-        self.onnx_check = release.onnx_check
+                                    cache, test_rows, status, files, gate_file,
+                                    calibration_rows=self.cache_rows["train"])  # fmt: skip
+        self.onnx_check, self.openvino_checks = release.onnx_check, release.openvino_checks
         self.model_version, self.model_status = release.version.version, release.version.status
         self.model_group, self.model_package = registry.group, str(release.version.package)
         print(f"model version {self.model_version}: {self.model_status} ({decision.text()})")
         print(f"ONNX export: {self.onnx_check}")
+        for precision, check in self.openvino_checks.items():
+            print(f"OpenVINO {precision}: {check}")
         self.next(self.deploy)
 
     @step

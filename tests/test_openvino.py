@@ -34,8 +34,9 @@ from cxr.registry import Registry
 from cxr.release import release_model
 from cxr.scoring import NetPredictor, Scores, score
 from cxr.serve import predictor as serving
+from cxr.serve.backends import AUTO_ORDER
 from cxr.serve.openvino_backend import OpenVinoPredictor
-from cxr.serve.predictor import AUTO_ORDER, load_predictor
+from cxr.serve.predictor import load_predictor
 
 from .conftest import free_port
 from .serving_support import CROP, IMAGE_SIZE, LiveServer

@@ -137,6 +137,10 @@ def test_whole_pipeline_on_demo_data(tmp_path):
     version = Registry(group="demo").get(end["model_version"].data)
     assert version.status == "production" and Path(end["model_package"].data) == version.package
     assert version.lineage["data cache key"] == cache.key and "Mean AUROC" in version.card.read_text()
+    openvino = run["register"].task["openvino_checks"].data  # INT8 calibrated on the training images
+    assert {"fp32", "int8"} <= set(openvino) and openvino["int8"]["calibration_images"] == len(
+        end["cache_rows"].data["train"]
+    )
     summary = metrics["calibration"]  # fitted on validation, shipped, reported before/after in the card
     assert set(summary["per_finding"]) == set(FINDINGS) and summary["ece_after"] >= 0
     with tarfile.open(version.package) as tar:
