@@ -3,7 +3,7 @@
 P3: single-image request latency (p50/p99) of the server with each CPU backend (ONNX Runtime, OpenVINO
     FP32, BF16 and INT8), all as shipped (dynamic batching on), vs the same server with the eager PyTorch
     handler (no batching); requests interleaved one at a time over all servers. The backend `auto` adopts
-    (the first of `AUTO_ORDER`) is measured once more without the batching wait (`--max-wait-ms 0`).
+    is the first of `AUTO_ORDER` here.
 P4: throughput with 10 concurrent clients against the adopted backend's server vs the in-process bound:
     the best pipeline this machine runs without HTTP, decoding and inference overlapped on the same cores
     (a pool of PNG-decode threads feeding batched sessions of that backend; the fastest of a grid of decode
@@ -314,7 +314,6 @@ def main() -> None:
             )
         }
         servers.update({b: start_server(package) for b, package in packages.items()})
-        servers[f"{adopted}, no batching wait"] = start_server(packages[adopted], "--max-wait-ms", "0")
         try:
             for _, url in servers.values():
                 for body in bodies[:10]:

@@ -59,3 +59,31 @@ def test_a_failed_batch_fails_its_images_only():
     failed = [r for r in results if isinstance(r, RuntimeError)]
     assert 1 <= len(failed) <= 4
     assert all(int(r.probabilities[0]) == i for i, r in enumerate(results) if not isinstance(r, Exception))
+
+
+def test_a_lone_request_is_scored_at_once_not_after_the_wait():
+    async def lone() -> list:
+        batcher = DynamicBatcher(SlowPredictor(1), max_batch=4, max_wait_ms=600_000)  # a ten-minute wait
+        batcher.start()
+        image = np.zeros((1, 8, 8), dtype=np.uint8)
+        results = [await asyncio.wait_for(batcher.submit(image), 30) for _ in range(2)]
+        await batcher.stop()
+        return results
+
+    assert [r.batch_size for r in asyncio.run(lone())] == [1, 1]
+
+
+def test_requests_arriving_while_a_batch_runs_are_scored_together():
+    async def behind_a_busy_session() -> list:
+        batcher = DynamicBatcher(SlowPredictor(1), max_batch=4, max_wait_ms=600_000)
+        batcher.start()
+        images = [np.full((1, 8, 8), i, dtype=np.uint8) for i in range(4)]
+        first = asyncio.ensure_future(batcher.submit(images[0]))
+        await asyncio.sleep(0.01)  # the first is being scored (50 ms): the others queue behind it
+        rest = await asyncio.wait_for(asyncio.gather(*(batcher.submit(i) for i in images[1:])), 30)
+        await batcher.stop()
+        return [await first, *rest]
+
+    results = asyncio.run(behind_a_busy_session())
+    assert [r.batch_size for r in results] == [1, 3, 3, 3]
+    assert [int(r.probabilities[0]) for r in results] == [0, 1, 2, 3]

@@ -1,9 +1,9 @@
 """Dynamic batching: concurrent requests are scored together, with a bounded wait and a bounded batch.
 
-Each submitted image waits at most `max_wait_ms` for company; a batch never exceeds `max_batch`. As
-many batches are scored at once as the predictor has sessions (`concurrency`), each in its own worker
-thread; while they run the next batch fills up — under load batches grow on their own, alone a request
-waits ~0 ms.
+A batch never exceeds `max_batch`. As many batches are scored at once as the predictor has sessions
+(`concurrency`), each in its own worker thread. While none is running a request is scored at once, with
+whatever else is queued; while one runs, the next batch waits at most `max_wait_ms` for company. Under
+load batches grow on their own; alone a request never waits.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="model")
         self._slots = asyncio.Semaphore(self.concurrency)  # bound to the running loop on first use
         self._running: set[asyncio.Task] = set()
+        self._scoring = 0  # batches dispatched and not yet scored
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -73,7 +74,7 @@ class DynamicBatcher:
         while True:
             await self._slots.acquire()  # a session is free: gather the next batch for it
             items = [await self._queue.get()]
-            deadline = time.monotonic() + self.max_wait
+            deadline = time.monotonic() + (self.max_wait if self._scoring else 0.0)  # idle: no waiting
             while len(items) < self.max_batch:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -84,6 +85,7 @@ class DynamicBatcher:
                     items.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except TimeoutError:
                     break
+            self._scoring += 1
             task = asyncio.get_running_loop().create_task(self._score(items))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -101,6 +103,7 @@ class DynamicBatcher:
                     future.set_exception(error)
             return
         finally:
+            self._scoring -= 1
             self._slots.release()
         for index, (_, future) in enumerate(items):
             if not future.done():
