@@ -2,7 +2,11 @@
 
 A run is launched either by `torchrun` (which sets RANK, WORLD_SIZE and LOCAL_RANK in each process) or by
 `launch`, which starts N local processes the same way through torch's elastic launcher and hands back
-rank 0's result. Inside each process `process_group` joins the group: NCCL on CUDA (one GPU a process),
+rank 0's result. Across machines each one calls `launch` with its place among them (`Nodes`), read from
+what the scheduler set: Metaflow's `@parallel` (locally and on AWS Batch multi-node) or SageMaker
+(`instance_count` > 1); the nodes meet at the first one's address (torchrun's static rendezvous).
+
+Inside each process `process_group` joins the group: NCCL on CUDA (one GPU a process),
 gloo on the CPU. Batch-norm statistics are taken over the global batch (`sync_batchnorm`): torch's
 `SyncBatchNorm` on CUDA; on the CPU, where torch's refuses CPU tensors, `CPUSyncBatchNorm` computes the
 same statistics with differentiable all-reduces (in float64, as torch's CPU batch norm accumulates).
@@ -10,6 +14,7 @@ same statistics with differentiable all-reduces (in float64, as torch's CPU batc
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -28,6 +33,33 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 TIMEOUT = timedelta(minutes=30)  # the other ranks wait this long for rank 0's validation and checkpoint
+MAIN_PORT = 29500  # torchrun's default; MASTER_PORT overrides it
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """The machines of a run and this one's place among them; they meet at `main_address:port`."""
+
+    count: int = 1
+    rank: int = 0
+    main_address: str = "127.0.0.1"
+    port: int = MAIN_PORT
+
+
+def nodes_from_environment(env: dict[str, str] | None = None) -> Nodes:
+    """The nodes the scheduler describes: Metaflow's `@parallel` (MF_PARALLEL_NUM_NODES, _NODE_INDEX,
+    _MAIN_IP; Metaflow sets them on AWS Batch multi-node too), SageMaker (SM_HOSTS, SM_CURRENT_HOST; the
+    first host is the main one), else this machine alone. MASTER_ADDR and MASTER_PORT override the main
+    node's address and port, as for torchrun."""
+    env = dict(os.environ) if env is None else env
+    if "MF_PARALLEL_NUM_NODES" in env:
+        count, rank = int(env["MF_PARALLEL_NUM_NODES"]), int(env.get("MF_PARALLEL_NODE_INDEX", 0))
+        address = env.get("MF_PARALLEL_MAIN_IP", "127.0.0.1")
+    elif len(hosts := json.loads(env.get("SM_HOSTS", "[]"))) > 1:
+        count, rank, address = len(hosts), hosts.index(env["SM_CURRENT_HOST"]), hosts[0]
+    else:
+        return Nodes()
+    return Nodes(count, rank, env.get("MASTER_ADDR", address), int(env.get("MASTER_PORT", MAIN_PORT)))
 
 
 @dataclass(frozen=True)
@@ -55,25 +87,31 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def launch(function: Callable[..., Any], processes: int, *args: Any) -> Any:
-    """Run `function(*args)` in `processes` local processes, as `torchrun --standalone --nproc_per_node`
-    would, and return rank 0's result. Arguments and the result travel pickled; a failing rank stops all."""
+def launch(function: Callable[..., Any], processes: int, *args: Any, nodes: Nodes | None = None) -> Any:
+    """Run `function(*args)` in `processes` local processes, as `torchrun --nproc_per_node` would, and
+    return rank 0's result (None on the other nodes). Alone (`nodes` None or one) the processes meet on a
+    free loopback port, as with `torchrun --standalone`; across `nodes` at the main node's address.
+    Arguments and the result travel pickled; a failing rank stops all."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    nodes = nodes or Nodes()
+    alone = nodes.count == 1
     level = logging.getLogger().getEffectiveLevel()  # the processes log as this one does
     with _kept_process_state(), tempfile.TemporaryDirectory(prefix="cxr-launch-") as errors:
         config = LaunchConfig(
-            min_nodes=1,
-            max_nodes=1,
+            min_nodes=nodes.count,
+            max_nodes=nodes.count,
             nproc_per_node=processes,
-            run_id=f"cxr-{uuid.uuid4().hex[:12]}",
-            rdzv_backend="c10d",
-            rdzv_endpoint="127.0.0.1:0",  # a free loopback port, like torchrun --standalone
+            run_id=f"cxr-{uuid.uuid4().hex[:12]}" if alone else "cxr",
+            rdzv_backend="c10d" if alone else "static",
+            rdzv_endpoint="127.0.0.1:0" if alone else f"{nodes.main_address}:{nodes.port}",
+            rdzv_configs={} if alone else {"rank": nodes.rank},
             max_restarts=0,
             logs_specs=DefaultLogsSpecs(log_dir=errors),  # the ranks' error files, removed afterwards
         )
-        return elastic_launch(config, _main_result)(level, function, *args)[0]
+        results = elastic_launch(config, _main_result)(level, function, *args)  # by global rank, this node's
+        return results.get(0)
 
 
 @contextmanager

@@ -226,12 +226,15 @@ def train(
     """Train on cache rows `train_rows`, select on val mean AUROC; checkpoint every epoch and resume.
 
     With `config.gpus` > 1 it runs itself in that many local processes (`cxr.distributed.launch`) and
-    returns rank 0's result; started by torchrun, each process trains on its share of every global batch.
+    returns rank 0's result; on one of several nodes (Metaflow's `@parallel`, SageMaker `instance_count`
+    > 1) it does so on every node, and the other nodes return None. Started by torchrun, each process
+    trains on its share of every global batch.
     """
-    if config.gpus > 1 and not distributed.launched():
-        _check_processes(config, device)
+    nodes = distributed.nodes_from_environment()
+    if (config.gpus > 1 or nodes.count > 1) and not distributed.launched():
+        _check_processes(config, device, nodes)
         arguments = (cache, train_rows, val_rows, config, checkpoint_dir, progress, device, on_checkpoint)
-        return distributed.launch(train, config.gpus, *arguments)
+        return distributed.launch(train, config.gpus, *arguments, nodes=nodes)
     world = distributed.current_world()
     device = device or (distributed.device_for(world) if world.size > 1 else pick_device())
     with distributed.process_group(world, device):
@@ -241,12 +244,15 @@ def train(
         )  # fmt: skip
 
 
-def _check_processes(config: TrainConfig, device: torch.device | None) -> None:
+def _check_processes(config: TrainConfig, device: torch.device | None, nodes: distributed.Nodes) -> None:
     on_cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
     if on_cuda and torch.cuda.device_count() < config.gpus:
         raise ValueError(f"train.gpus is {config.gpus} but {torch.cuda.device_count()} GPUs are visible")
-    if config.batch_size < config.gpus:
-        raise ValueError(f"train.batch_size ({config.batch_size}, global) is smaller than train.gpus")
+    if config.batch_size < config.gpus * nodes.count:
+        raise ValueError(
+            f"train.batch_size ({config.batch_size}, global) is smaller than the {config.gpus * nodes.count}"
+            " training processes (train.gpus on each node)"
+        )
 
 
 @dataclass
@@ -564,7 +570,7 @@ def sagemaker_main() -> int:
     hyper = {k: _parse_hp(v) for k, v in json.loads(os.environ.get("SM_HPS", "{}")).items()}
     split_dir = Path(os.environ.get("SM_CHANNEL_SPLIT", channel))
     split = json.loads((split_dir / "split.json").read_text())
-    result = train(
+    result: TrainResult | None = train(
         ShardCache(channel),
         np.asarray(split["train"]),
         np.asarray(split["val"]),
@@ -572,8 +578,8 @@ def sagemaker_main() -> int:
         checkpoints,
         progress=False,
     )
-    if not distributed.current_world().main:
-        return 0  # under torchrun (instance_count > 1) rank 0 writes the model
+    if result is None or not distributed.current_world().main:
+        return 0  # rank 0 alone (on the first host) writes the model
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(result.best_state, model_dir / "model.pt")
     summary = {

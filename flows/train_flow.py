@@ -213,6 +213,10 @@ class CXRTrainFlow(FlowSpec):
     @step
     def join_preprocess(self, inputs):
         """Finalize the cache (table, labels, manifest over all shards) and record where it lives."""
+        self._finish_cache(inputs)
+        self.next(self.train)
+
+    def _finish_cache(self, inputs):
         self.merge_artifacts(inputs, exclude=["shard_results"])
         plan = self.cache_plan
         if not self.cache_complete:
@@ -225,7 +229,6 @@ class CXRTrainFlow(FlowSpec):
             "local_dir": str(plan.directory),
             "uri": self.cache_uri,
         }
-        self.next(self.train)
 
     @card(type="blank")
     @resources(gpu=1, cpu=8, memory=32000)
@@ -234,6 +237,12 @@ class CXRTrainFlow(FlowSpec):
     def train(self):
         """Train the classifier here (or on Batch) or as a SageMaker managed spot job; both checkpoint every
         epoch to S3 when it is configured, so a killed step, job or spot instance resumes, not restarts."""
+        self._train_and_record()
+        self.next(self.evaluate)
+
+    def _train_and_record(self):
+        """Train (here or on SageMaker) and keep the model, its history and its card; on a node other than
+        the first of a multi-node run, nothing (the first node's process rank 0 has the model)."""
         cache = cache_store.open_cache(self.data_cache["local_dir"], self.data_cache["uri"])
         self.cache_rows = cache_rows(cache, self.catalog.meta["image_id"], self.split_rows)
         run = current.origin_run_id or current.run_id
@@ -241,6 +250,8 @@ class CXRTrainFlow(FlowSpec):
             result = self._train_on_sagemaker(run)
         else:
             result = self._train_here(cache, run)
+        if result is None:
+            return
         self.model_state, self.history = result.best_state, result.history
         self.val_probabilities = result.val_probabilities  # the best epoch's, reused by evaluate
         self.best_epoch, self.best_val_auroc = result.best_epoch, result.best_val_auroc
@@ -249,7 +260,6 @@ class CXRTrainFlow(FlowSpec):
         current.card.append(Markdown(f"## Training on {result.device}: best epoch {result.best_epoch}"))
         current.card.append(VegaChart(plots.training_curves(self.history)))
         current.card.append(Table.from_dataframe(pd.DataFrame(self.history).round(4)))
-        self.next(self.evaluate)
 
     def _train_here(self, cache, run):
         settings = TrainConfig.from_dict(self.config["train"])

@@ -129,6 +129,34 @@ def test_container_contract_resumes_after_spot_interruption(staged, s3, tmp_path
     assert metrics["train:loss"] == pytest.approx(model["history"][-1]["train_loss"], abs=1e-4)
 
 
+@pytest.mark.slow
+def test_two_instances_train_the_same_model_as_one(staged, s3, tmp_path):
+    """instance_count 2: each host launches its share of the processes, they meet at algo-1, and the
+    global batches, hence the losses, are those of one instance."""
+    _, prefix, _, request_for = staged
+
+    def request(name: str, instances: int) -> dict:
+        built = request_for(f"{prefix}-{name}")
+        # SGD without dropout, to compare step by step; 17 divides the 51 training images: a last batch of
+        # 3 split 2/1 at these 32-px crops normalises 1x1 maps over 3 values, where float64 (global) and
+        # float32 (one process) statistics part by 2e-3
+        comparable = {"dropout": 0.0, "optimizer": "sgd", "batch_size": 17}
+        built["HyperParameters"].update({k: json.dumps(v) for k, v in comparable.items()})
+        built["ResourceConfig"]["InstanceCount"] = instances
+        built["CheckpointConfig"]["S3Uri"] += f"{name}/"  # each job its own checkpoints
+        return built
+
+    one = tj.fetch_model(LocalTrainingJob(request("one", 1), tmp_path / "one").run())
+    job = LocalTrainingJob(request("two", 2), tmp_path / "two")
+    two = tj.fetch_model(job.run())
+    assert two["device"] == "cpu × 2" and [h["epoch"] for h in two["history"]] == list(range(HYPER["epochs"]))
+    losses = [(h["train_loss"], g["train_loss"]) for h, g in zip(one["history"], two["history"], strict=True)]
+    assert all(abs(a - b) < 1e-4 for a, b in losses), losses
+    second = job.folders("algo-2")
+    assert "epoch 0: loss" in job.log_path.read_text() and "epoch 0: loss" not in second["log"].read_text()
+    assert not any(second["model"].iterdir())  # the model comes from algo-1 alone
+
+
 def _description(status, secondary, **extra):
     now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     return {

@@ -30,6 +30,12 @@ DEFAULT_IMAGE = (
     "763104351884.dkr.ecr.{region}.amazonaws.com/pytorch-training:2.5.1-gpu-py311-cu124-ubuntu22.04-sagemaker"
 )
 ENTRY_POINT = "train_entry.py"
+# The main guard keeps the processes a multi-GPU or multi-host run spawns from running it again.
+ENTRY_SCRIPT = """from cxr.train import sagemaker_main
+
+if __name__ == "__main__":
+    raise SystemExit(sagemaker_main())
+"""
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 ACTIVE, DONE, FAILED = ("InProgress", "Stopping"), ("Completed",), ("Failed", "Stopped")
 # The trainer logs "epoch 3: loss 0.1612, val mean AUROC 0.8123, 410.2 img/s" and "best_val_auroc=0.8123".
@@ -95,8 +101,7 @@ def source_archive() -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         add_library(tar, "cxr")
-        entry = b"from cxr.train import sagemaker_main\n\nraise SystemExit(sagemaker_main())\n"
-        add_bytes(tar, ENTRY_POINT, entry)
+        add_bytes(tar, ENTRY_POINT, ENTRY_SCRIPT.encode())
         add_bytes(tar, "requirements.txt", REQUIREMENTS.encode())
     return gzip.compress(buffer.getvalue(), compresslevel=6, mtime=0)  # same source, same bytes and digest
 
