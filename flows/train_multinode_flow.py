@@ -15,6 +15,7 @@ class CXRTrainMultiNodeFlow(CXRTrainFlow):
     """NIH ChestX-ray14 → classifier, trained on `nodes` machines.
 
     The stages of CXRTrainFlow, except:
+    5a. launch_train: start the train step on `nodes` machines.
     5. train (on every node): each node starts `train.gpus` processes and they train one model with
        DistributedDataParallel, meeting at the first node's address; checkpoints and resume as before.
     5b. join_train: the first node's model, history and card go on to evaluate.
@@ -27,8 +28,15 @@ class CXRTrainMultiNodeFlow(CXRTrainFlow):
 
     @step
     def join_preprocess(self, inputs):
-        """Finalize the cache and record where it lives; start the train step on every node."""
+        """Finalize the cache (table, labels, manifest over all shards) and record where it lives."""
         self._finish_cache(inputs)
+        self.next(self.launch_train)
+
+    @step
+    def launch_train(self):
+        """Start the train step on `nodes` machines."""
+        if self.nodes < 1:
+            raise ValueError(f"--nodes must be at least 1, not {self.nodes}")
         self.next(self.train, num_parallel=self.nodes)
 
     @card(type="blank")

@@ -28,7 +28,7 @@ def test_two_nodes_train_the_model_one_process_trains(tmp_path):
     assert first["train_device"].data == "cpu × 2" and "history" not in second  # the model comes from one
     assert "epoch 1: loss" in first.stdout and "epoch 1: loss" not in second.stdout
     (content,) = card_contents(first)
-    assert "## Training on cpu × 2" in content
+    assert "## Training on cpu \\u00d7 2" in content  # the card's JSON escapes the ×
 
     joined = run["join_train"].task
     assert (
