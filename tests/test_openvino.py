@@ -34,7 +34,7 @@ from cxr.registry import Registry
 from cxr.release import release_model
 from cxr.scoring import NetPredictor, Scores, score
 from cxr.serve import predictor as serving
-from cxr.serve.backends import AUTO_ORDER
+from cxr.serve.backends import AUTO_ORDER, OPENVINO
 from cxr.serve.openvino_backend import OpenVinoPredictor
 from cxr.serve.predictor import load_predictor
 
@@ -120,7 +120,7 @@ def test_registration_without_openvino_ships_onnx_and_says_why(real, tmp_path, m
 def test_auto_serves_the_first_verified_backend_this_machine_runs(real, tmp_path, monkeypatch):
     directory = unpack(real["package"], tmp_path / "unpacked")
     assert load_predictor(directory).backend == AUTO_ORDER[0]
-    for backend in ("onnx", "torch", *serving.OPENVINO):
+    for backend in ("onnx", "torch", *OPENVINO):
         assert load_predictor(directory, backend).backend == backend
     with pytest.raises(ValueError, match="unknown backend"):
         load_predictor(directory, "tensorrt")
