@@ -14,11 +14,11 @@ from train_flow import CXRTrainFlow
 class CXRTrainMultiNodeFlow(CXRTrainFlow):
     """NIH ChestX-ray14 → classifier, trained on `nodes` machines.
 
-    The stages of CXRTrainFlow, except:
-    5a. launch_train: start the train step on `nodes` machines.
-    5. train (on every node): each node starts `train.gpus` processes and they train one model with
-       DistributedDataParallel, meeting at the first node's address; checkpoints and resume as before.
-    5b. join_train: the first node's model, history and card go on to evaluate.
+    The stages of CXRTrainFlow, with training in three steps:
+    - launch_train: start the train step on `nodes` machines.
+    - train (on every node): each node starts `train.gpus` processes and they train one model with
+      DistributedDataParallel, meeting at the first node's address; checkpoints and resume as before.
+    - join_train: the first node's model, history and card go on to evaluate.
 
     AWS Step Functions refuses @parallel steps, so this flow runs from the command line (locally or with
     `--with batch`, an AWS Batch multi-node job); schedule CXRTrainFlow there.
