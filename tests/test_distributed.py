@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+from cxr import distributed
 from cxr.data.cache import PreprocessSettings, build_cache
 from cxr.data.catalog import load_catalog
 from cxr.data.loader import GlobalBatchSampler, ShardDataset
@@ -155,3 +157,34 @@ def test_a_global_batch_smaller_than_the_processes_is_refused(films):
 def test_learning_rate_scales_with_the_global_batch():
     assert learning_rate(TrainConfig(lr=1e-3, batch_size=256)) == 1e-3
     assert learning_rate(TrainConfig(lr=1e-3, batch_size=1024, lr_batch=256)) == pytest.approx(4e-3)
+
+
+@pytest.mark.parametrize("node", [0, 1])
+def test_a_batch_multinode_node_finds_its_place_as_metaflow_describes_it(node, monkeypatch):
+    """On AWS Batch multi-node, Metaflow's @batch maps AWS_BATCH_JOB_* to MF_PARALLEL_* in each container;
+    every node must then agree on the main node's address and know its own rank."""
+    from metaflow.plugins.aws.batch.batch_decorator import _setup_multinode_environment
+
+    monkeypatch.setenv("AWS_BATCH_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("AWS_BATCH_JOB_NODE_INDEX", str(node))
+    for name in ("MF_PARALLEL_MAIN_IP", "MF_PARALLEL_NUM_NODES", "MF_PARALLEL_NODE_INDEX"):
+        monkeypatch.setenv(name, "")  # what Metaflow writes into os.environ is undone after the test
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    main = socket.gethostbyname_ex(socket.gethostname())[-1][0]  # the main node finds its own address
+    if node:  # Batch tells the other nodes where the main one is
+        monkeypatch.setenv("AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS", main)
+    else:
+        monkeypatch.delenv("AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS", raising=False)
+    _setup_multinode_environment()
+    assert distributed.nodes_from_environment() == distributed.Nodes(2, node, main, 29500)
+
+
+def test_sagemaker_hosts_give_each_node_its_place():
+    hosts = json.dumps(["algo-1", "algo-2", "algo-3"])
+    env = {"SM_HOSTS": hosts, "SM_CURRENT_HOST": "algo-3"}
+    assert distributed.nodes_from_environment(env) == distributed.Nodes(3, 2, "algo-1", 29500)
+    assert distributed.nodes_from_environment({**env, "MASTER_PORT": "7777"}).port == 7777
+    assert (
+        distributed.nodes_from_environment({"SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1"}).count == 1
+    )
