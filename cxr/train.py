@@ -222,7 +222,7 @@ def train(
     progress: bool = True,
     device: torch.device | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
-) -> TrainResult:
+) -> TrainResult | None:
     """Train on cache rows `train_rows`, select on val mean AUROC; checkpoint every epoch and resume.
 
     With `config.gpus` > 1 it runs itself in that many local processes (`cxr.distributed.launch`) and
@@ -570,7 +570,7 @@ def sagemaker_main() -> int:
     hyper = {k: _parse_hp(v) for k, v in json.loads(os.environ.get("SM_HPS", "{}")).items()}
     split_dir = Path(os.environ.get("SM_CHANNEL_SPLIT", channel))
     split = json.loads((split_dir / "split.json").read_text())
-    result: TrainResult | None = train(
+    result = train(
         ShardCache(channel),
         np.asarray(split["train"]),
         np.asarray(split["val"]),
