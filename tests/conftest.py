@@ -43,8 +43,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A moto S3 server on 127.0.0.1 for the whole session; yields its endpoint URL."""
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A moto S3 server on 127.0.0.1 for the whole session; yields its endpoint URL. Requests it records
+    (`/moto-api/recorder/`, off unless a test starts it) go to a file of the session's temporary folder."""
+    recording = tmp_path_factory.mktemp("moto") / "recording"
+    os.environ.setdefault("MOTO_RECORDER_FILEPATH", str(recording))  # read when moto is imported
     from moto.server import ThreadedMotoServer
 
     port = free_port()
