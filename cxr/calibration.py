@@ -127,13 +127,14 @@ def choose_method(y: np.ndarray, p: np.ndarray, seed: int = 0) -> str:
 
 
 def fit_calibration(labels: np.ndarray, probs: np.ndarray, method: str = "auto", seed: int = 0) -> Calibrator:
-    """Per-finding maps fitted on validation labels and probabilities ([N, 14] each)."""
+    """Per-finding maps fitted on validation labels and probabilities ([N, 14] each; NaN labels left out)."""
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {METHODS}, not {method!r}")
     labels, probs = np.asarray(labels, dtype=np.float64), np.asarray(probs, dtype=np.float64)
     maps = []
     for k in range(len(FINDINGS)):
-        y, p = labels[:, k], probs[:, k]
+        known = ~np.isnan(labels[:, k])  # images whose dataset labels the finding
+        y, p = labels[known, k], probs[known, k]
         if method == "none" or not 0 < y.sum() < len(y):
             maps.append({"method": "none"})
             continue

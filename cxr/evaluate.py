@@ -118,11 +118,19 @@ class EvaluationReport:
 
 
 def _has_both(y: np.ndarray) -> bool:
-    return 0 < y.sum() < len(y)
+    """Whether the labelled entries (NaN: not labelled) hold both classes."""
+    return bool((y > 0.5).any() and (y < 0.5).any())
+
+
+def labelled(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One finding's labels and scores where it is labelled (NaN labels: the dataset does not say)."""
+    known = ~np.isnan(y)
+    return y[known], p[known]
 
 
 def auroc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
-    """AUROC, or NaN when only one class is present."""
+    """AUROC over the labelled images, or NaN when they hold only one class."""
+    y, p = labelled(y, p)
     return float(roc_auc_score(y, p)) if _has_both(y) else float("nan")
 
 
@@ -172,7 +180,8 @@ def bootstrap_aurocs(
     if n == 0:
         return out
     cluster, n_clusters = clusters(patient_ids, n)
-    ranked = [_score_order(y[:, c], p[:, c], cluster) for c in range(k)]
+    known = ~np.isnan(y)
+    ranked = [_score_order(y[known[:, c], c], p[known[:, c], c], cluster[known[:, c]]) for c in range(k)]
     start = 0
     for counts in resample_counts(n_clusters, n_boot, seed):
         for c, ranking in enumerate(ranked):
@@ -206,6 +215,8 @@ def _score_order(y: np.ndarray, p: np.ndarray, cluster: np.ndarray) -> _Ranking:
 
 def _weighted_auroc(weights: np.ndarray, ranking: _Ranking) -> np.ndarray:
     """AUROC per row of integer image weights [resamples, N in score order]; ties count one half."""
+    if weights.shape[1] == 0:  # a finding no image labels
+        return np.full(len(weights), np.nan)
     below = np.cumsum(weights, axis=1)  # weight at or below each position
     first = ranking.first
     twice_mid_rank = below[:, first] - weights[:, first] + below[:, ranking.last]
@@ -221,8 +232,9 @@ def youden_thresholds(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     """Per finding, the threshold maximising sensitivity + specificity − 1 (0.5 when undefined)."""
     thresholds = np.full(y.shape[1], 0.5)
     for c in range(y.shape[1]):
-        if _has_both(y[:, c]):
-            fpr, tpr, cut = roc_curve(y[:, c], p[:, c])
+        yc, pc = labelled(y[:, c], p[:, c])
+        if _has_both(yc):
+            fpr, tpr, cut = roc_curve(yc, pc)
             best = int(np.argmax(tpr - fpr))
             thresholds[c] = float(min(cut[best], 1.0))
     return thresholds
@@ -296,13 +308,13 @@ def thresholds_at_target(y: np.ndarray, p: np.ndarray, target: OperatingTarget) 
     for c, finding in enumerate(FINDINGS):
         if not _has_both(y[:, c]):
             continue
-        positive = y[:, c] > 0.5
+        positive, negative = y[:, c] > 0.5, y[:, c] < 0.5  # neither where the finding is not labelled
         goal = target.target_for(finding)
         if target.metric == "sensitivity":
             scores = np.sort(p[positive, c])[::-1]
             out[c] = scores[_needed(goal, len(scores)) - 1]
         else:
-            scores = np.sort(p[~positive, c])
+            scores = np.sort(p[negative, c])
             out[c] = np.nextafter(scores[_needed(goal, len(scores)) - 1], np.inf)
     return out
 
@@ -332,13 +344,13 @@ def bootstrap_rates(
     """
     n, (points, k) = len(y), thresholds.shape
     cluster, n_clusters = clusters(patient_ids, n)
-    positive = y > 0.5
+    positive, negative = y > 0.5, y < 0.5  # neither where a finding is not labelled (NaN)
     predicted = p[:, None, :] >= thresholds[None]  # NaN thresholds predict nothing; masked below
     columns = [
         (predicted & positive[:, None]).reshape(n, -1),
-        (predicted & ~positive[:, None]).reshape(n, -1),
+        (predicted & negative[:, None]).reshape(n, -1),
     ]
-    images = np.concatenate([*columns, positive, ~positive], axis=1)
+    images = np.concatenate([*columns, positive, negative], axis=1)
     membership = sparse.csr_matrix((np.ones(n), (cluster, np.arange(n))), shape=(n_clusters, n))
     per_cluster = np.asarray(membership @ images.astype(np.float64))
     exact = np.float32 if per_cluster.max(initial=0) * n_clusters < 2**24 else np.float64  # integer sums
@@ -449,8 +461,9 @@ def with_ci(row: dict[str, Any], rate: str) -> str:
 
 
 def calibration(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> tuple[float, pd.DataFrame]:
-    """Expected calibration error (equal-width bins) and its reliability table, for flattened inputs."""
-    y, p = np.asarray(y, dtype=float).ravel(), np.asarray(p, dtype=float).ravel()
+    """Expected calibration error (equal-width bins) and its reliability table, for flattened inputs (the
+    labelled entries: NaN labels are left out)."""
+    y, p = labelled(np.asarray(y, dtype=float).ravel(), np.asarray(p, dtype=float).ravel())
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
     rows, ece = [], 0.0
@@ -551,7 +564,7 @@ def evaluate(
         points[target.name] = (description | {"thresholds_from": target_source}, chosen[target.name])
     rows, curves = [], {}
     for c, finding in enumerate(FINDINGS):
-        yc, pc = y[:, c], p[:, c]
+        yc, pc = labelled(y[:, c], p[:, c])
         defined = _has_both(yc)
         finite = boots[:, c][np.isfinite(boots[:, c])]
         lo, hi = np.percentile(finite, [2.5, 97.5]) if len(finite) else (np.nan, np.nan)
@@ -559,6 +572,7 @@ def evaluate(
         rows.append(
             {
                 "finding": finding,
+                "n_labelled": len(yc),
                 "n_pos": int(yc.sum()),
                 "auroc": auroc_or_nan(yc, pc),
                 "auroc_lo": float(lo),

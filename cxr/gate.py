@@ -55,7 +55,7 @@ def threshold_table(
             row: dict[str, Any] = {
                 "point": point,
                 "finding": finding,
-                "positives": int(y.sum()),
+                "positives": int((y > 0.5).sum()),
                 "threshold": thresholds[finding],
                 "candidate_threshold": own.get(finding),
             }

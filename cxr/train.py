@@ -1,4 +1,5 @@
-"""Training: BCE-with-logits on the 14 findings; per-epoch checkpoints, resume, early stopping on val AUROC.
+"""Training: BCE-with-logits on the 14 findings (masked where a finding is not labelled); per-epoch
+checkpoints, resume, early stopping on val AUROC.
 
 `train(...)` is the one entry point. It runs locally, inside a Metaflow step, on AWS Batch, or inside a
 SageMaker training container (`python -m cxr.train`, which reads the SM_* environment and checkpoints to
@@ -163,13 +164,33 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_
 
 
 def mean_auroc(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Mean AUROC over findings that have both classes present (NaN if none)."""
-    scores = [
-        roc_auc_score(labels[:, k], probs[:, k])
-        for k in range(labels.shape[1])
-        if 0 < labels[:, k].sum() < len(labels)
-    ]
+    """Mean AUROC over findings whose labelled images (NaN: not labelled) hold both classes (NaN if none)."""
+    scores = []
+    for k in range(labels.shape[1]):
+        known = ~np.isnan(labels[:, k])
+        y = labels[known, k]
+        if 0 < y.sum() < len(y):
+            scores.append(roc_auc_score(y, probs[known, k]))
     return float(np.mean(scores)) if scores else float("nan")
+
+
+class MaskedBCEWithLogitsLoss(nn.Module):
+    """BCE-with-logits over the labelled entries: a NaN target (a finding the image's dataset does not
+    label, or an uncertain label the policy masks) adds nothing. The sum is divided by all entries of the
+    batch (images × findings), so a fully labelled batch gives exactly `nn.BCEWithLogitsLoss`, each
+    labelled entry weighs the same whatever else is in the batch, and batch shares add up across
+    processes as the mean loss does."""
+
+    def __init__(self, pos_weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.pos_weight = pos_weight
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        known = ~torch.isnan(targets)
+        losses = nn.functional.binary_cross_entropy_with_logits(
+            logits, torch.where(known, targets, 0.0), pos_weight=self.pos_weight, reduction="none"
+        )
+        return torch.where(known, losses, 0.0).sum() / max(targets.numel(), 1)
 
 
 @torch.no_grad()
@@ -300,9 +321,7 @@ def _train(
         distributed.sync_batchnorm(model, device)
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer, steps)
-    criterion = nn.BCEWithLogitsLoss(
-        pos_weight=_pos_weight(train_set.labels, device) if config.pos_weight else None
-    )
+    criterion = MaskedBCEWithLogitsLoss(_pos_weight(train_set.labels, device) if config.pos_weight else None)
     run = _resume(checkpoint_dir, model, optimizer, scheduler, world)
     step_model: Any = distributed.wrap(model, device)
     if config.compile:
@@ -503,8 +522,9 @@ def epoch_line(record: dict[str, float]) -> str:
 
 
 def _pos_weight(labels: np.ndarray, device: torch.device) -> torch.Tensor:
-    positives = labels.sum(axis=0)
-    weights = (len(labels) - positives) / np.maximum(positives, 1.0)
+    """Negatives over positives per finding, among the images that label it."""
+    positives, negatives = (labels > 0.5).sum(axis=0), (labels < 0.5).sum(axis=0)
+    weights = negatives / np.maximum(positives, 1.0)
     return torch.tensor(weights, dtype=torch.float32, device=device)
 
 

@@ -354,3 +354,36 @@ def test_report_carries_operating_points(data):
 def test_bad_operating_points_are_clear_errors(setting, message):
     with pytest.raises(EvaluationError, match=message):
         parse_operating_points(setting)
+
+
+def test_unlabelled_findings_are_left_out_not_counted_negative(data):
+    """A finding a dataset does not label (NaN) is evaluated on the images that label it: AUROC, CI,
+    operating points and calibration as if the unlabelled images were not there; a finding labelled
+    nowhere has no AUROC and stays out of the mean."""
+    y, p, meta = data
+    masked = y.copy()
+    unlabelled = np.random.default_rng(5).random(len(y)) < 0.4
+    masked[unlabelled, 2] = np.nan  # Effusion labelled on 60% of the images
+    masked[:, 13] = np.nan  # Hernia labelled nowhere
+    report = evaluate(masked, p, meta, n_boot=100, seed=3)
+    kept = ~unlabelled
+    alone = evaluate(y[kept], p[kept], meta[kept].reset_index(drop=True), n_boot=100, seed=3)
+    effusion = report.per_class.loc["Effusion"]
+    assert effusion["n_labelled"] == kept.sum() and effusion["n_pos"] == y[kept, 2].sum()
+    assert effusion["auroc"] == pytest.approx(roc_auc_score(y[kept, 2], p[kept, 2]), abs=1e-12)
+    for column in ("auprc", "threshold", "sensitivity", "specificity", "ppv", "ece"):
+        assert effusion[column] == pytest.approx(alone.per_class.loc["Effusion", column], abs=1e-12), column
+    assert report.per_class.loc["Atelectasis", "n_labelled"] == len(y)
+    hernia = report.per_class.loc["Hernia"]
+    assert hernia["n_labelled"] == 0 and np.isnan(hernia["auroc"]) and np.isnan(hernia["auroc_lo"])
+    assert report.mean_auroc == pytest.approx(np.nanmean(report.per_class["auroc"].to_numpy()))
+    assert report.mean_auroc == pytest.approx(
+        np.mean([roc_auc_score(*(c[~np.isnan(masked[:, k])] for c in (y[:, k], p[:, k]))) for k in range(13)])
+    )
+    point = report.operating_points["youden"]["findings"]["Effusion"]
+    tn, fp, fn, tp = confusion_matrix(y[kept, 2], p[kept, 2] >= point["threshold"]).ravel()
+    assert point["specificity"] == pytest.approx(tn / (tn + fp)) and point["sensitivity"] == pytest.approx(
+        tp / (tp + fn)
+    )
+    assert point["specificity_lo"] < point["specificity"] < point["specificity_hi"]
+    assert report.ece == pytest.approx(calibration(masked[~np.isnan(masked)], p[~np.isnan(masked)])[0])

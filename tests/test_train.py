@@ -193,3 +193,47 @@ def test_unknown_data_path_is_rejected(nih_cache):
     dataset = ShardDataset(nih_cache, NIH_TRAIN, crop=224, train=True)
     with pytest.raises(ValueError, match="unknown data_path 'gpu'"):
         train_loader(dataset, NIH_VAL, TrainConfig(data_path="gpu"), torch.device("cpu"), World())
+
+
+def test_masked_loss_is_bce_on_the_labelled_entries():
+    """Fully labelled: exactly BCEWithLogitsLoss (with pos_weight too). With NaN targets: the labelled
+    entries' BCE over all entries of the batch, and no gradient reaches an unlabelled output."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 14, generator=generator, requires_grad=True)
+    targets = (torch.rand(8, 14, generator=generator) < 0.3).float()
+    weights = torch.linspace(1, 5, 14)
+    for pos_weight in (None, weights):
+        expected = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)(logits, targets)
+        assert torch.allclose(train_module.MaskedBCEWithLogitsLoss(pos_weight)(logits, targets), expected)
+    unlabelled = torch.rand(8, 14, generator=generator) < 0.4
+    loss = train_module.MaskedBCEWithLogitsLoss()(logits, torch.where(unlabelled, torch.nan, targets))
+    each = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    assert torch.isfinite(loss) and torch.allclose(loss, each[~unlabelled].sum() / each.numel())
+    loss.backward()
+    assert (logits.grad[unlabelled] == 0).all() and (logits.grad[~unlabelled] != 0).all()
+
+
+def test_training_learns_from_images_that_label_only_some_findings(tiny, tmp_path):
+    """A cache whose images label only some findings (NaN elsewhere), as a dataset beside NIH gives:
+    training with loader workers stays finite and validation scores the labelled findings only."""
+    import shutil
+
+    cache, rows = tiny
+    partial = tmp_path / "cache"
+    shutil.copytree(cache.directory, partial)
+    labels = np.load(partial / "labels.npy")
+    labels[::2, 7:] = np.nan  # every other image labels only the first 7 findings
+    labels[:, 13] = np.nan  # and no image labels Hernia
+    np.save(partial / "labels.npy", labels)
+    from cxr.data.cache import ShardCache
+
+    config = TrainConfig(**{**CONFIG, "workers": 2, "epochs": 2, "pos_weight": True})
+    result = train(ShardCache(partial), rows["train"], rows["val"], config, tmp_path / "c", progress=False)
+    assert all(
+        np.isfinite([h["train_loss"], h["val_loss"], h["val_mean_auroc"]]).all() for h in result.history
+    )
+    val = labels[rows["val"]]
+    assert (
+        result.best_val_auroc == pytest.approx(train_module.mean_auroc(val, result.val_probabilities))
+        and np.isfinite(result.val_probabilities).all()
+    )

@@ -50,7 +50,8 @@ class IngestReport:
 
 @dataclass
 class Catalog:
-    """Images ready to use: `meta` (one row per image) row-aligned with `labels` (N×14, NIH order)."""
+    """Images ready to use: `meta` (one row per image) row-aligned with `labels` (N×14, NIH order; 1
+    present, 0 absent, NaN where the image's dataset does not label the finding)."""
 
     meta: pd.DataFrame
     labels: np.ndarray
@@ -69,8 +70,9 @@ class Catalog:
         return Catalog(self.meta.iloc[rows].reset_index(drop=True), self.labels[rows], self.source)
 
     def prevalence(self) -> pd.Series:
-        """Fraction of images positive for each finding."""
-        values = self.labels.mean(axis=0) if len(self) else np.zeros(len(FINDINGS))
+        """Fraction of images positive for each finding, among the images that label it (NaN if none)."""
+        known = (~np.isnan(self.labels)).sum(axis=0)
+        values = np.where(known > 0, (self.labels > 0.5).sum(axis=0) / np.maximum(known, 1), np.nan)
         return pd.Series(values, index=list(FINDINGS), name="prevalence")
 
 

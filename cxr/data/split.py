@@ -50,7 +50,8 @@ def patient_split(
     ratios: Sequence[float] = (0.7, 0.1, 0.2),
     seed: int = 0,
 ) -> Split:
-    """Split rows by patient into train/val/test with the given ratios, stratified on the 14 findings."""
+    """Split rows by patient into train/val/test with the given ratios, stratified on the 14 findings
+    (their known positives: a NaN label, not labelled, counts as no positive)."""
     ratios_arr = _check_ratios(ratios, 3)
     codes, patient_labels, images_per_patient = _per_patient(np.asarray(patient_ids), labels)
     split_of_patient = _iterative_stratify(patient_labels, images_per_patient, ratios_arr, seed)
@@ -82,7 +83,8 @@ def official_split(
 
 
 def split_summary(split: Split, patient_ids: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
-    """Per split: images, patients, and the prevalence (fraction positive) and count of each finding."""
+    """Per split: images, patients, and the prevalence (fraction positive among the images that label it)
+    and count of each finding."""
     rows = []
     for name, idx in split.items():
         row: dict[str, float | int | str] = {
@@ -90,10 +92,11 @@ def split_summary(split: Split, patient_ids: np.ndarray, labels: np.ndarray) -> 
             "images": len(idx),
             "patients": len(np.unique(np.asarray(patient_ids)[idx])),
         }
-        counts = labels[idx].sum(axis=0) if len(idx) else np.zeros(len(FINDINGS))
-        for finding, count in zip(FINDINGS, counts, strict=True):
+        counts = (labels[idx] > 0.5).sum(axis=0)
+        known = (~np.isnan(labels[idx])).sum(axis=0)
+        for finding, count, n in zip(FINDINGS, counts, known, strict=True):
             row[f"n_{finding}"] = int(count)
-            row[finding] = float(count / len(idx)) if len(idx) else 0.0
+            row[finding] = float(count / n) if n else 0.0
         rows.append(row)
     return pd.DataFrame(rows).set_index("split")
 
@@ -108,7 +111,7 @@ def _check_ratios(ratios: Sequence[float], n: int) -> np.ndarray:
 def _per_patient(patient_ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     uniques, codes = np.unique(patient_ids, return_inverse=True)
     patient_labels = np.zeros((len(uniques), labels.shape[1]), dtype=np.float64)
-    np.add.at(patient_labels, codes, labels)
+    np.add.at(patient_labels, codes, labels > 0.5)
     images = np.bincount(codes, minlength=len(uniques)).astype(np.float64)
     return codes, patient_labels, images
 
