@@ -225,3 +225,8 @@ def test_path_without_patient_and_study_is_refused(small_root: Path) -> None:
     path.write_text(path.read_text(encoding="utf-8").replace("patient64541/study1/", ""), encoding="utf-8")
     with pytest.raises(DatasetError, match=r"valid\.csv: 1 Path values name no patientN/studyN"):
         chexpert.read(small_root, LabelPolicy())
+
+
+def test_default_policy_masks_uncertain_and_reads_blank_as_negative(small_root: Path) -> None:
+    _, labels = chexpert.read(small_root)
+    np.testing.assert_array_equal(labels, nih_labels(EXPECTED[("ignore", "negative")] + VALID_EXPECTED))

@@ -167,7 +167,7 @@ def test_images_of_one_study_share_its_labels(mimic_root: Path) -> None:
 
 
 def test_negbio_labels_on_request(mimic_root: Path) -> None:
-    _, labels = mimic.read(mimic_root, LabelPolicy(), labeller="negbio")
+    _, labels = mimic.read(mimic_root, labeller="negbio")
     expected = EXPECTED[("ignore", "negative")].copy()
     expected[2] = [1, 1, 1, 0, 0, 0, 0]
     np.testing.assert_array_equal(labels, nih_labels(expected))

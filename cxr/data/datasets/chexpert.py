@@ -60,9 +60,10 @@ def detect(root: str | Path) -> bool:
     return all(has_columns(Path(root) / name, IMAGE_COLUMNS + LABELLER_COLUMNS) for name in SPLIT_FILES)
 
 
-def read(root: str | Path, policy: LabelPolicy) -> tuple[pd.DataFrame, np.ndarray]:
+def read(root: str | Path, policy: LabelPolicy | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """Both CSVs as (table with `TABLE_COLUMNS`, N×14 labels): train.csv rows are "train", valid.csv rows
-    (the radiologist-labelled set) "val"."""
+    (the radiologist-labelled set) "val". `policy` defaults to `LabelPolicy()`."""
+    policy = policy or LabelPolicy()
     parts = [_read_split(Path(root) / name, split, policy) for name, split in SPLIT_FILES.items()]
     table = pd.concat([part[0] for part in parts], ignore_index=True)
     duplicated = table["image_id"].duplicated()

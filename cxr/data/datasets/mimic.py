@@ -51,10 +51,12 @@ def detect(root: str | Path) -> bool:
 
 
 def read(
-    root: str | Path, policy: LabelPolicy, *, labeller: str = "chexpert"
+    root: str | Path, policy: LabelPolicy | None = None, *, labeller: str = "chexpert"
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Every image of the metadata CSV as (table with `TABLE_COLUMNS`, N×14 labels), labels from the
-    `labeller` CSV ("chexpert" or "negbio") joined per study, official split from the split CSV."""
+    `labeller` CSV ("chexpert" or "negbio") joined per study, official split from the split CSV.
+    `policy` defaults to `LabelPolicy()`."""
+    policy = policy or LabelPolicy()
     if labeller not in LABELLERS:
         raise DatasetError(f"unknown MIMIC-CXR labeller {labeller!r}; expected one of {', '.join(LABELLERS)}")
     root = Path(root)
