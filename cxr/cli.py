@@ -327,11 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--no-metadata", action="store_true", help="skip the metadata and split files")
     down.set_defaults(func=_download)
 
-    ev = commands.add_parser("evaluate", help="evaluate a predictions CSV against NIH labels")
+    ev = commands.add_parser("evaluate", help="evaluate a predictions CSV against NIH or other labels")
     ev.add_argument(
         "--predictions", required=True, help="CSV: 'Image Index' + one column per finding (or prob_X)"
     )
-    ev.add_argument("--labels", required=True, help="Data_Entry_2017[_v2020].csv[.gz]")
+    ev.add_argument(
+        "--labels",
+        required=True,
+        help="Data_Entry_2017[_v2020].csv[.gz], NIH's adjudicated google2019_nih-chest-xray-labels.csv.gz, "
+        "or a dataset root (CheXpert, MIMIC-CXR-JPG, PadChest, VinDr-CXR, RSNA: images named by path)",
+    )
     ev.add_argument(
         "--thresholds-from", default=None, help="validation predictions CSV to choose thresholds on"
     )

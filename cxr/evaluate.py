@@ -25,7 +25,7 @@ from scipy import sparse
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from threadpoolctl import threadpool_limits
 
-from cxr.data.findings import FINDINGS
+from cxr.data.findings import FINDINGS, JOINT_FINDINGS, joint_scores
 
 AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 200, "80+"))
 CALIBRATION_BINS = 15
@@ -56,6 +56,7 @@ class EvaluationReport:
     resampled: str = "images"  # the bootstrap's unit: "patients" or "images"
     n_resampled: int = 0  # how many of them
     operating_points: dict[str, dict[str, Any]] = field(default_factory=dict)  # see `operating_points()`
+    joint: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `joint_aurocs()`
 
     @property
     def auroc(self) -> dict[str, float]:
@@ -78,6 +79,9 @@ class EvaluationReport:
             "largest_gap": self.largest_gap,
             "operating_points": self.operating_points,
             "roc_curves": self.roc_curves,
+            "joint": json.loads(self.joint.reset_index().to_json(orient="records"))
+            if len(self.joint)
+            else [],
         }
 
     def table(self) -> str:
@@ -100,6 +104,9 @@ class EvaluationReport:
             )
         for name, point in self.operating_points.items():
             lines += ["", _describe_point(name, point), _point_table(point)]
+        if len(self.joint):
+            lines += ["", "joint findings (scored by the highest member probability)",
+                      self.joint.to_string(float_format=lambda v: f"{v:.3f}")]  # fmt: skip
         return "\n".join(lines)
 
     def write(self, directory: str | Path) -> dict[str, Path]:
@@ -537,12 +544,14 @@ def evaluate(
     patient_ids: Any = None,
     targets: Sequence[OperatingTarget] = (),
     target_thresholds: dict[str, np.ndarray] | None = None,
+    joint: pd.DataFrame | None = None,
 ) -> EvaluationReport:
     """Evaluate N×14 probabilities against N×14 labels; `thresholds` (Youden's) and `target_thresholds`
     (per named target, from `choose_thresholds`) come from validation when given, else from this set.
 
     The CIs resample patients given `patient_ids` (one per image; default: `meta`'s `patient_id` column
-    when it has one), else images.
+    when it has one), else images. `joint` holds labels of findings named jointly (`JOINT_FINDINGS`,
+    row-aligned; NaN where not labelled), reported apart in `EvaluationReport.joint`.
     """
     y, p = np.asarray(y_true, dtype=np.float64), np.asarray(y_prob, dtype=np.float64)
     if y.shape != p.shape or y.ndim != 2 or y.shape[1] != len(FINDINGS):
@@ -612,7 +621,33 @@ def evaluate(
         "images" if patient_ids is None else "patients",
         clusters(patient_ids, len(y))[1],
         operating_points(y, p, points, n_boot, seed, patient_ids),
+        joint_aurocs(joint, p, n_boot, seed, patient_ids) if joint is not None else pd.DataFrame(),
     )
+
+
+def joint_aurocs(
+    joint: pd.DataFrame, probs: np.ndarray, n_boot: int, seed: int, patient_ids: Any = None
+) -> pd.DataFrame:
+    """Per joint finding (a column of `joint`): the members it covers, labelled images, positives, and the
+    AUROC (95% bootstrap CI, resampling as `evaluate` does) of the highest member probability."""
+    names = list(joint.columns)
+    unknown = [n for n in names if n not in JOINT_FINDINGS]
+    if unknown:
+        raise EvaluationError(f"unknown joint findings {unknown}; known: {', '.join(JOINT_FINDINGS)}")
+    y = joint.to_numpy(dtype=np.float64)
+    scores = joint_scores(probs, names)
+    boots = (
+        bootstrap_aurocs(y, scores, n_boot, seed, patient_ids) if n_boot else np.full((0, len(names)), np.nan)
+    )
+    rows = []
+    for j, name in enumerate(names):
+        yj, pj = labelled(y[:, j], scores[:, j])
+        finite = boots[:, j][np.isfinite(boots[:, j])]
+        lo, hi = np.percentile(finite, [2.5, 97.5]) if len(finite) else (np.nan, np.nan)
+        rows.append({"finding": name, "members": "|".join(JOINT_FINDINGS[name]), "n_labelled": len(yj),
+                     "n_pos": int(yj.sum()), "auroc": auroc_or_nan(yj, pj), "auroc_lo": float(lo),
+                     "auroc_hi": float(hi)})  # fmt: skip
+    return pd.DataFrame(rows).set_index("finding")
 
 
 def read_predictions(path: str | Path) -> pd.DataFrame:
@@ -642,13 +677,11 @@ def evaluate_files(
     seed: int = 0,
     targets: Sequence[OperatingTarget] = (),
 ) -> EvaluationReport:
-    """Evaluate a predictions CSV against an NIH Data_Entry file; thresholds (Youden's and at each of
-    `targets`) from another CSV if given.
-
-    The CIs resample the file's patients (`Patient ID`)."""
-    from cxr.data.metadata import read_metadata
-
-    meta, label_array = read_metadata(labels)
+    """Evaluate a predictions CSV against labels: an NIH Data_Entry file, NIH's radiologist-adjudicated
+    labels (`cxr.data.expert_labels`), or the root of a dataset cxr reads (`cxr.data.datasets`; its
+    images named by their path under the root). Thresholds (Youden's and at each of `targets`) from
+    another CSV if given. The CIs resample the labels' patients."""
+    meta, label_array, joint = read_reference(labels)
     preds = read_predictions(predictions)
 
     def aligned(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
@@ -659,10 +692,29 @@ def evaluate_files(
         return label_array[rows], frame[list(FINDINGS)].to_numpy(dtype=float), meta.iloc[rows]
 
     y, p, sub = aligned(preds)
+    rows = pd.Index(meta["image_id"]).get_indexer(preds.index)
     thresholds, chosen = None, None
     if thresholds_from is not None:
         yv, pv, _ = aligned(read_predictions(thresholds_from))
         thresholds, chosen = youden_thresholds(yv, pv), choose_thresholds(yv, pv, targets)
     sub = sub.reset_index(drop=True)
     patients = sub["patient_id"].to_numpy()
-    return evaluate(y, p, sub, thresholds, n_boot, seed, patients, targets, chosen)
+    joined = None if joint is None else joint.iloc[rows].reset_index(drop=True)
+    return evaluate(y, p, sub, thresholds, n_boot, seed, patients, targets, chosen, joined)
+
+
+def read_reference(labels: str | Path) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame | None]:
+    """(table with `image_id` and `patient_id`, N×14 labels, joint-finding labels or None) from a labels
+    file or a dataset root."""
+    from cxr.data import expert_labels
+    from cxr.data.catalog import load_catalog
+    from cxr.data.metadata import read_metadata
+
+    if Path(labels).is_dir():
+        catalog, _ = load_catalog(labels)
+        return catalog.meta, catalog.labels, None
+    if expert_labels.is_google2019(labels):
+        expert = expert_labels.read_google2019(labels)
+        return expert.table, expert.labels, expert.joint
+    meta, label_array = read_metadata(labels)
+    return meta, label_array, None

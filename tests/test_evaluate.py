@@ -387,3 +387,40 @@ def test_unlabelled_findings_are_left_out_not_counted_negative(data):
     )
     assert point["specificity_lo"] < point["specificity"] < point["specificity_hi"]
     assert report.ece == pytest.approx(calibration(masked[~np.isnan(masked)], p[~np.isnan(masked)])[0])
+
+
+def test_cli_against_nih_radiologist_adjudicated_labels(nih_root, tmp_path):
+    """`cxr evaluate --labels` the real Google 2019 file: Pneumothorax against the experts' labels, not the
+    text-mined ones; Nodule or mass and Airspace opacity scored by their members' highest probability; the
+    other findings, which the experts did not read, left out."""
+    expert = pd.read_csv(nih_root / "google2019_nih-chest-xray-labels.csv.gz")
+    table, text_mined = read_metadata(nih_root / "google2019_nih-chest-xray-labels.csv.gz")
+    rng = np.random.default_rng(0)  # a model that learnt the text-mined labels
+    p = np.clip(0.5 * text_mined + rng.random(text_mined.shape) * 0.6, 0, 1)
+    frame = pd.DataFrame(p, columns=list(FINDINGS)).assign(**{"Image Index": table["image_id"]})
+    frame.to_csv(tmp_path / "preds.csv", index=False)
+    out = tmp_path / "report"
+    command = [sys.executable, "-m", "cxr.cli", "evaluate", "--predictions", str(tmp_path / "preds.csv"),
+               "--labels", str(nih_root / "google2019_nih-chest-xray-labels.csv.gz"), "--out", str(out),
+               "--bootstrap", "50"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "joint findings" in result.stdout and "Nodule or mass" in result.stdout
+    written = json.loads((out / "report.json").read_text())
+    yes = {
+        c: (expert[c] == "YES").to_numpy(float)
+        for c in ("Pneumothorax", "Nodule or mass", "Airspace opacity")
+    }
+    k = FINDINGS.index("Pneumothorax")
+    assert written["auroc"]["Pneumothorax"] == pytest.approx(roc_auc_score(yes["Pneumothorax"], p[:, k]))
+    assert written["auroc"]["Pneumothorax"] < roc_auc_score(text_mined[:, k], p[:, k])  # experts disagree
+    assert {f for f, v in written["auroc"].items() if v == v} == {"Pneumothorax"}  # NaN elsewhere
+    assert written["mean_auroc"] == pytest.approx(written["auroc"]["Pneumothorax"])
+    joint = {row["finding"]: row for row in written["joint"]}
+    members = [FINDINGS.index(f) for f in ("Mass", "Nodule")]
+    nodule = joint["Nodule or mass"]
+    assert nodule["members"] == "Mass|Nodule" and nodule["n_pos"] == yes["Nodule or mass"].sum() == 605
+    assert nodule["auroc"] == pytest.approx(roc_auc_score(yes["Nodule or mass"], p[:, members].max(axis=1)))
+    assert nodule["auroc_lo"] < nodule["auroc"] < nodule["auroc_hi"]
+    assert joint["Airspace opacity"]["members"] == "Consolidation|Infiltration|Pneumonia"
+    assert written["bootstrap"]["units"] == expert["Patient ID"].nunique()

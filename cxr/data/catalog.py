@@ -1,7 +1,9 @@
 """The dataset contract: a metadata table row-aligned with an N×14 labels array, plus where the pixels are.
 
-`load_catalog(root)` matches an NIH metadata file with the images a root actually holds. A partial download
-is fine: metadata rows without an image are counted and reported, images without a metadata row too.
+`load_catalog(root)` matches a dataset's metadata with the images a root actually holds: NIH's Data_Entry
+file, or the published files of another dataset (`cxr.data.datasets`: CheXpert, MIMIC-CXR-JPG, PadChest,
+VinDr-CXR, RSNA Pneumonia), whose frontal images it keeps by default. A partial download is fine: metadata
+rows without an image are counted and reported, images without a metadata row too.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxr.data import datasets
 from cxr.data.findings import FINDINGS
 from cxr.data.metadata import METADATA_NAMES, MetadataError, find_metadata_file, read_metadata
-from cxr.data.sources import ImageSource, open_source, s3_client, split_s3_uri
+from cxr.data.sources import DirectorySource, ImageSource, open_source, s3_client, split_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ class IngestReport:
     unlisted_images: int
     missing_examples: list[str] = field(default_factory=list)
     unlisted_examples: list[str] = field(default_factory=list)
+    dataset: str = "nih"
+    other_views: int = 0  # rows left out for their view (not frontal, or unknown)
 
     def summary(self) -> str:
         """One readable paragraph for logs and the CLI."""
@@ -45,6 +50,8 @@ class IngestReport:
             text += f"; {self.missing_images:,} rows have no image (partial download?)"
         if self.unlisted_images:
             text += f"; {self.unlisted_images:,} images are not in the metadata and are ignored"
+        if self.other_views:
+            text += f"; {self.other_views:,} rows left out for their view (frontal images only)"
         return text
 
 
@@ -76,11 +83,66 @@ class Catalog:
         return pd.Series(values, index=list(FINDINGS), name="prevalence")
 
 
-def load_catalog(root: str | Path, metadata: str | Path | None = None) -> tuple[Catalog, IngestReport]:
-    """Match the root's metadata with the images it holds; raise only if nothing at all is usable."""
+FRONTAL_VIEWS = ("PA", "AP")  # a view's first word: posteroanterior or anteroposterior (AP supine too)
+
+
+def load_catalog(
+    root: str | Path,
+    metadata: str | Path | None = None,
+    dataset: str | None = None,
+    policy: datasets.LabelPolicy | None = None,
+    views: str = "frontal",
+) -> tuple[Catalog, IngestReport]:
+    """Match the root's metadata with the images it holds; raise only if nothing at all is usable.
+
+    `dataset` names the layout (`nih` or one of `cxr.data.datasets.ADAPTERS`); by default an NIH metadata
+    file decides, else the published files the root holds. For the other datasets, `policy` says how
+    uncertain and unmentioned labels become targets, and `views` keeps the `frontal` images (PA or AP)
+    or `all`.
+    """
+    if dataset is None and (metadata is not None or str(root).startswith("s3://") or _has_nih_metadata(root)):
+        dataset = "nih"
+    dataset = dataset or datasets.detect(root)
+    if dataset is None:
+        raise MetadataError(
+            f"{root} holds neither NIH metadata ({', '.join(METADATA_NAMES)}) nor the published files of "
+            f"a dataset cxr reads ({', '.join(datasets.ADAPTERS)})"
+        )
+    if dataset != "nih":
+        return _load_dataset(Path(root), dataset, policy or datasets.LabelPolicy(), views)
     source = open_source(root)
     metadata_path = metadata or _locate_metadata(root)
     table, labels = read_metadata(_local_copy(metadata_path))
+    return _matched(root, str(metadata_path), source, table, labels, "nih", 0)
+
+
+def _load_dataset(
+    root: Path, name: str, policy: datasets.LabelPolicy, views: str
+) -> tuple[Catalog, IngestReport]:
+    if views not in ("frontal", "all"):
+        raise ValueError(f"views must be 'frontal' or 'all', not {views!r}")
+    table, labels = datasets.adapter(name).read(root, policy)
+    keep = np.ones(len(table), dtype=bool) if views == "all" else is_frontal(table["view"])
+    table = table.loc[keep].reset_index(drop=True).assign(dataset=name)
+    source = DirectorySource(root, by_path=True)
+    return _matched(root, f"{name} metadata", source, table, labels[keep], name, int((~keep).sum()))
+
+
+def is_frontal(views: pd.Series) -> np.ndarray:
+    """Whether each view's first word is PA or AP (`AP SUPINE`, `AP_HORIZONTAL` too; missing: no)."""
+    first = views.astype("string").str.upper().str.extract(r"^\W*([A-Z]+)", expand=False)
+    return first.isin(FRONTAL_VIEWS).fillna(False).to_numpy(dtype=bool)
+
+
+def _matched(
+    root: str | Path,
+    metadata_file: str,
+    source: ImageSource,
+    table: pd.DataFrame,
+    labels: np.ndarray,
+    dataset: str,
+    other_views: int,
+) -> tuple[Catalog, IngestReport]:
     available = set(source.list_images())
     present = table["image_id"].isin(available).to_numpy()
     listed = set(table["image_id"])
@@ -88,7 +150,7 @@ def load_catalog(root: str | Path, metadata: str | Path | None = None) -> tuple[
     missing = table.loc[~present, "image_id"]
     report = IngestReport(
         root=str(root),
-        metadata_file=str(metadata_path),
+        metadata_file=metadata_file,
         metadata_rows=len(table),
         images_in_source=len(available),
         matched=int(present.sum()),
@@ -96,13 +158,19 @@ def load_catalog(root: str | Path, metadata: str | Path | None = None) -> tuple[
         unlisted_images=len(unlisted),
         missing_examples=missing.head(5).tolist(),
         unlisted_examples=unlisted[:5],
+        dataset=dataset,
+        other_views=other_views,
     )
     log.info(report.summary())
     if report.matched == 0:
-        raise MetadataError(f"no image in {root} matches a row of {metadata_path}: {report.summary()}")
+        raise MetadataError(f"no image in {root} matches a row of {metadata_file}: {report.summary()}")
     rows = np.flatnonzero(present)
     catalog = Catalog(table.iloc[rows].reset_index(drop=True), labels[rows], source)
     return catalog, report
+
+
+def _has_nih_metadata(root: str | Path) -> bool:
+    return any((Path(root) / name).is_file() for name in METADATA_NAMES)
 
 
 def _locate_metadata(root: str | Path) -> str | Path:

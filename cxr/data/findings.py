@@ -52,3 +52,17 @@ def decode_findings(row: np.ndarray) -> str:
     """Inverse of `encode_findings` for one row: the NIH `Finding Labels` string."""
     names = [FINDINGS[i] for i in np.flatnonzero(np.asarray(row) > 0.5)]
     return "|".join(names) if names else NO_FINDING
+
+
+JOINT_FINDINGS: dict[str, tuple[str, ...]] = {
+    "Nodule or mass": ("Mass", "Nodule"),
+    "Airspace opacity": ("Consolidation", "Infiltration", "Pneumonia"),
+}
+"""Findings some reference labels name jointly, and the 14 findings each covers. A model is scored on a
+joint finding by its highest probability among the members (the ranking AUROC needs)."""
+
+
+def joint_scores(probs: np.ndarray, names: Iterable[str]) -> np.ndarray:
+    """N×J scores for joint findings: per image, the highest of its members' N×14 probabilities."""
+    columns = [[FINDINGS.index(m) for m in JOINT_FINDINGS[name]] for name in names]
+    return np.stack([probs[:, c].max(axis=1) for c in columns], axis=1) if columns else probs[:, :0]

@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cxr.config import cxr_home
 from cxr.data.catalog import Catalog
 from cxr.data.metadata import read_split_list
@@ -34,6 +36,11 @@ def split_catalog(catalog: Catalog, root: str, split: dict[str, Any]) -> tuple[S
     ratios = tuple(split.get("ratios", (0.7, 0.1, 0.2)))
     seed = int(split.get("seed", 0))
     patients = catalog.meta["patient_id"].to_numpy()
+    official = catalog.meta.get("official_split")
+    if split.get("use_official", True) and official is not None and (official == "test").any():
+        return published_split(catalog, ratios[1] / max(ratios[0] + ratios[1], 1e-9), seed), (
+            "the dataset's published split (validation by patient from train where it has none)"
+        )
     test_list = official_test_list(root) if split.get("use_official", True) else None
     if test_list is not None:
         val_share = ratios[1] / max(ratios[0] + ratios[1], 1e-9)
@@ -41,6 +48,20 @@ def split_catalog(catalog: Catalog, root: str, split: dict[str, Any]) -> tuple[S
         official = official_split(ids, patients, catalog.labels, test_list, val_share, seed)
         return official, "official test list, train/val by patient"
     return patient_split(patients, catalog.labels, ratios, seed), "stratified by patient"
+
+
+def published_split(catalog: Catalog, val_share: float, seed: int) -> Split:
+    """A dataset's own `official_split` (train, val, test): its test set kept whole; its val set, or where
+    it publishes none a `val_share` of train's patients (stratified), for validation."""
+    official = catalog.meta["official_split"].astype("string").fillna("").to_numpy()
+    test = np.flatnonzero(official == "test")
+    val = np.flatnonzero(official == "val")
+    train = np.flatnonzero(official == "train")
+    if len(val) == 0 and len(train):
+        patients = catalog.meta["patient_id"].to_numpy()[train]
+        inner = patient_split(patients, catalog.labels[train], (1.0 - val_share, val_share, 0.0), seed)
+        train, val = np.sort(train[inner.train]), np.sort(train[inner.val])
+    return Split(train, val, test)
 
 
 def official_test_list(root: str) -> list[str] | None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 S3_ATTEMPTS = 8  # per S3 request, botocore's standard retry mode
 BODY_ATTEMPTS = 3  # per object, when its body breaks off mid-stream
 ARCHIVE_PATTERN = re.compile(r"^images_\d{3}\.tar(\.gz)?$")
@@ -69,18 +69,25 @@ def _is_image(name: str) -> bool:
 
 @dataclass
 class DirectorySource:
-    """Images under a directory: NIH's `images_XXX/images/*.png`, a single `images/`, or any subfolders."""
+    """Images under a directory: NIH's `images_XXX/images/*.png`, a single `images/`, or any subfolders.
+
+    Images are named by file name (NIH's `Image Index`), or with `by_path` by their path relative to the
+    root, POSIX separators (`train/patient00001/study1/view1_frontal.jpg`), for datasets whose file names
+    repeat across folders."""
 
     root: Path
+    by_path: bool = False
     _paths: dict[str, Path] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self.uri = str(self.root)
         for dirpath, _, filenames in os.walk(self.root):
+            folder = Path(dirpath)
+            prefix = folder.relative_to(self.root).as_posix() + "/" if self.by_path else ""
             for name in filenames:
                 if _is_image(name) and not name.startswith("."):
-                    self._paths.setdefault(name, Path(dirpath) / name)
+                    self._paths.setdefault(prefix.removeprefix("./") + name, folder / name)
 
     def list_images(self) -> list[str]:
         return sorted(self._paths)
