@@ -83,7 +83,7 @@ class Catalog:
         return pd.Series(values, index=list(FINDINGS), name="prevalence")
 
 
-FRONTAL_VIEWS = ("PA", "AP")  # a view's first word: posteroanterior or anteroposterior (AP supine too)
+FRONTAL_VIEWS = ("PA", "AP", "AP SUPINE", "AP HORIZONTAL")  # decubitus, lordotic (AP AXIAL), lateral: not
 
 
 def load_catalog(
@@ -129,9 +129,9 @@ def _load_dataset(
 
 
 def is_frontal(views: pd.Series) -> np.ndarray:
-    """Whether each view's first word is PA or AP (`AP SUPINE`, `AP_HORIZONTAL` too; missing: no)."""
-    first = views.astype("string").str.upper().str.extract(r"^\W*([A-Z]+)", expand=False)
-    return first.isin(FRONTAL_VIEWS).fillna(False).to_numpy(dtype=bool)
+    """Whether each view is PA or AP (AP supine too, `AP_HORIZONTAL` as PadChest writes it); missing: no."""
+    words = views.astype("string").str.upper().str.replace(r"[^A-Z]+", " ", regex=True).str.strip()
+    return words.isin(FRONTAL_VIEWS).fillna(False).to_numpy(dtype=bool)
 
 
 def _matched(

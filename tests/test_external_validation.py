@@ -1,0 +1,80 @@
+"""Another dataset as an external test set, end to end on a CheXpert fixture in its published layout:
+catalog (frontal images, labels only where CheXpert labels), shard cache, a model's scores, and the
+report on the findings the dataset labels; `cxr evaluate --labels <root>` on a predictions CSV."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from cxr.data.cache import PreprocessSettings, build_cache
+from cxr.data.catalog import load_catalog
+from cxr.data.findings import FINDINGS
+from cxr.data.loader import ShardDataset
+from cxr.evaluate import evaluate
+from cxr.model import CXRNet
+from cxr.train import predict
+
+from .test_datasets_chexpert import write_chexpert
+
+LABELLED = ("Atelectasis", "Cardiomegaly", "Effusion", "Pneumonia", "Pneumothorax", "Consolidation", "Edema")
+
+
+@pytest.fixture
+def chexpert(tmp_path, nih_root):
+    return write_chexpert(tmp_path, nih_root, "small")
+
+
+def test_catalog_keeps_frontal_images_and_only_the_labels_the_dataset_gives(chexpert):
+    catalog, report = load_catalog(chexpert)
+    assert report.dataset == "chexpert" and report.matched == len(catalog) == 5
+    assert report.other_views == 4 and "left out for their view" in report.summary()  # 2 lateral, LL, RL
+    assert set(catalog.meta["view"]) <= {"AP", "PA"} and set(catalog.meta["dataset"]) == {"chexpert"}
+    assert all((chexpert / image_id).is_file() for image_id in catalog.meta["image_id"])
+    unlabelled = [FINDINGS.index(f) for f in FINDINGS if f not in LABELLED]
+    assert np.isnan(catalog.labels[:, unlabelled]).all()
+    assert catalog.prevalence()[list(LABELLED)].notna().all() and catalog.prevalence()["Hernia"] != 0
+    everything, _ = load_catalog(chexpert, views="all")
+    assert len(everything) == 9
+
+
+def test_a_model_is_validated_on_the_findings_the_dataset_labels(chexpert, tmp_path):
+    catalog, _ = load_catalog(chexpert)
+    cache = build_cache(
+        catalog, PreprocessSettings(size=64, shard_size=4), root=tmp_path / "c", progress=False
+    )
+    assert len(cache) == 5 and not cache.failures
+    probs = predict(CXRNet(pretrained=False).eval(), ShardDataset(cache, np.arange(len(cache)), crop=56))
+    report = evaluate(cache.labels, probs, cache.meta, n_boot=20)
+    table = report.per_class
+    assert (table.loc[[f for f in FINDINGS if f not in LABELLED], "n_labelled"] == 0).all()
+    assert table.loc[[f for f in FINDINGS if f not in LABELLED], "auroc"].isna().all()
+    assert (table.loc[list(LABELLED), "n_labelled"] > 0).all()
+    assert report.resampled == "patients" and report.n_resampled == catalog.meta["patient_id"].nunique()
+
+
+def test_cli_evaluates_predictions_against_a_dataset_root(chexpert, tmp_path):
+    catalog, _ = load_catalog(chexpert)
+    rng = np.random.default_rng(0)
+    known = np.nan_to_num(catalog.labels)
+    p = np.clip(0.5 * known + rng.random(known.shape) * 0.6, 0, 1)
+    frame = pd.DataFrame(p, columns=list(FINDINGS)).assign(**{"Image Index": catalog.meta["image_id"]})
+    frame.to_csv(tmp_path / "preds.csv", index=False)
+    out = tmp_path / "report"
+    command = [sys.executable, "-m", "cxr.cli", "evaluate", "--predictions", str(tmp_path / "preds.csv"),
+               "--labels", str(chexpert), "--out", str(out), "--bootstrap", "20"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    written = json.loads((out / "report.json").read_text())
+    assert written["n_images"] == 5
+    for finding in LABELLED:
+        k, y = FINDINGS.index(finding), catalog.labels[:, FINDINGS.index(finding)]
+        keep = ~np.isnan(y)
+        expected = roc_auc_score(y[keep], p[keep, k]) if 0 < y[keep].sum() < keep.sum() else None
+        assert written["auroc"][finding] == pytest.approx(expected) if expected else True
