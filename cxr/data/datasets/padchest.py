@@ -18,8 +18,8 @@ How `TERMS` was chosen: a finding takes its own tree node and the node's descend
 - Infiltration: `infiltrates` with the interstitial and alveolar patterns below it, but not
   `consolidation` and its `air bronchogram`, which are Consolidation only (NIH labels Consolidation
   apart from Infiltration, from the report's own words);
-- Mass: a mass of the lung only (`mass`, `pulmonary mass`); mediastinal, breast, pleural and soft-tissue
-  masses are left out;
+- Mass: a mass of the lung only: `pulmonary mass`, and the plain `mass` (its children say where a mass
+  lies when it is not the lung); mediastinal, breast, pleural and soft-tissue masses are left out;
 - Effusion: all of `pleural effusion`'s children are pleural fluid (`hydropneumothorax` is also a
   Pneumothorax); Fibrosis: `pulmonary fibrosis` with `post radiotherapy changes` and `asbestosis signs`
   below it, not the linear scar `fibrotic band`; Pleural_Thickening: not `pleural plaques` (a node of its

@@ -55,7 +55,7 @@ def years(values: pd.Series, where: str) -> pd.Series:
 
 
 def sexes(values: pd.Series) -> pd.Series:
-    """ "M" or "F" (any case, blanks around); anything else is missing."""
+    """Sex as "M" or "F" (from any case, blanks around); anything else is missing."""
     normal = values.astype("string").str.strip().str.upper()
     return normal.where(normal.isin(["M", "F"]))
 
