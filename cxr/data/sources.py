@@ -1,4 +1,5 @@
-"""Where image bytes come from: an NIH directory tree, the NIH `.tar.gz` archives, or an `s3://` prefix.
+"""Where image bytes come from: an NIH directory tree, the NIH `.tar.gz` archives, or an `s3://` prefix;
+several datasets' sources together as one (`PrefixedSource` in a `CombinedSource`).
 
 Every source maps image file names (NIH `Image Index`, e.g. ``00000001_000.png``) to bytes, and reads many
 images in one pass with `iter_bytes`, the fast path for each backend: sequential file reads, one streaming
@@ -306,13 +307,56 @@ class CombinedSource:
 
     def iter_bytes(self, image_ids: Iterable[str]) -> Iterator[ReadResult]:
         wanted = list(image_ids)
-        found = {
-            result[0]: result
-            for n, ids in self._by_source(wanted).items()
-            for result in self.sources[n].iter_bytes(ids)
-        }
+        groups = self._by_source(wanted)
+        if len(groups) == 1:  # a shard of one source (`shard_groups`): streamed, not held in memory
+            ((number, ids),) = groups.items()
+            yield from self.sources[number].iter_bytes(ids)
+            return
+        found = {result[0]: result for n, ids in groups.items() for result in self.sources[n].iter_bytes(ids)}
         for image_id in wanted:
             yield found[image_id]
+
+
+@dataclass
+class PrefixedSource:
+    """Another source's images under `<name>/`: `nih/00000001_000.png` is the inner source's
+    `00000001_000.png`, so that several datasets' ids stay unique in one `CombinedSource`."""
+
+    name: str
+    inner: ImageSource
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"a source prefix must be a non-empty name without '/', not {self.name!r}")
+        self.prefix = self.name + "/"
+        self.uri = f"{self.name}:{self.inner.uri}"
+
+    def _inner_id(self, image_id: str) -> str | None:
+        return image_id[len(self.prefix) :] if image_id.startswith(self.prefix) else None
+
+    def list_images(self) -> list[str]:
+        return [self.prefix + i for i in self.inner.list_images()]
+
+    def shard_groups(self, image_ids: list[str]) -> list[list[str]]:
+        ours = [i for i in map(self._inner_id, image_ids) if i is not None]
+        foreign = [i for i in image_ids if self._inner_id(i) is None]
+        groups = self.inner.shard_groups(ours) if ours else []
+        return [[self.prefix + i for i in group] for group in groups] + ([foreign] if foreign else [])
+
+    def fingerprints(self, image_ids: list[str]) -> list[str]:
+        inner = [self._inner_id(i) for i in image_ids]
+        known = [i for i in inner if i is not None]
+        prints = dict(zip(known, self.inner.fingerprints(known), strict=True))
+        return [prints[i] if i is not None else "absent" for i in inner]
+
+    def iter_bytes(self, image_ids: Iterable[str]) -> Iterator[ReadResult]:
+        wanted = list(image_ids)
+        known = [i for i in map(self._inner_id, wanted) if i is not None]
+        for inner_id, data, reason in self.inner.iter_bytes(known):  # as they come: one image in memory
+            yield self.prefix + inner_id, data, reason
+        for image_id in wanted:
+            if self._inner_id(image_id) is None:
+                yield image_id, None, "not in source"
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
