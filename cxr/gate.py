@@ -99,6 +99,25 @@ def promotion_gate(
     return decision
 
 
+def require_external_floors(
+    decision: GateDecision, external: dict[str, dict[str, Any]], floors: dict[str, float]
+) -> GateDecision:
+    """Hold the candidate back unless each named external set (`cxr.external`) was evaluated and its mean
+    AUROC reaches the set's floor (`registry.external_floors`); the reasons say how each fared."""
+    for name, floor in floors.items():
+        result = external.get(name)
+        mean = None if result is None else result.get("mean_auroc")
+        if mean is None or mean != mean:
+            decision.reasons.append(f"external set {name}: not evaluated (floor {floor:.3f})")
+            decision.promote = False
+        elif mean < floor:
+            decision.reasons.append(f"external set {name}: mean AUROC {mean:.3f} < floor {floor:.3f}")
+            decision.promote = False
+        else:
+            decision.reasons.append(f"external set {name}: mean AUROC {mean:.3f} ≥ floor {floor:.3f}")
+    return decision
+
+
 def _sensitivity_drops(rows: list[dict[str, Any]], limit: float) -> tuple[list[str], str]:
     """Reasons for each finding whose sensitivity at production's threshold falls by more than `limit`,
     and a one-line summary when none does."""

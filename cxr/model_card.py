@@ -64,6 +64,7 @@ def render_model_card(
         f"Expected calibration error over all findings: **{_f(metrics.get('ece'))}**.",
         *_calibration_lines(metrics.get("calibration")),
     ]
+    lines += ["", "## External validation", *_external_lines(metrics.get("external"))]
     lines += ["", "## Input gate", *_input_gate_lines(metrics.get("input_gate"))]
     lines += ["", "## Subgroups", *_subgroup_lines(metrics)]
     if training:
@@ -104,6 +105,36 @@ def _resampled(metrics: dict[str, Any]) -> str:
     boot = metrics.get("bootstrap") or {}
     units = boot.get("units")
     return f"resampling {units:,} {boot.get('resampled', 'images')}" if units else "resampling images"
+
+
+def _external_lines(sets: dict[str, Any] | None) -> list[str]:
+    """Per external set: what it is, mean AUROC, and per labelled finding its prevalence, AUROC (patient
+    CI), sensitivity and specificity at the model's own thresholds, and ECE."""
+    if not sets:
+        return ["No external test set was evaluated (`evaluate.external`): performance on other sites is"
+                " unknown."]  # fmt: skip
+    lines = []
+    for name, result in sets.items():
+        spec, ci = result["set"], result.get("mean_auroc_ci", [None, None])
+        lines += [
+            f"**{name}** ({spec.get('dataset') or 'dataset'} at `{spec['root']}`, {spec['rows']} rows,"
+            f" {spec['views']} views; {result['n_images']} images): mean AUROC **{_f(result['mean_auroc'])}**"
+            f" ({_f(ci[0])}–{_f(ci[1])}, {_resampled(result)}) over the"
+            f" {len(result['labelled_findings'])} findings it labels; ECE {_f(result.get('ece'))}.",
+            "",
+            "| finding | labelled | prevalence | AUROC (95% CI) | sensitivity | specificity | ECE |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        rows = {row["finding"]: row for row in result.get("per_class", [])}
+        for finding in result["labelled_findings"]:
+            row = rows[finding]
+            lines.append(
+                f"| {finding} | {row['n_labelled']} | {_f(result['prevalence'][finding])}"
+                f" | {_f(row['auroc'])} ({_f(row['auroc_lo'])}–{_f(row['auroc_hi'])})"
+                f" | {_f(row['sensitivity'])} | {_f(row['specificity'])} | {_f(row['ece'])} |"
+            )
+        lines.append("")
+    return lines
 
 
 def _calibration_lines(summary: dict[str, Any] | None) -> list[str]:

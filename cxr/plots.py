@@ -120,3 +120,54 @@ def reliability_chart(reliability: list[dict[str, Any]], ece: float) -> dict[str
             },
         ],
     }
+
+
+def auroc_forest_chart(sets: dict[str, list[dict[str, Any]]], findings: list[str]) -> dict[str, Any]:
+    """Per finding, AUROC with its 95% CI on each evaluated set (the own test split and each external
+    one): a point and a bar per set; findings a set does not label are left out of it."""
+    values = [
+        {"set": name, "finding": r["finding"], "auroc": r["auroc"], "lo": r["auroc_lo"], "hi": r["auroc_hi"]}
+        for name, rows in sets.items()
+        for r in rows
+        if r.get("auroc") is not None and r["auroc"] == r["auroc"]
+    ]
+    y = {"field": "finding", "type": "nominal", "sort": findings}
+    return {
+        "$schema": SCHEMA,
+        "title": "AUROC (95% CI) on the test split and external sets",
+        "data": {"values": values},
+        "width": 420,
+        "layer": [
+            {
+                "mark": "rule",
+                "encoding": {
+                    "y": y,
+                    "yOffset": {"field": "set"},
+                    "color": {"field": "set"},
+                    "x": {
+                        "field": "lo",
+                        "type": "quantitative",
+                        "title": "AUROC",
+                        "scale": {"domain": [0.4, 1.0]},
+                    },
+                    "x2": {"field": "hi"},
+                },
+            },
+            {
+                "mark": {"type": "point", "filled": True},
+                "encoding": {
+                    "y": y,
+                    "yOffset": {"field": "set"},
+                    "color": {"field": "set", "type": "nominal"},
+                    "x": {"field": "auroc", "type": "quantitative"},
+                    "tooltip": [
+                        {"field": "set"},
+                        {"field": "finding"},
+                        {"field": "auroc", "format": ".3f"},
+                        {"field": "lo", "format": ".3f"},
+                        {"field": "hi", "format": ".3f"},
+                    ],
+                },
+            },
+        ],
+    }

@@ -41,7 +41,8 @@ from cxr.data.prepare import resolve_data_root, split_catalog
 from cxr.data.split import split_summary
 from cxr.evaluate import choose_thresholds, parse_operating_points, report_thresholds, youden_thresholds
 from cxr.evaluate import evaluate as evaluate_predictions
-from cxr.gate import DEFAULT_MAX_SENSITIVITY_DROP, promotion_gate
+from cxr.external import external_summary, parse_external_sets, validate_external
+from cxr.gate import DEFAULT_MAX_SENSITIVITY_DROP, promotion_gate, require_external_floors
 from cxr.metaflow_cards import keep_cards_with_datastore
 from cxr.model import CXRNet
 from cxr.monitor.baseline import compute_baseline
@@ -148,6 +149,7 @@ class CXRTrainFlow(FlowSpec):
         overrides = {"data.root": self.data, "preprocess.size": self.image_size, "split.seed": self.seed}
         self.config = parse_config(self.config_file, overrides)
         parse_operating_points(self.config["evaluate"].get("operating_points"))  # fail before training
+        parse_external_sets(self.config["evaluate"].get("external"))
         self.data_root = resolve_data_root(self.config["data"])
         self.next(self.ingest)
 
@@ -338,21 +340,36 @@ class CXRTrainFlow(FlowSpec):
         )
         print(f"input gate: OOD AUROC {gate_report['auroc']:.3f}, real test images refused "
               f"{gate_report['real_refused']:.2%}")  # fmt: skip
-        self.metrics = {**report.to_dict(), "calibration": summary, "input_gate": gate_report}
+        served = CalibratedPredictor(predictor, calibrator)  # what the server answers
+        self.external_validation = self._validate_externally(served, thresholds, targets, target_thresholds)
+        self.metrics = {**report.to_dict(), "calibration": summary, "input_gate": gate_report,
+                        "external": self.external_validation}  # fmt: skip
         self.mean_auroc = shown_number(report.mean_auroc)  # headline artifacts: small enough for the UI
         self.mean_auroc_ci = [shown_number(bound) for bound in report.mean_auroc_ci]
         self.test_predictions = pd.DataFrame(test_probs, columns=[f"prob_{f}" for f in FINDINGS])
         self.test_predictions.insert(0, "Image Index", test_meta["image_id"])
         thresholds = {row["finding"]: row["threshold"] for row in self.metrics["per_class"]}
-        served = CalibratedPredictor(predictor, calibrator)  # the baseline holds what the server answers
         rows = monitoring_rows(self.cache_rows)
         sampler = HeadSampler.from_state(self.model_state, float(self.config["train"].get("dropout", 0.3)),
                                          calibrator)  # fmt: skip
         self.baseline = compute_baseline(served, cache, rows, crop, thresholds, self.metrics["auroc"],
                                          sampler=sampler, gate=self.input_gate)  # fmt: skip
         print(report.table())
-        _metrics_card(report)
+        _metrics_card(report, self.external_validation)
         self.next(self.register)
+
+    def _validate_externally(self, served, thresholds, targets, target_thresholds) -> dict:
+        """Each `evaluate.external` set scored as the server would, at this model's own thresholds."""
+        pre, results = self.config["preprocess"], {}
+        settings = PreprocessSettings(size=int(pre["size"]), shard_size=int(pre["shard_size"]))
+        for spec in parse_external_sets(self.config["evaluate"].get("external")):
+            report, _ = validate_external(served, spec, settings, int(self.config["train"]["crop"]),
+                                          thresholds=thresholds, targets=targets,
+                                          target_thresholds=target_thresholds,
+                                          n_boot=int(self.config["evaluate"]["n_boot"]))  # fmt: skip
+            results[spec.name] = external_summary(spec, report)
+            print(f"external set {spec.name}: mean AUROC {report.mean_auroc:.4f} on {report.n_images} images")
+        return results
 
     @resources(gpu=1, cpu=8, memory=32000)  # re-scoring production on the test images
     @step
@@ -380,6 +397,8 @@ class CXRTrainFlow(FlowSpec):
             comparison.at_production_thresholds,
             None if sensitivity_drop is None else float(sensitivity_drop),
         )
+        floors = {name: float(v) for name, v in (rules.get("external_floors") or {}).items()}
+        decision = require_external_floors(decision, self.metrics.get("external") or {}, floors)
         self.gate = {**decision.__dict__, "images": comparison.images, "excluded": comparison.excluded}
         lineage = {
             "flow run": current.pathspec.rsplit("/", 2)[0],
@@ -461,8 +480,8 @@ def headline(metrics: dict, group: str, version: int, status: str) -> str:
     )
 
 
-def _metrics_card(report) -> None:
-    """The evaluate step's card: metrics with CIs, ROC curves, reliability, subgroups."""
+def _metrics_card(report, external: dict) -> None:
+    """The evaluate step's card: metrics with CIs, ROC curves, reliability, subgroups, external sets."""
     lo, hi = report.mean_auroc_ci
     current.card.append(
         Markdown(
@@ -491,6 +510,14 @@ def _metrics_card(report) -> None:
             for _, r in report.subgroups.iterrows()
         ]
         current.card.append(Table(subgroup_rows, headers=["dimension", "group", "images", "mean AUROC"]))
+    if external:
+        current.card.append(Markdown("## External validation"))
+        rows = [[name, r["set"]["root"], r["set"]["rows"], r["n_images"], len(r["labelled_findings"]),
+                 f"{r['mean_auroc']:.3f} ({r['mean_auroc_ci'][0]:.3f}–{r['mean_auroc_ci'][1]:.3f})"]
+                for name, r in external.items()]  # fmt: skip
+        current.card.append(Table(rows, headers=["set", "root", "rows", "images", "findings", "mean AUROC"]))
+        sets = {"test": report.to_dict()["per_class"], **{n: r["per_class"] for n, r in external.items()}}
+        current.card.append(VegaChart(plots.auroc_forest_chart(sets, list(FINDINGS))))
 
 
 if __name__ == "__main__":

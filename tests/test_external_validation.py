@@ -78,3 +78,40 @@ def test_cli_evaluates_predictions_against_a_dataset_root(chexpert, tmp_path):
         keep = ~np.isnan(y)
         expected = roc_auc_score(y[keep], p[keep, k]) if 0 < y[keep].sum() < keep.sum() else None
         assert written["auroc"][finding] == pytest.approx(expected) if expected else True
+
+
+@pytest.mark.slow
+def test_the_flow_validates_externally_and_gates_on_named_floors(chexpert, tmp_path):
+    """The train flow on the demo set with CheXpert's radiologist-labelled `val` rows as an external set:
+    its report (on the 7 findings CheXpert labels) in the run, the card and the model card; a floor on a
+    set that was not evaluated holds the version back, and the reasons say how each set fared."""
+    from metaflow import Runner
+
+    from cxr.registry import Registry
+
+    from .test_train_flow import FLOW, card_contents, flow_env, write_config
+
+    config = write_config(tmp_path, epochs=1)
+    text = config.read_text().replace(
+        "  n_boot: 50\n",
+        f"  n_boot: 50\n  external: [{{name: chexpert-valid, root: '{chexpert}', rows: val}}]\n",
+    )
+    text = text.replace("registry: {", "registry: {external_floors: {chexpert-valid: 0.0, mimic-test: 0.7}, ")
+    config.write_text(text)
+    with Runner(str(FLOW), show_output=False, env=flow_env(tmp_path), cwd=str(tmp_path)).run(
+        config_file=str(config)
+    ) as running:
+        assert running.status == "successful", running.stderr
+        run = running.run
+    evaluate = run["evaluate"].task
+    result = evaluate["external_validation"].data["chexpert-valid"]
+    assert result["n_images"] == 2 and result["set"]["rows"] == "val"  # the frontal valid.csv images
+    assert result["labelled_findings"] == list(LABELLED) and result["bootstrap"]["resampled"] == "patients"
+    assert evaluate["metrics"].data["external"]["chexpert-valid"]["mean_auroc"] == result["mean_auroc"]
+    (content,) = card_contents(evaluate)
+    assert "External validation" in content and "chexpert-valid" in content
+    gate = run["register"].task["gate"].data
+    assert not gate["promote"] and "external set mimic-test: not evaluated (floor 0.700)" in gate["reasons"]
+    assert any(r.startswith("external set chexpert-valid: mean AUROC") for r in gate["reasons"])
+    card = Registry(group="demo").get(run["end"].task["model_version"].data).card.read_text()
+    assert "## External validation" in card and "**chexpert-valid** (dataset at" in card
