@@ -22,6 +22,8 @@ from cxr.model import CXRNet
 from cxr.train import predict
 
 from .test_datasets_chexpert import write_chexpert
+from .test_datasets_rsna import write_rsna
+from .test_datasets_vindr import write_vindr
 
 LABELLED = ("Atelectasis", "Cardiomegaly", "Effusion", "Pneumonia", "Pneumothorax", "Consolidation", "Edema")
 
@@ -35,6 +37,7 @@ def test_catalog_keeps_frontal_images_and_only_the_labels_the_dataset_gives(chex
     catalog, report = load_catalog(chexpert)
     assert report.dataset == "chexpert" and report.matched == len(catalog) == 5
     assert report.other_views == 4 and "left out for their view" in report.summary()  # 2 lateral, LL, RL
+    assert report.unlisted_images == 0 and report.missing_images == 0  # their files are not "unlisted"
     assert set(catalog.meta["view"]) <= {"AP", "PA"} and set(catalog.meta["dataset"]) == {"chexpert"}
     assert all((chexpert / image_id).is_file() for image_id in catalog.meta["image_id"])
     unlabelled = [FINDINGS.index(f) for f in FINDINGS if f not in LABELLED]
@@ -115,3 +118,32 @@ def test_the_flow_validates_externally_and_gates_on_named_floors(chexpert, tmp_p
     assert any(r.startswith("external set chexpert-valid: mean AUROC") for r in gate["reasons"])
     card = Registry(group="demo").get(run["end"].task["model_version"].data).card.read_text()
     assert "## External validation" in card and "**chexpert-valid** (dataset at" in card
+
+
+def test_dicom_datasets_reach_the_cache_and_their_published_split(tmp_path, nih_root):
+    """VinDr-CXR (DICOM, MONOCHROME1 among them) and RSNA (DICOM headers give the view): catalogs with
+    the reader rule passed through, missing files reported as missing whatever their view, VinDr's
+    published test set kept as the test split, and every DICOM decoded into the shard cache."""
+    from cxr.data.prepare import split_catalog
+
+    write_vindr(tmp_path / "vindr", nih_root)
+    majority, report = load_catalog(tmp_path / "vindr")
+    anyone, _ = load_catalog(tmp_path / "vindr", options={"readers": "any"})
+    assert report.dataset == "vindr" and len(majority) == len(anyone) and report.missing_images == 0
+    assert np.nansum(anyone.labels) > np.nansum(majority.labels)  # one reader is enough for a positive
+    split, method = split_catalog(majority, str(tmp_path / "vindr"), {"ratios": [0.7, 0.1, 0.2]})
+    official = majority.meta["official_split"].to_numpy()
+    assert "published split" in method and set(official[split.test]) == {"test"}
+    assert set(official[np.concatenate([split.train, split.val])]) == {"train"}
+    cache = build_cache(majority, PreprocessSettings(size=64), root=tmp_path / "c", progress=False)
+    assert len(cache) == len(majority) and not cache.failures
+    assert set(cache.meta["dataset"]) == {"vindr"}
+
+    (tmp_path / "rsna").mkdir()
+    write_rsna(tmp_path / "rsna", nih_root)
+    catalog, report = load_catalog(tmp_path / "rsna")
+    assert report.dataset == "rsna" and report.missing_images >= 1 and report.other_views == 0
+    k = FINDINGS.index("Pneumonia")
+    assert not np.isnan(catalog.labels[:, k]).any() and np.isnan(np.delete(catalog.labels, k, axis=1)).all()
+    cache = build_cache(catalog, PreprocessSettings(size=64), root=tmp_path / "c", progress=False)
+    assert len(cache) == len(catalog) and not cache.failures

@@ -12,6 +12,7 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -92,13 +93,14 @@ def load_catalog(
     dataset: str | None = None,
     policy: datasets.LabelPolicy | None = None,
     views: str = "frontal",
+    options: dict[str, Any] | None = None,
 ) -> tuple[Catalog, IngestReport]:
     """Match the root's metadata with the images it holds; raise only if nothing at all is usable.
 
     `dataset` names the layout (`nih` or one of `cxr.data.datasets.ADAPTERS`); by default an NIH metadata
     file decides, else the published files the root holds. For the other datasets, `policy` says how
-    uncertain and unmentioned labels become targets, and `views` keeps the `frontal` images (PA or AP)
-    or `all`.
+    uncertain and unmentioned labels become targets, `views` keeps the `frontal` images (PA or AP) or
+    `all`, and `options` go to the adapter's `read` (e.g. VinDr's `readers`, MIMIC's `labeller`).
     """
     if dataset is None and (metadata is not None or str(root).startswith("s3://") or _has_nih_metadata(root)):
         dataset = "nih"
@@ -109,7 +111,7 @@ def load_catalog(
             f"a dataset cxr reads ({', '.join(datasets.ADAPTERS)})"
         )
     if dataset != "nih":
-        return _load_dataset(Path(root), dataset, policy or datasets.LabelPolicy(), views)
+        return _load_dataset(Path(root), dataset, policy or datasets.LabelPolicy(), views, options or {})
     source = open_source(root)
     metadata_path = metadata or _locate_metadata(root)
     table, labels = read_metadata(_local_copy(metadata_path))
@@ -117,15 +119,19 @@ def load_catalog(
 
 
 def _load_dataset(
-    root: Path, name: str, policy: datasets.LabelPolicy, views: str
+    root: Path, name: str, policy: datasets.LabelPolicy, views: str, options: dict[str, Any]
 ) -> tuple[Catalog, IngestReport]:
+    """A dataset's frontal (or all) images; rows whose image is missing are reported as such, whatever
+    their view (a missing DICOM has no view to read), and images of other views are not "unlisted"."""
     if views not in ("frontal", "all"):
         raise ValueError(f"views must be 'frontal' or 'all', not {views!r}")
-    table, labels = datasets.adapter(name).read(root, policy)
-    keep = np.ones(len(table), dtype=bool) if views == "all" else is_frontal(table["view"])
-    table = table.loc[keep].reset_index(drop=True).assign(dataset=name)
+    table, labels = datasets.adapter(name).read(root, policy, **options)
     source = DirectorySource(root, by_path=True)
-    return _matched(root, f"{name} metadata", source, table, labels[keep], name, int((~keep).sum()))
+    present = table["image_id"].isin(source.list_images()).to_numpy()
+    other = present & ~is_frontal(table["view"]) if views == "frontal" else np.zeros(len(table), dtype=bool)
+    kept = table.loc[~other].reset_index(drop=True).assign(dataset=name)
+    ignored = set(table.loc[other, "image_id"])
+    return _matched(root, f"{name} metadata", source, kept, labels[~other], name, len(ignored), ignored)
 
 
 def is_frontal(views: pd.Series) -> np.ndarray:
@@ -142,10 +148,11 @@ def _matched(
     labels: np.ndarray,
     dataset: str,
     other_views: int,
+    ignored: set[str] | None = None,
 ) -> tuple[Catalog, IngestReport]:
     available = set(source.list_images())
     present = table["image_id"].isin(available).to_numpy()
-    listed = set(table["image_id"])
+    listed = set(table["image_id"]) | (ignored or set())
     unlisted = sorted(available - listed)
     missing = table.loc[~present, "image_id"]
     report = IngestReport(
