@@ -73,6 +73,8 @@ class TrainConfig:
     sync_batchnorm: bool = True  # gpus > 1: batch-norm statistics of the global batch, as in one process
     lr_batch: int | None = None  # the batch size `lr` is for; when set, lr × batch_size / lr_batch is used
     max_batches_per_epoch: int | None = None  # for quick runs
+    # dataset → weight: each epoch draws the datasets in these shares (empty: every image once, shuffled)
+    dataset_weights: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> TrainConfig:
@@ -385,7 +387,7 @@ def train_loader(
     `device` (or `auto` where the train and validation rows take at most half the free memory of every
     process's device, CUDA only) holds those rows on the device and augments there (`DeviceLoader`);
     `loader` reads them through `make_loader`'s workers. Both yield this process's share of the same
-    global batches.
+    global batches, drawn by `config.dataset_weights` when set.
     """
     if config.data_path not in ("auto", "loader", "device"):
         raise ValueError(f"unknown data_path {config.data_path!r}; use 'auto', 'loader' or 'device'")
@@ -404,10 +406,17 @@ def train_loader(
             pin_memory=device.type == "cuda",
             rank=world.rank,
             world_size=world.size,
+            weights=config.dataset_weights,
         )
         return loader, "loader"
     batches = GlobalBatchSampler(
-        train_set, config.batch_size, shuffle=True, seed=config.seed, rank=world.rank, world_size=world.size
+        train_set,
+        config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        rank=world.rank,
+        world_size=world.size,
+        weights=config.dataset_weights,
     )
     resident = DeviceCache(train_set.cache, rows, device)
     return DeviceLoader(train_set, resident, batch_sampler=batches), "device"

@@ -10,11 +10,14 @@ batches do not depend on the number of workers.
 
 Under data-parallel training each process reads its share of every global batch (`GlobalBatchSampler`):
 the global batches, their order and each image's augmentation are the same whatever the number of processes.
+Over several datasets (a cache with a `dataset` column), per-dataset weights make each epoch a seeded draw
+with replacement in which each dataset takes its weight's share, as the same global batches everywhere.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,6 +27,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cxr.data.cache import ShardCache
+
+DATASET_COLUMN = "dataset"
+SINGLE_DATASET = "nih"  # the dataset of a cache without a `dataset` column
 
 
 @dataclass(frozen=True)
@@ -141,20 +147,66 @@ def augment(image: np.ndarray, crop: int, aug: Augmentation, rng: np.random.Gene
 class EpochSampler(Sampler[tuple[int, int]]):
     """Yields `(epoch, index)` for a dataset's current epoch, shuffled by (seed, epoch) when asked.
 
+    With `weights` (dataset name → weight) an epoch is instead a draw with replacement, by (seed, epoch), of
+    as many items as the dataset has, each dataset's images together drawn `weights[d] / sum(weights)` of
+    the time, evenly among them (`draw_probabilities`).
+
     It runs in the main process and reads `dataset.epoch` when an epoch's iteration starts, so the epoch
     reaches worker processes with every index, persistent workers included.
     """
 
-    def __init__(self, dataset: ShardDataset, shuffle: bool, seed: int):
+    def __init__(
+        self, dataset: ShardDataset, shuffle: bool, seed: int, weights: Mapping[str, float] | None = None
+    ):
+        if weights and not shuffle:
+            raise ValueError("dataset weights draw a random epoch: they need shuffle")
         self.dataset, self.shuffle, self.seed = dataset, shuffle, seed
+        self.probabilities = draw_probabilities(dataset_names(dataset), weights) if weights else None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __iter__(self):
         epoch, n = self.dataset.epoch, len(self.dataset)
-        order = np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+        rng = np.random.default_rng((self.seed, epoch))
+        if self.probabilities is not None:
+            order = rng.choice(n, size=n, p=self.probabilities)
+        else:
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
         return ((epoch, int(i)) for i in order)
+
+
+def dataset_names(dataset: ShardDataset) -> np.ndarray:
+    """The dataset each item comes from: the cache's `dataset` column, or `nih` for a cache without one
+    (an NIH catalog's)."""
+    meta = dataset.cache.meta
+    if DATASET_COLUMN not in meta.columns:
+        return np.full(len(dataset), SINGLE_DATASET, dtype=object)
+    return meta[DATASET_COLUMN].astype(str).to_numpy()[dataset.rows]
+
+
+def draw_probabilities(names: np.ndarray, weights: Mapping[str, float]) -> np.ndarray:
+    """Each item's probability of a draw, `weights[d] / sum(weights) / count(d)` for an item of dataset
+    `d`; every dataset among `names` needs a weight (0 leaves it out), and no other may have one."""
+    present, counts = np.unique(names, return_counts=True)
+    problems = [
+        f"{what} {sorted(which)}"
+        for what, which in (
+            ("no weight for", set(present.tolist()) - set(weights)),
+            ("no training image from", set(weights) - set(present.tolist())),
+        )
+        if which
+    ]
+    if problems:
+        raise ValueError(
+            f"dataset_weights must weigh exactly the datasets of the training images {present.tolist()}: "
+            + "; ".join(problems)
+        )
+    values = np.array([float(weights[name]) for name in present])
+    if not np.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
+        raise ValueError(f"dataset_weights must be finite, non-negative and not all 0: {dict(weights)}")
+    per_item = values / values.sum() / counts
+    return per_item[np.searchsorted(present, names)]
 
 
 def global_batch_sizes(n: int, batch_size: int, world_size: int = 1) -> list[int]:
@@ -170,7 +222,8 @@ def rank_share(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 
 
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Process `rank`'s share of each global batch of `batch_size` items, in `EpochSampler`'s order.
+    """Process `rank`'s share of each global batch of `batch_size` items, in `EpochSampler`'s order
+    (drawn by dataset `weights` when given).
 
     The global batches are the same whatever `world_size`: consecutive runs of the epoch's order, the last
     one partial (`global_batch_sizes`); each process takes its `rank_share` of every one.
@@ -184,12 +237,13 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        weights: Mapping[str, float] | None = None,
     ):
         if not 0 <= rank < world_size or batch_size < world_size:
             raise ValueError(
                 f"a global batch of {batch_size} cannot be shared by rank {rank} of {world_size}"
             )
-        self.order = EpochSampler(dataset, shuffle, seed)
+        self.order = EpochSampler(dataset, shuffle, seed, weights)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def global_batch_sizes(self) -> list[int]:
@@ -217,12 +271,14 @@ def make_loader(
     pin_memory: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    weights: Mapping[str, float] | None = None,
 ) -> DataLoader:
     """A DataLoader over a shard dataset: persistent workers, order and augmentation set by `set_epoch`;
-    `batch_size` is the global batch, of which process `rank` of `world_size` reads its share."""
+    `batch_size` is the global batch, of which process `rank` of `world_size` reads its share; `weights`
+    draw each epoch by dataset (`EpochSampler`)."""
     return DataLoader(
         dataset,
-        batch_sampler=GlobalBatchSampler(dataset, batch_size, shuffle, seed, rank, world_size),
+        batch_sampler=GlobalBatchSampler(dataset, batch_size, shuffle, seed, rank, world_size, weights),
         generator=torch.Generator().manual_seed(seed),  # worker seeds never draw from the global RNG
         num_workers=workers,
         persistent_workers=workers > 0,
