@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from cxr.data.cache import PreprocessSettings, ShardCache, build_cache
 from cxr.data.catalog import Catalog, load_catalog
 from cxr.data.datasets import ADAPTERS, LabelPolicy
+from cxr.data.expert_labels import find_google2019, read_google2019
 from cxr.data.findings import FINDINGS
 from cxr.data.loader import ShardDataset
 from cxr.evaluate import EvaluationReport, OperatingTarget, evaluate
@@ -121,3 +123,24 @@ def external_summary(spec: ExternalSet, report: EvaluationReport) -> dict[str, A
         "prevalence": prevalence,
         **report.to_dict(),
     }
+
+
+def expert_validation(
+    root: str, meta: pd.DataFrame, probs: np.ndarray, thresholds: np.ndarray | None = None, n_boot: int = 500
+) -> dict[str, Any] | None:
+    """The test images that radiologists adjudicated (NIH's Google 2019 labels, when the file is beside the
+    root's metadata) evaluated against the experts: Pneumothorax, and Nodule or mass and Airspace opacity
+    as joint findings. None without the file; `n_images` 0 when no test image is among its 4,376."""
+    path = find_google2019(root)
+    if path is None:
+        return None
+    expert = read_google2019(path)
+    rows = pd.Index(expert.table["image_id"]).get_indexer(meta["image_id"])
+    chosen = np.flatnonzero(rows >= 0)
+    summary: dict[str, Any] = {"file": str(path), "n_images": len(chosen)}
+    if not len(chosen):
+        return summary
+    joint = expert.joint.iloc[rows[chosen]].reset_index(drop=True)
+    tested = meta.iloc[chosen].reset_index(drop=True)
+    report = evaluate(expert.labels[rows[chosen]], probs[chosen], tested, thresholds, n_boot, joint=joint)
+    return {**summary, **report.to_dict()}

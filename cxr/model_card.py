@@ -65,6 +65,7 @@ def render_model_card(
         *_calibration_lines(metrics.get("calibration")),
     ]
     lines += ["", "## External validation", *_external_lines(metrics.get("external"))]
+    lines += _expert_lines(metrics.get("expert_labels"))
     lines += ["", "## Input gate", *_input_gate_lines(metrics.get("input_gate"))]
     lines += ["", "## Subgroups", *_subgroup_lines(metrics)]
     if training:
@@ -134,6 +135,29 @@ def _external_lines(sets: dict[str, Any] | None) -> list[str]:
                 f" | {_f(row['sensitivity'])} | {_f(row['specificity'])} | {_f(row['ece'])} |"
             )
         lines.append("")
+    return lines
+
+
+def _expert_lines(result: dict[str, Any] | None) -> list[str]:
+    """The test images radiologists adjudicated (NIH's Google 2019 labels), when the data root has them."""
+    if not result:
+        return []
+    lines = ["", "## Against radiologists' labels"]
+    if not result["n_images"]:
+        return [*lines, f"No test image is among those adjudicated in `{result['file']}`."]
+    rows = [r for r in result.get("per_class", []) if r["n_labelled"]] + result.get("joint", [])
+    lines += [
+        f"{result['n_images']} test images adjudicated by radiologists (`{result['file']}`); joint findings"
+        " are scored by the highest member probability.",
+        "",
+        "| finding | labelled | positives | AUROC (95% CI) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['finding']} | {r['n_labelled']} | {r['n_pos']} | {_f(r['auroc'])}"
+        f" ({_f(r['auroc_lo'])}–{_f(r['auroc_hi'])}) |"
+        for r in rows
+    ]
     return lines
 
 

@@ -41,7 +41,7 @@ from cxr.data.prepare import resolve_data_root, split_catalog
 from cxr.data.split import split_summary
 from cxr.evaluate import choose_thresholds, parse_operating_points, report_thresholds, youden_thresholds
 from cxr.evaluate import evaluate as evaluate_predictions
-from cxr.external import external_summary, parse_external_sets, validate_external
+from cxr.external import expert_validation, external_summary, parse_external_sets, validate_external
 from cxr.gate import DEFAULT_MAX_SENSITIVITY_DROP, promotion_gate, require_external_floors
 from cxr.metaflow_cards import keep_cards_with_datastore
 from cxr.model import CXRNet
@@ -342,8 +342,10 @@ class CXRTrainFlow(FlowSpec):
               f"{gate_report['real_refused']:.2%}")  # fmt: skip
         served = CalibratedPredictor(predictor, calibrator)  # what the server answers
         self.external_validation = self._validate_externally(served, thresholds, targets, target_thresholds)
+        experts = expert_validation(self.data_root, test_meta, test_probs, thresholds,
+                                    int(self.config["evaluate"]["n_boot"]))  # fmt: skip
         self.metrics = {**report.to_dict(), "calibration": summary, "input_gate": gate_report,
-                        "external": self.external_validation}  # fmt: skip
+                        "external": self.external_validation, "expert_labels": experts}  # fmt: skip
         self.mean_auroc = shown_number(report.mean_auroc)  # headline artifacts: small enough for the UI
         self.mean_auroc_ci = [shown_number(bound) for bound in report.mean_auroc_ci]
         self.test_predictions = pd.DataFrame(test_probs, columns=[f"prob_{f}" for f in FINDINGS])

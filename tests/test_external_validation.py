@@ -147,3 +147,29 @@ def test_dicom_datasets_reach_the_cache_and_their_published_split(tmp_path, nih_
     assert not np.isnan(catalog.labels[:, k]).any() and np.isnan(np.delete(catalog.labels, k, axis=1)).all()
     cache = build_cache(catalog, PreprocessSettings(size=64), root=tmp_path / "c", progress=False)
     assert len(cache) == len(catalog) and not cache.failures
+
+
+def test_test_images_radiologists_adjudicated_are_reported_against_them(nih_root, tmp_path):
+    """With the Google 2019 file beside NIH's metadata, the test images among its 4,376 are evaluated
+    against the radiologists: Pneumothorax directly, the joint findings by their members; no file: None."""
+    from cxr.data.metadata import read_metadata
+    from cxr.external import expert_validation
+
+    table, labels = read_metadata(nih_root / "Data_Entry_2017_v2020.csv.gz")
+    expert = pd.read_csv(nih_root / "google2019_nih-chest-xray-labels.csv.gz")
+    adjudicated = np.flatnonzero(table["image_id"].isin(expert["Image Index"]).to_numpy())
+    rows = np.union1d(adjudicated[::2], np.arange(0, len(table), 50))  # a test split, half of them in it
+    meta = table.iloc[rows].reset_index(drop=True)
+    rng = np.random.default_rng(1)
+    probs = np.clip(0.5 * labels[rows] + rng.random((len(rows), 14)) * 0.6, 0, 1)
+    result = expert_validation(str(nih_root), meta, probs, n_boot=50)
+    inside = meta["image_id"].isin(expert["Image Index"]).to_numpy()
+    assert result["n_images"] == inside.sum() > 1000
+    truth = expert.set_index("Image Index").loc[meta["image_id"][inside]]
+    k = FINDINGS.index("Pneumothorax")
+    assert result["auroc"]["Pneumothorax"] == pytest.approx(
+        roc_auc_score(truth["Pneumothorax"] == "YES", probs[inside, k])
+    )
+    joint = {row["finding"]: row for row in result["joint"]}
+    assert joint["Nodule or mass"]["n_labelled"] == inside.sum()
+    assert expert_validation(str(tmp_path), meta, probs) is None

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from metaflow import Runner
@@ -229,6 +230,10 @@ def test_real_nih_partial_download(tmp_path, nih_root):
     manifest = ShardCache(run["end"].task["data_cache"].data["local_dir"]).manifest
     assert manifest["images"] == 120 and manifest["failures"] == []
     assert run["end"].task["metrics"].data["n_images"] == len(run["end"].task["split_rows"].data.test)
+    experts = run["end"].task["metrics"].data["expert_labels"]  # the Google 2019 file is in the root
+    tested = run["end"].task["test_predictions"].data["Image Index"]
+    adjudicated = pd.read_csv(nih_root / "google2019_nih-chest-xray-labels.csv.gz")["Image Index"]
+    assert experts["n_images"] == tested.isin(adjudicated).sum()
 
 
 @pytest.mark.slow

@@ -37,6 +37,12 @@ class ExpertLabels:
     joint: pd.DataFrame
 
 
+def find_google2019(root: str | Path) -> Path | None:
+    """The adjudicated labels file beside an NIH root's metadata (local roots), or None."""
+    path = Path(str(root)) / GOOGLE2019_NAME
+    return path if not str(root).startswith("s3://") and path.is_file() else None
+
+
 def is_google2019(path: str | Path) -> bool:
     """Whether a CSV file has the Google 2019 labels' columns."""
     try:
