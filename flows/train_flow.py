@@ -34,10 +34,10 @@ from cxr.data.cache import (
     plan_cache,
     shard_path,
 )
-from cxr.data.catalog import load_catalog
+from cxr.data.combined import combine_catalogs, split_combined
 from cxr.data.findings import FINDINGS
 from cxr.data.loader import ShardDataset
-from cxr.data.prepare import resolve_data_root, split_catalog
+from cxr.data.prepare import load_parts, resolve_data_root, split_catalog
 from cxr.data.split import split_summary
 from cxr.evaluate import choose_thresholds, parse_operating_points, report_thresholds, youden_thresholds
 from cxr.evaluate import evaluate as evaluate_predictions
@@ -155,17 +155,28 @@ class CXRTrainFlow(FlowSpec):
 
     @step
     def ingest(self):
-        """Match metadata rows with images; a partial download is reported, not fatal."""
-        self.catalog, report = load_catalog(self.data_root)
-        self.ingest_report = report.__dict__
-        print(report.summary())
+        """Match metadata rows with images (a partial download is reported, not fatal); with `data.also`,
+        the other datasets' too, combined into one catalog."""
+        self.data_parts = load_parts(self.data_root, self.config["data"])
+        self.ingest_reports = {name: report.__dict__ for name, _, _, report in self.data_parts}
+        self.ingest_report = self.data_parts[0][3].__dict__
+        for name, _, _, report in self.data_parts:
+            print(f"{name}: {report.summary()}")
+        parts = [(name, catalog) for name, catalog, _, _ in self.data_parts]
+        self.catalog = parts[0][1] if len(parts) == 1 else combine_catalogs(parts)
         self.next(self.split)
 
     @card(type="blank")
     @step
     def split(self):
         """Split by patient, stratified on the 14 findings; record per-split counts and prevalence."""
-        self.split_rows, self.split_method = split_catalog(self.catalog, self.data_root, self.config["split"])
+        if len(self.data_parts) == 1:
+            self.split_rows, self.split_method = split_catalog(
+                self.catalog, self.data_root, self.config["split"]
+            )
+        else:
+            parts = [(name, catalog, root) for name, catalog, root, _ in self.data_parts]
+            self.split_rows, self.split_method = split_combined(parts, self.config["split"])
         summary = split_summary(
             self.split_rows, self.catalog.meta["patient_id"].to_numpy(), self.catalog.labels
         )
@@ -405,6 +416,7 @@ class CXRTrainFlow(FlowSpec):
         lineage = {
             "flow run": current.pathspec.rsplit("/", 2)[0],
             "data root": self.data_root,
+            "datasets": json.dumps({name: report["root"] for name, report in self.ingest_reports.items()}),
             "data cache key": self.data_cache_key,
             "split": self.split_method,
             "config": json.dumps(self.config, sort_keys=True),

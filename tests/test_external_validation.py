@@ -84,40 +84,69 @@ def test_cli_evaluates_predictions_against_a_dataset_root(chexpert, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_flow_validates_externally_and_gates_on_named_floors(chexpert, tmp_path):
-    """The train flow on the demo set with CheXpert's radiologist-labelled `val` rows as an external set:
-    its report (on the 7 findings CheXpert labels) in the run, the card and the model card; a floor on a
-    set that was not evaluated holds the version back, and the reasons say how each set fared."""
+def test_the_flow_trains_on_two_datasets_and_validates_on_a_third(chexpert, tmp_path, nih_root):
+    """The train flow on the demo set and CheXpert together (weighted half and half), with VinDr-CXR's
+    published test set as the external set: one catalog and split with each dataset's patients kept
+    apart, the external report (on the findings VinDr labels) in the run, its card and the model card; a
+    floor on a set that was not evaluated holds the version back; the monitoring baseline of the
+    combined model checks its own held-out images without a violation."""
     from metaflow import Runner
 
+    from cxr.monitor.baseline import Baseline
+    from cxr.monitor.checks import MonitorConfig, run_checks
+    from cxr.monitor.reader import Traffic
     from cxr.registry import Registry
 
     from .test_train_flow import FLOW, card_contents, flow_env, write_config
 
+    write_vindr(tmp_path / "vindr", nih_root)
     config = write_config(tmp_path, epochs=1)
     text = config.read_text().replace(
         "  n_boot: 50\n",
-        f"  n_boot: 50\n  external: [{{name: chexpert-valid, root: '{chexpert}', rows: val}}]\n",
+        f"  n_boot: 50\n  external: [{{name: vindr-test, root: '{tmp_path / 'vindr'}', rows: test}}]\n",
     )
-    text = text.replace("registry: {", "registry: {external_floors: {chexpert-valid: 0.0, mimic-test: 0.7}, ")
+    text = text.replace(
+        "  root: demo\n", f"  root: demo\n  also: [{{root: '{chexpert}', uncertain: ones}}]\n"
+    )
+    text = text.replace("lr: 0.003}", "lr: 0.003, dataset_weights: {nih: 1, chexpert: 1}}")
+    text = text.replace("registry: {", "registry: {external_floors: {vindr-test: 0.0, mimic-test: 0.7}, ")
     config.write_text(text)
     with Runner(str(FLOW), show_output=False, env=flow_env(tmp_path), cwd=str(tmp_path)).run(
         config_file=str(config)
     ) as running:
         assert running.status == "successful", running.stderr
         run = running.run
+
+    ingest = run["ingest"].task
+    assert list(ingest["ingest_reports"].data) == ["nih", "chexpert"]
+    meta = ingest["catalog"].data.meta
+    assert meta["dataset"].value_counts().to_dict()["chexpert"] == 5  # CheXpert's frontal images
+    split = run["split"].task["split_rows"].data
+    patients = [set(meta["patient_id"].to_numpy()[rows]) for rows in (split.train, split.val, split.test)]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+    assert run["train"].task["config"].data["train"]["dataset_weights"] == {"nih": 1, "chexpert": 1}
+    assert np.isfinite(run["train"].task["history"].data[0]["train_loss"])
+
     evaluate = run["evaluate"].task
-    result = evaluate["external_validation"].data["chexpert-valid"]
-    assert result["n_images"] == 2 and result["set"]["rows"] == "val"  # the frontal valid.csv images
-    assert result["labelled_findings"] == list(LABELLED) and result["bootstrap"]["resampled"] == "patients"
-    assert evaluate["metrics"].data["external"]["chexpert-valid"]["mean_auroc"] == result["mean_auroc"]
+    result = evaluate["external_validation"].data["vindr-test"]
+    assert result["n_images"] == 2 and result["set"]["rows"] == "test"  # VinDr's published test set
+    assert "Hernia" not in result["labelled_findings"] and "Cardiomegaly" in result["labelled_findings"]
+    assert result["bootstrap"]["resampled"] == "patients"
     (content,) = card_contents(evaluate)
-    assert "External validation" in content and "chexpert-valid" in content
+    assert "External validation" in content and "vindr-test" in content
     gate = run["register"].task["gate"].data
     assert not gate["promote"] and "external set mimic-test: not evaluated (floor 0.700)" in gate["reasons"]
-    assert any(r.startswith("external set chexpert-valid: mean AUROC") for r in gate["reasons"])
-    card = Registry(group="demo").get(run["end"].task["model_version"].data).card.read_text()
-    assert "## External validation" in card and "**chexpert-valid** (dataset at" in card
+    assert any(r.startswith("external set vindr-test: mean AUROC") for r in gate["reasons"])
+    version = Registry(group="demo").get(run["end"].task["model_version"].data)
+    card = version.card.read_text()
+    assert "## External validation" in card and "**vindr-test** (dataset at" in card
+    assert '"chexpert"' in version.lineage["datasets"]
+
+    baseline = Baseline.load(version.directory)
+    traffic = Traffic("A", records=len(baseline.image), image=baseline.image, embedding=baseline.embedding,
+                      probabilities=baseline.probabilities)  # fmt: skip
+    checks = run_checks(baseline, traffic, MonitorConfig(min_images=10))
+    assert len(checks) and not checks["violation"].any(), checks[checks["violation"]]
 
 
 def test_dicom_datasets_reach_the_cache_and_their_published_split(tmp_path, nih_root):

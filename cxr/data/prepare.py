@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from cxr.config import cxr_home
-from cxr.data.catalog import Catalog
+from cxr.data.catalog import Catalog, IngestReport, load_catalog
+from cxr.data.datasets import LabelPolicy
 from cxr.data.metadata import read_split_list
 from cxr.data.sources import s3_client, split_s3_uri
 from cxr.data.split import Split, official_split, patient_split
@@ -29,6 +30,31 @@ def resolve_data_root(data: dict[str, Any], progress: bool = True) -> str:
     demo = {"n_patients": 600, "max_images_per_patient": 6, "size": 256, "seed": 0, **data.get("demo", {})}
     directory = cxr_home() / "demo" / "p{n_patients}-m{max_images_per_patient}-s{size}-r{seed}".format(**demo)
     return str(make_demo_dataset(directory, **demo, progress=progress))
+
+
+PART_KEYS = {"root", "dataset", "name", "uncertain", "unmentioned", "views", "options"}
+
+
+def load_parts(root: str, data: dict[str, Any]) -> list[tuple[str, Catalog, str, IngestReport]]:
+    """The training data as (name, catalog, root, report) parts: the data root, then each `data.also`
+    entry `{root, dataset?, name?, uncertain?, unmentioned?, views?, options?}` read under its own label
+    policy and views. A part's name (default: its dataset) names it in ids, patients and weights."""
+    parts = [_part(root, {k: v for k, v in data.items() if k in PART_KEYS - {"root"}})]
+    for entry in data.get("also") or []:
+        if not isinstance(entry, dict) or "root" not in entry or set(entry) - PART_KEYS:
+            raise ValueError(
+                f"data.also entries are {{root, ...}} with keys from {sorted(PART_KEYS)}: {entry!r}"
+            )
+        parts.append(_part(str(entry["root"]), entry))
+    return parts
+
+
+def _part(root: str, entry: dict[str, Any]) -> tuple[str, Catalog, str, IngestReport]:
+    policy = LabelPolicy(entry.get("uncertain", "ignore"), entry.get("unmentioned", "negative"))
+    dataset, views, options = entry.get("dataset"), entry.get("views", "frontal"), entry.get("options")
+    catalog, report = load_catalog(root, dataset=dataset, policy=policy, views=views, options=options)
+    log.info(report.summary())
+    return str(entry.get("name") or report.dataset), catalog, root, report
 
 
 def split_catalog(catalog: Catalog, root: str, split: dict[str, Any]) -> tuple[Split, str]:
