@@ -179,8 +179,8 @@ def test_combining_refuses_names_that_would_collide(roots):
             combine_catalogs([(names[0], nih), (names[1], chexpert)])
 
 
-def dataset_share(cache, train_rows, order: list[tuple[int, int]], name: str) -> float:
-    indices = np.array([index for _, index in order])
+def dataset_share(cache, train_rows, order: list[tuple[int, int, int]], name: str) -> float:
+    indices = np.array([index for _, index, _ in order])
     return float((cache.meta["dataset"].to_numpy()[train_rows[indices]] == name).mean())
 
 
@@ -195,12 +195,12 @@ def test_dataset_weights_draw_each_dataset_its_share(combined, train_rows):
     for epoch in range(10):
         dataset.set_epoch(epoch)
         orders.append(list(sampler))
-        assert len(orders[-1]) == len(train_rows) and {e for e, _ in orders[-1]} == {epoch}
+        assert len(orders[-1]) == len(train_rows) and {e for e, _, _ in orders[-1]} == {epoch}
         assert 0.3 < dataset_share(cache, train_rows, orders[-1], "chexpert") < 0.7
     everything = [item for order in orders for item in order]
     assert dataset_share(cache, train_rows, everything, "chexpert") == pytest.approx(0.5, abs=0.05)
     dataset.set_epoch(3)
-    assert list(sampler) == orders[3] != [(3, i) for _, i in orders[4]]
+    assert list(sampler) == orders[3] != [(3, i, k) for _, i, k in orders[4]]
     skewed = EpochSampler(dataset, shuffle=True, seed=SEED, weights={"nih": 3.0, "chexpert": 1.0})
     assert dataset_share(cache, train_rows, list(skewed), "chexpert") == pytest.approx(0.25, abs=0.1)
     dropped = EpochSampler(dataset, shuffle=True, seed=SEED, weights={"nih": 1.0, "chexpert": 0.0})
@@ -258,7 +258,7 @@ def test_empty_weights_keep_the_unweighted_permutation(combined, train_rows):
     for epoch in (0, 4):
         dataset.set_epoch(epoch)
         expected = [
-            (epoch, int(i)) for i in np.random.default_rng((SEED, epoch)).permutation(len(train_rows))
+            (epoch, int(i), 0) for i in np.random.default_rng((SEED, epoch)).permutation(len(train_rows))
         ]
         assert (
             list(EpochSampler(dataset, True, SEED, {})) == list(EpochSampler(dataset, True, SEED)) == expected
@@ -306,3 +306,27 @@ def test_training_on_combined_datasets_with_weights(combined, train_rows, tmp_pa
     assert all(np.isfinite([h["train_loss"], h["val_loss"]]).all() for h in result.history)
     assert result.config["dataset_weights"] == EVEN
     assert load_checkpoint(tmp_path / "checkpoints")["config"]["dataset_weights"] == EVEN
+
+
+def test_an_image_drawn_again_is_augmented_its_own_way(combined, train_rows):
+    """In a weighted epoch an image drawn k times comes with draws 0..k-1, each its own augmentation, the
+    same on the loader and the device path; an image's first draw is augmented as without weights."""
+    from cxr.data.device_augment import DeviceCache, DeviceLoader
+    from cxr.data.loader import occurrences
+
+    assert occurrences(np.array([3, 1, 3, 3, 1, 0])).tolist() == [0, 0, 1, 2, 1, 0]
+    cache = combined[3]
+    dataset = ShardDataset(cache, train_rows, crop=CROP, train=True, seed=SEED)
+    dataset.set_epoch(1)
+    order = list(EpochSampler(dataset, True, SEED, EVEN))
+    repeated = [item for item in order if item[2] > 0]
+    assert len(repeated) > 10  # the few CheXpert images fill half the epoch
+    index = repeated[0][1]
+    copies = [item for item in order if item[1] == index]
+    assert [k for _, _, k in copies] == list(range(len(copies)))
+    images = [dataset[item][0] for item in copies]
+    assert all(not torch.equal(images[0], other) for other in images[1:])
+    assert torch.equal(dataset[(1, index, 0)][0], dataset[(1, index)][0])  # the first draw: as before
+    device = DeviceLoader(dataset, DeviceCache(cache, train_rows), batch_sampler=[copies])
+    ((warped, _),) = list(device)
+    assert (warped.float() - torch.stack(images).float()).abs().max() <= 1

@@ -162,7 +162,7 @@ def test_a_batch_sampler_sets_the_batches(cache, resident):
     dataset.set_epoch(2)
     whole = one_pass(DeviceLoader(dataset, resident, 16, shuffle=True, seed=SEED))
     batches = [list(batch) for batch in BatchSampler(EpochSampler(dataset, True, SEED), 16, False)]
-    assert {epoch for batch in batches for epoch, _ in batch} == {2}
+    assert {epoch for batch in batches for epoch, _, _ in batch} == {2}
     shares = [
         one_pass(DeviceLoader(dataset, resident, batch_sampler=[batch[rank::2] for batch in batches]))
         for rank in (0, 1)

@@ -5,9 +5,9 @@
 a `ShardDataset`'s items as batches of (uint8 [B, 1, crop, crop], float32 [B, 14]) on that device:
 
 - the order is the CPU loader's: the dataset's `EpochSampler`, shuffled by (seed, epoch), in batches
-  as `DataLoader` makes them, or those of any batch sampler of `(epoch, index)` items;
+  as `DataLoader` makes them, or those of any batch sampler of `(epoch, index, draw)` items;
 - each image's crop, flip, rotation, scale and shift are drawn from the same generator
-  `np.random.default_rng((seed, epoch, row))` as the CPU path's `augment`, in the same order, so both draw
+  `augmentation_rng(seed, epoch, row, draw)` as the CPU path's `augment`, in the same order, so both draw
   the same numbers whatever the device or batch composition; the draws become one affine matrix per image,
   applied to the batch by `F.affine_grid` + `F.grid_sample` (bilinear, reflection about the edge pixels'
   centres = OpenCV's BORDER_REFLECT_101), rounded back to uint8;
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler
 
 from cxr.data.cache import ShardCache
-from cxr.data.loader import EpochSampler, ShardDataset, draw_warp, warp_matrices
+from cxr.data.loader import EpochSampler, ShardDataset, augmentation_rng, draw_warp, warp_matrices
 
 
 def grid_thetas(matrices: np.ndarray, size: int, crop: int) -> np.ndarray:
@@ -120,7 +120,7 @@ class DeviceLoader:
     """Batches of a `ShardDataset` from a `DeviceCache`: the CPU loader's order, draws and crops, on device.
 
     Like a DataLoader: `batch_size`, `shuffle`, `seed` and `drop_last` batch `EpochSampler`'s order, or
-    `batch_sampler` yields each batch's `(epoch, index)` items itself (e.g. one process's share of every
+    `batch_sampler` yields each batch's `(epoch, index, draw)` items itself (e.g. one process's share of every
     global batch); iterate once per epoch after `dataset.set_epoch(epoch)`.
     """
 
@@ -149,24 +149,26 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for items in self.batch_sampler:
-            epochs, indices = np.asarray(items, dtype=np.int64).reshape(-1, 2).T
+            epochs, indices, draws = np.asarray(items, dtype=np.int64).reshape(-1, 3).T
             where = self._to_device(self.slots[indices])
             images = self.resident.images.index_select(0, where)
             if self.dataset.train:
-                thetas = self._to_device(self.thetas(self.dataset.rows[indices], epochs))
+                thetas = self._to_device(self.thetas(self.dataset.rows[indices], epochs, draws))
                 images = warp_batch(images, thetas, self.dataset.crop)
             else:
                 images = center_crop_batch(images, self.dataset.crop)
             yield images, self.resident.labels.index_select(0, where)
 
-    def thetas(self, rows: np.ndarray, epochs: np.ndarray) -> np.ndarray:
-        """Normalised warp matrices of cache rows in their epochs: the draws of `ShardDataset.__getitem__`."""
+    def thetas(self, rows: np.ndarray, epochs: np.ndarray, draws: np.ndarray | None = None) -> np.ndarray:
+        """Normalised warp matrices of cache rows in their epochs (and draws of a weighted epoch): those of
+        `ShardDataset.__getitem__`."""
         data, size = self.dataset, self.resident.size
-        draws = [
-            draw_warp(size, data.crop, data.augmentation, np.random.default_rng((data.seed, int(e), int(r))))
-            for e, r in zip(epochs, rows, strict=True)
+        draws = np.zeros(len(rows), dtype=np.int64) if draws is None else draws
+        warps = [
+            draw_warp(size, data.crop, data.augmentation, augmentation_rng(data.seed, int(e), int(r), int(k)))
+            for e, r, k in zip(epochs, rows, draws, strict=True)
         ]
-        return grid_thetas(warp_matrices(draws, data.crop), size, data.crop)
+        return grid_thetas(warp_matrices(warps, data.crop), size, data.crop)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         """A host array on the resident device, through pinned memory without waiting on CUDA."""

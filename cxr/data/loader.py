@@ -76,17 +76,25 @@ class ShardDataset(Dataset):
         """Label rows of this dataset, in item order."""
         return self.cache.labels[self.rows]
 
-    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Item `index`, or `(epoch, index)` as `EpochSampler` yields them (a worker's epoch may be stale)."""
-        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+    def __getitem__(self, index: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item `index`, or `(epoch, index, draw)` as `EpochSampler` yields them (a worker's epoch may be
+        stale; `draw` counts an item's earlier draws in a weighted epoch)."""
+        epoch, index, draw = (*index, 0)[:3] if isinstance(index, tuple) else (self.epoch, index, 0)
         row = int(self.rows[index])
         image = self.cache.image(row)
         if self.train:
-            rng = np.random.default_rng((self.seed, epoch, row))
-            pixels = augment(image, self.crop, self.augmentation, rng)
+            pixels = augment(
+                image, self.crop, self.augmentation, augmentation_rng(self.seed, epoch, row, draw)
+            )
         else:
             pixels = center_crop(image, self.crop)
         return torch.from_numpy(pixels).unsqueeze(0), torch.from_numpy(self.cache.labels[row])
+
+
+def augmentation_rng(seed: int, epoch: int, row: int, draw: int = 0) -> np.random.Generator:
+    """The generator of one image's augmentation: by (seed, epoch, row), and the draw number for an image
+    drawn again in a weighted epoch, so each draw is augmented its own way."""
+    return np.random.default_rng((seed, epoch, row) if draw == 0 else (seed, epoch, row, draw))
 
 
 def center_crop(image: np.ndarray, crop: int) -> np.ndarray:
@@ -144,12 +152,13 @@ def augment(image: np.ndarray, crop: int, aug: Augmentation, rng: np.random.Gene
     )
 
 
-class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields `(epoch, index)` for a dataset's current epoch, shuffled by (seed, epoch) when asked.
+class EpochSampler(Sampler[tuple[int, int, int]]):
+    """Yields `(epoch, index, draw)` for a dataset's current epoch, shuffled by (seed, epoch) when asked;
+    `draw` is 0 but for an item drawn again.
 
     With `weights` (dataset name → weight) an epoch is instead a draw with replacement, by (seed, epoch), of
     as many items as the dataset has, each dataset's images together drawn `weights[d] / sum(weights)` of
-    the time, evenly among them (`draw_probabilities`).
+    the time, evenly among them (`draw_probabilities`); an item's k-th draw of the epoch has `draw` k.
 
     It runs in the main process and reads `dataset.epoch` when an epoch's iteration starts, so the epoch
     reaches worker processes with every index, persistent workers included.
@@ -169,11 +178,24 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __iter__(self):
         epoch, n = self.dataset.epoch, len(self.dataset)
         rng = np.random.default_rng((self.seed, epoch))
+        draws = np.zeros(n, dtype=np.int64)
         if self.probabilities is not None:
             order = rng.choice(n, size=n, p=self.probabilities)
+            draws = occurrences(order)
         else:
             order = rng.permutation(n) if self.shuffle else np.arange(n)
-        return ((epoch, int(i)) for i in order)
+        return ((epoch, int(i), int(k)) for i, k in zip(order, draws, strict=True))
+
+
+def occurrences(order: np.ndarray) -> np.ndarray:
+    """For each position, how often its item came earlier in `order` (0 at its first)."""
+    sorter = np.argsort(order, kind="stable")
+    ranked = order[sorter]
+    starts = np.r_[0, np.flatnonzero(ranked[1:] != ranked[:-1]) + 1]
+    first = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    counts = np.empty(len(order), dtype=np.int64)
+    counts[sorter] = np.arange(len(order)) - first
+    return counts
 
 
 def dataset_names(dataset: ShardDataset) -> np.ndarray:
@@ -254,12 +276,12 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         return len(self.global_batch_sizes())
 
     def __iter__(self):
-        items = np.array(list(self.order), dtype=np.int64).reshape(-1, 2)  # (epoch, index) rows
+        items = np.array(list(self.order), dtype=np.int64).reshape(-1, 3)  # (epoch, index, draw) rows
         for start, size in zip(
             range(0, len(items), self.batch_size), self.global_batch_sizes(), strict=False
         ):
             share = rank_share(items[start : start + size], self.rank, self.world_size)
-            yield [(int(epoch), int(index)) for epoch, index in share]
+            yield [(int(epoch), int(index), int(draw)) for epoch, index, draw in share]
 
 
 def make_loader(
