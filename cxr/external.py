@@ -45,11 +45,14 @@ class ExternalSet:
     uncertain: str = "ignore"
     unmentioned: str = "negative"
     views: str = "frontal"
+    options: dict[str, Any] | None = None  # for the adapter's `read`, e.g. VinDr's {readers: any}
 
     def catalog(self) -> Catalog:
         """The set's images and labels."""
         policy = LabelPolicy(self.uncertain, self.unmentioned)
-        catalog, report = load_catalog(self.root, dataset=self.dataset, policy=policy, views=self.views)
+        catalog, report = load_catalog(
+            self.root, dataset=self.dataset, policy=policy, views=self.views, options=self.options
+        )
         print(f"external set {self.name}: {report.summary()}")
         if self.rows == "all":
             return catalog
@@ -66,7 +69,7 @@ class ExternalSet:
 
 def parse_external_sets(setting: Any) -> list[ExternalSet]:
     """`evaluate.external` from configuration: a list of `{name, root, dataset?, rows?, uncertain?,
-    unmentioned?, views?}`; names are unique identifiers."""
+    unmentioned?, views?, options?}`; names are unique identifiers."""
     if not setting:
         return []
     if not isinstance(setting, list):
@@ -77,7 +80,12 @@ def parse_external_sets(setting: Any) -> list[ExternalSet]:
             raise ExternalSetError(
                 f"an external set needs name and root, and only {sorted(fields)}: {entry!r}"
             )
-        spec = ExternalSet(**{k: str(v) for k, v in entry.items() if v is not None})
+        if not isinstance(entry.get("options") or {}, dict):
+            raise ExternalSetError(f"external set {entry['name']}: options map adapter arguments to values")
+        values: dict[str, Any] = {
+            k: v if k == "options" else str(v) for k, v in entry.items() if v is not None
+        }
+        spec = ExternalSet(**values)
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,39}", spec.name):
             raise ExternalSetError(f"external set name {spec.name!r}: letters, digits, _ . -")
         if spec.rows not in ROWS or (spec.dataset is not None and spec.dataset not in ("nih", *ADAPTERS)):

@@ -202,3 +202,29 @@ def test_test_images_radiologists_adjudicated_are_reported_against_them(nih_root
     joint = {row["finding"]: row for row in result["joint"]}
     assert joint["Nodule or mass"]["n_labelled"] == inside.sum()
     assert expert_validation(str(tmp_path), meta, probs) is None
+
+
+def test_external_sets_are_checked_before_any_work(tmp_path, nih_root):
+    """`evaluate.external` entries: clear errors for what cannot work; adapter options reach the adapter."""
+    from cxr.external import ExternalSetError, parse_external_sets
+
+    assert parse_external_sets(None) == []
+    for bad, message in (
+        ({"root": "/x"}, "needs name and root"),
+        ({"name": "a", "root": "/x", "colour": 1}, "needs name and root"),
+        ({"name": "a b", "root": "/x"}, "letters, digits"),
+        ({"name": "a", "root": "/x", "rows": "holdout"}, "rows is one of"),
+        ({"name": "a", "root": "/x", "uncertain": "maybe"}, "uncertain must be one of"),
+        ({"name": "a", "root": "/x", "options": "any"}, "options map"),
+    ):
+        with pytest.raises((ExternalSetError, ValueError), match=message):
+            parse_external_sets([bad])
+    with pytest.raises(ExternalSetError, match="unique"):
+        parse_external_sets([{"name": "a", "root": "/x"}, {"name": "a", "root": "/y"}])
+    write_vindr(tmp_path / "vindr", nih_root)
+    vindr = {"root": str(tmp_path / "vindr"), "rows": "train"}
+    entries = [{"name": "v", **vindr}, {"name": "w", **vindr, "options": {"readers": "any"}}]
+    majority, anyone = (spec.catalog() for spec in parse_external_sets(entries))
+    assert set(majority.meta["official_split"]) == {"train"} and np.nansum(anyone.labels) > np.nansum(
+        majority.labels
+    )
