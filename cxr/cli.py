@@ -13,6 +13,9 @@ from cxr.serve.backends import BACKENDS
 from cxr.serve.limits import add_limit_arguments, limits_from_args
 
 BACKEND_HELP = "inference backend; auto: the fastest the package verified and this CPU runs"
+DATA_HELP = (
+    "NIH root directory or s3:// prefix, or a CheXpert, MIMIC-CXR-JPG, PadChest, VinDr-CXR or RSNA root"
+)
 
 DEFAULT_DEPLOY = DEFAULT_CONFIG.parent / "deploy.yaml"
 
@@ -306,13 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    ingest = commands.add_parser("ingest", help="report what an NIH root holds and how it splits")
-    ingest.add_argument("--data", required=True, help="NIH root directory or s3:// prefix")
+    ingest = commands.add_parser("ingest", help="report what a data root holds and how it splits")
+    ingest.add_argument("--data", required=True, help=DATA_HELP)
     ingest.add_argument("--seed", type=int, default=0, help="split seed")
     ingest.set_defaults(func=_ingest)
 
-    pre = commands.add_parser("preprocess", help="build (or reuse) the shard cache for an NIH root")
-    pre.add_argument("--data", required=True, help="NIH root directory or s3:// prefix")
+    pre = commands.add_parser("preprocess", help="build (or reuse) the shard cache for a data root")
+    pre.add_argument("--data", required=True, help=DATA_HELP)
     pre.add_argument("--size", type=int, default=256, help="cached image side in pixels")
     pre.add_argument("--shard-size", type=int, default=2048, help="images per shard")
     pre.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")

@@ -228,3 +228,13 @@ def test_external_sets_are_checked_before_any_work(tmp_path, nih_root):
     assert set(majority.meta["official_split"]) == {"train"} and np.nansum(anyone.labels) > np.nansum(
         majority.labels
     )
+
+
+def test_cli_ingests_another_dataset(chexpert):
+    """`cxr ingest --data <CheXpert root>`: what it holds, the frontal images, and a split."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cxr.cli", "ingest", "--data", str(chexpert)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "5 usable" in result.stdout and "4 rows left out for their view" in result.stdout
+    assert "split:" in result.stdout and "Cardiomegaly" in result.stdout
