@@ -10,7 +10,6 @@ with MIMIC-CXR's chexpert and negbio CSVs: `labeller_labels` maps it onto the NI
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +17,9 @@ import pandas as pd
 
 from cxr.data.datasets import DatasetError, LabelPolicy
 from cxr.data.datasets.tables import (
-    find_columns,
-    header,
+    has_columns,
     image_table,
-    read_csv,
+    read_columns,
     sexes,
     unlabelled,
     upper_or_missing,
@@ -99,23 +97,6 @@ def labeller_labels(observations: pd.DataFrame, policy: LabelPolicy, source: obj
     labels = unlabelled(len(observations))
     labels[:, [FINDINGS.index(name) for name in NIH_FROM_OBSERVATION.values()]] = mapped
     return labels
-
-
-def has_columns(path: Path, columns: Iterable[str]) -> bool:
-    """Whether `path` is a readable CSV (plain or gzipped) whose header names all `columns`."""
-    try:
-        find_columns(header(path), columns, path)
-    except DatasetError:
-        return False
-    return True
-
-
-def read_columns(path: Path, dtypes: Mapping[str, str]) -> pd.DataFrame:
-    """The named columns of a CSV (plain or gzipped; any order, names matched as `find_columns` does) with
-    the given dtypes; a `DatasetError` names the file and what it lacks."""
-    spelled = find_columns(header(path), dtypes, path)
-    frame = read_csv(path, usecols=list(spelled.values()), dtype={spelled[k]: v for k, v in dtypes.items()})
-    return frame.rename(columns={column: name for name, column in spelled.items()})
 
 
 def _read_split(path: Path, split: str, policy: LabelPolicy) -> tuple[pd.DataFrame, np.ndarray]:

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from cxr.data.datasets import DatasetError, LabelPolicy
-from cxr.data.datasets.chexpert import LABELLER_COLUMNS, has_columns, labeller_labels, read_columns
-from cxr.data.datasets.tables import image_table, upper_or_missing
+from cxr.data.datasets.chexpert import LABELLER_COLUMNS, labeller_labels
+from cxr.data.datasets.tables import has_columns, image_table, read_columns, upper_or_missing
 
 NAME = "mimic"
 

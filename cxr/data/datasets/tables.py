@@ -4,7 +4,7 @@ and sexes normalised, and the table of `TABLE_COLUMNS` put together."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,23 @@ def find_columns(columns: Iterable[str], wanted: Iterable[str], path: Path) -> d
     if missing:
         raise DatasetError(f"{path} lacks the column(s) {', '.join(missing)}")
     return {name: column for name, column in found.items() if column is not None}
+
+
+def has_columns(path: Path, columns: Iterable[str]) -> bool:
+    """Whether `path` is a readable CSV (plain or gzipped) whose header names all `columns`."""
+    try:
+        find_columns(header(path), columns, path)
+    except DatasetError:
+        return False
+    return True
+
+
+def read_columns(path: Path, dtypes: Mapping[str, str]) -> pd.DataFrame:
+    """The named columns of a CSV (plain or gzipped; any order, names matched as `find_columns` does) with
+    the given dtypes; a `DatasetError` names the file and what it lacks."""
+    spelled = find_columns(header(path), dtypes, path)
+    frame = read_csv(path, usecols=list(spelled.values()), dtype={spelled[k]: v for k, v in dtypes.items()})
+    return frame.rename(columns={column: name for name, column in spelled.items()})
 
 
 def years(values: pd.Series, where: str) -> pd.Series:
