@@ -134,6 +134,7 @@ def test_the_flow_trains_on_two_datasets_and_validates_on_a_third(chexpert, tmp_
     assert result["bootstrap"]["resampled"] == "patients"
     (content,) = card_contents(evaluate)
     assert "External validation" in content and "vindr-test" in content
+    assert "AUROC (95% CI) on the test split and external sets" in content  # the forest plot
     gate = run["register"].task["gate"].data
     assert not gate["promote"] and "external set mimic-test: not evaluated (floor 0.700)" in gate["reasons"]
     assert any(r.startswith("external set vindr-test: mean AUROC") for r in gate["reasons"])
