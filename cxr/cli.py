@@ -474,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.set_defaults(func=_predict)
 
     commands.add_parser("app", help="the web application: read, review, watch (`cxr app --help`)")
+    commands.add_parser("dicom-node", help="a DICOM node: studies from a PACS scored, SR back (`--help`)")
     demo = commands.add_parser("demo-data", help="write the synthetic demo dataset in the NIH layout")
     demo.add_argument("--dest", default=str(cxr_home() / "demo" / "custom"), help="output directory")
     demo.add_argument("--patients", type=int, default=600, help="number of patients")
@@ -490,6 +491,10 @@ def main(argv: list[str] | None = None) -> int:
         from cxr_app.cli import main as app_main
 
         return app_main(argv[1:])
+    if argv[:1] == ["dicom-node"]:  # so has the DICOM node
+        from cxr_dicom.cli import main as node_main
+
+        return node_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

@@ -1,0 +1,91 @@
+"""`cxr dicom-node`: the DICOM node between a PACS and the cxr endpoint.
+
+cxr dicom-node --pacs 127.0.0.1:4242 --pacs-ae ORTHANC            # Storage SCP as CXRNODE on :11112
+cxr dicom-node --dicomweb http://pacs:8042/dicom-web --send stow   # results back by STOW-RS
+cxr dicom-node pull 1.2.840.... --dicomweb http://pacs:8042/dicom-web  # fetch one study by WADO-RS
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from cxr.config import cxr_home
+from cxr_dicom.node import DicomNode, NodeConfig, NodeError
+
+
+def main(argv: list[str]) -> int:
+    pull = argv[:1] == ["pull"]
+    args = _parser(pull).parse_args(argv[1:] if pull else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    node = DicomNode(config_from(args))
+    if pull:
+        try:
+            outcome = node.pull(args.study)
+        except NodeError as error:
+            print(f"cxr dicom-node pull: error: {error}", file=sys.stderr)
+            return 2
+        print(f"study {outcome.study}: {outcome.status} ({outcome.scored} scored, {outcome.skipped} skipped)")
+        return 0 if outcome.status in ("sent", "seen", "nothing") else 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    node.start()
+    print(
+        f"cxr dicom-node: {args.ae_title} on {args.host}:{args.port} → endpoint {args.endpoint}",
+        file=sys.stderr,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    node.stop()
+    return 0
+
+
+def config_from(args: argparse.Namespace) -> NodeConfig:
+    """The node's settings from the command line (the DICOMweb password from a file or the environment)."""
+    host, _, port = args.pacs.rpartition(":")
+    password = os.environ.get("CXR_DICOMWEB_PASSWORD")
+    if args.dicomweb_password_file:
+        password = Path(args.dicomweb_password_file).read_text(encoding="utf-8").strip()
+    return NodeConfig(
+        spool=Path(args.spool), endpoint=args.endpoint, ae_title=args.ae_title, host=args.host,
+        port=args.port, pacs_host=host or "127.0.0.1", pacs_port=int(port), pacs_ae_title=args.pacs_ae,
+        dicomweb=args.dicomweb, dicomweb_user=args.dicomweb_user, dicomweb_password=password,
+        send=args.send, settle_seconds=args.settle, attempts=args.attempts,
+    )  # fmt: skip
+
+
+def _parser(pull: bool) -> argparse.ArgumentParser:
+    name = "cxr dicom-node pull" if pull else "cxr dicom-node"
+    parser = argparse.ArgumentParser(prog=name, description="score chest radiographs from a PACS, SR back")
+    if pull:
+        parser.add_argument("study", help="the Study Instance UID to fetch by DICOMweb (WADO-RS)")
+    parser.add_argument("--ae-title", default="CXRNODE", help="the node's AE title")
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=11112, help="DICOM port of the node")
+    parser.add_argument("--endpoint", default="http://127.0.0.1:8080", help="the cxr endpoint (`cxr serve`)")
+    parser.add_argument("--pacs", default="127.0.0.1:4242", help="HOST:PORT the SR is C-STOREd to")
+    parser.add_argument("--pacs-ae", default="ORTHANC", help="the PACS's AE title")
+    parser.add_argument("--dicomweb", default=None, help="DICOMweb root, e.g. http://pacs:8042/dicom-web")
+    parser.add_argument("--dicomweb-user", default=None, help="HTTP basic user for DICOMweb")
+    parser.add_argument(
+        "--dicomweb-password-file",
+        default=None,
+        help="file holding its password (else $CXR_DICOMWEB_PASSWORD)",
+    )
+    parser.add_argument("--send", choices=("c-store", "stow"), default="c-store", help="how the SR goes back")
+    parser.add_argument(
+        "--spool", default=str(cxr_home() / "dicom-node"), help="received instances, state, dead letters"
+    )
+    parser.add_argument(
+        "--settle", type=float, default=5.0, help="seconds without new instances before a study is scored"
+    )
+    parser.add_argument(
+        "--attempts", type=int, default=3, help="tries before a study goes to the dead-letter folder"
+    )
+    return parser

@@ -1,0 +1,384 @@
+"""The DICOM node between a PACS and the cxr endpoint.
+
+Studies arrive by C-STORE (the node is a Storage SCP, pynetdicom) or are pulled by DICOMweb (QIDO-RS
+search, WADO-RS retrieve). A study is processed once no instance of it has arrived for `settle_seconds`:
+its frontal chest radiographs, chosen by their headers (`cxr.serve.dicom.frontal_chest_problems`), go to
+the endpoint's `/invocations` as `application/dicom`, and a DICOM SR (TID 1500, `cxr_dicom.sr`) with the
+results goes back to the PACS by C-STORE or STOW-RS.
+
+Reliability:
+- an instance is written to the spool folder before its C-STORE is acknowledged (a full disk answers
+  "out of resources", so the PACS keeps it and retries);
+- a study is scored once: a study seen again with the same instances is not scored again (the state
+  file keeps what was sent);
+- a failure (endpoint, PACS) is retried `attempts` times, `retry_seconds` apart, then the study's files
+  move to the dead-letter folder with the reason;
+- logs name a study by a salted hash of its UID, never by a UID or a patient attribute.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.parser
+import email.policy
+import hashlib
+import io
+import json
+import logging
+import os
+import secrets
+import shutil
+import sqlite3
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DONE_TABLE = (
+    "CREATE TABLE IF NOT EXISTS done (study TEXT, instances TEXT, sr_uid TEXT, at REAL,"
+    " PRIMARY KEY (study, instances))"
+)
+
+
+class NodeError(RuntimeError):
+    """A study could not be processed this time (endpoint or PACS unreachable, refused, ...)."""
+
+
+@dataclass
+class NodeConfig:
+    """Where the node listens, the endpoint it asks, and the PACS it answers to."""
+
+    spool: Path
+    endpoint: str = "http://127.0.0.1:8080"
+    ae_title: str = "CXRNODE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    pacs_host: str = "127.0.0.1"
+    pacs_port: int = 4242
+    pacs_ae_title: str = "ORTHANC"
+    dicomweb: str | None = (
+        None  # e.g. http://pacs:8042/dicom-web; pulls use it, and sends when `send` is stow
+    )
+    dicomweb_user: str | None = None
+    dicomweb_password: str | None = None
+    send: str = "c-store"  # c-store | stow
+    settle_seconds: float = 5.0
+    attempts: int = 3
+    retry_seconds: float = 2.0
+    timeout: float = 60.0
+    salt: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    def __post_init__(self) -> None:
+        self.spool = Path(self.spool)
+        if self.send not in ("c-store", "stow"):
+            raise ValueError(f"send is c-store or stow, not {self.send!r}")
+        if self.send == "stow" and not self.dicomweb:
+            raise ValueError("send: stow needs a dicomweb URL")
+        for url in (self.endpoint, self.dicomweb):
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+
+    def study_label(self, study_uid: str) -> str:
+        """How logs name a study: a salted hash, not its UID."""
+        return hashlib.sha256(f"{self.salt}:{study_uid}".encode()).hexdigest()[:12]
+
+
+class Spool:
+    """Received instances on disk, a folder per study, until their study is processed."""
+
+    def __init__(self, root: Path):
+        self.incoming, self.dead = root / "incoming", root / "dead-letter"
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.dead.mkdir(parents=True, exist_ok=True)
+        self.state = root / "state.sqlite"
+        with sqlite3.connect(self.state) as db:
+            db.execute(DONE_TABLE)
+
+    def folder(self, study_uid: str) -> Path:
+        return self.incoming / hashlib.sha256(study_uid.encode()).hexdigest()[:32]
+
+    def store(self, dataset: Any) -> Path:
+        """Write one instance (with its file meta) atomically; returns its path."""
+        folder = self.folder(str(dataset.StudyInstanceUID))
+        folder.mkdir(exist_ok=True)
+        path = folder / (hashlib.sha256(str(dataset.SOPInstanceUID).encode()).hexdigest()[:32] + ".dcm")
+        partial = path.with_suffix(".part")
+        dataset.save_as(partial, enforce_file_format=True)
+        os.replace(partial, path)
+        return path
+
+    def settled(self, seconds: float) -> list[Path]:
+        """Study folders none of whose files changed for `seconds`."""
+        now, ready = time.time(), []
+        for folder in self.incoming.iterdir():
+            stamps = [p.stat().st_mtime for p in folder.glob("*.dcm")]
+            if stamps and now - max(stamps) >= seconds:
+                ready.append(folder)
+        return ready
+
+    def done(self, study_uid: str, instances: str) -> str | None:
+        """The SR already sent for this study with these instances, if any."""
+        with sqlite3.connect(self.state) as db:
+            row = db.execute(
+                "SELECT sr_uid FROM done WHERE study = ? AND instances = ?", (study_uid, instances)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def record(self, study_uid: str, instances: str, sr_uid: str) -> None:
+        with sqlite3.connect(self.state) as db:
+            db.execute(
+                "INSERT OR REPLACE INTO done VALUES (?, ?, ?, ?)", (study_uid, instances, sr_uid, time.time())
+            )
+
+    def bury(self, folder: Path, reason: str) -> Path:
+        """Move a study's files to the dead-letter folder, beside a file saying why."""
+        target = self.dead / f"{folder.name}-{int(time.time())}"
+        shutil.move(str(folder), target)
+        (target / "reason.txt").write_text(reason + "\n", encoding="utf-8")
+        return target
+
+
+@dataclass
+class Outcome:
+    """What became of one study: `sent` (an SR went to the PACS), `seen` (already sent for these
+    instances), `nothing` (no frontal chest radiograph), or `dead` (given up, in the dead-letter folder)."""
+
+    study: str  # the salted label, never the UID
+    status: str
+    sr_uid: str | None = None
+    scored: int = 0
+    skipped: int = 0
+    reason: str | None = None
+
+
+class DicomNode:
+    """A Storage SCP that scores settled studies at the endpoint and sends an SR back (see the module)."""
+
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.spool = Spool(config.spool)
+        self._server: Any = None
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self.outcomes: list[Outcome] = []
+
+    # -- receiving -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Listen for C-STORE and process settled studies in the background."""
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.config.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)
+        handlers = [(evt.EVT_C_STORE, self._on_store)]
+        self._server = ae.start_server(
+            (self.config.host, self.config.port), block=False, evt_handlers=handlers
+        )
+        self._worker = threading.Thread(target=self._run, name="cxr-dicom-node", daemon=True)
+        self._worker.start()
+        log.info("DICOM node %s listening on %s:%d", self.config.ae_title, self.config.host, self.config.port)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+        if self._worker is not None:
+            self._worker.join(timeout=self.config.timeout)
+
+    def _on_store(self, event: Any) -> int:
+        try:
+            dataset = event.dataset
+            dataset.file_meta = event.file_meta
+            self.spool.store(dataset)
+        except OSError:
+            log.exception("could not spool a received instance")
+            return 0xA700  # out of resources: the sender keeps the instance and may retry
+        except Exception:  # a malformed data set is refused, never crashes the node
+            log.warning("refused a received instance that could not be read")
+            return 0xC000
+        return 0x0000
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self.process_settled()
+
+    def process_settled(self) -> list[Outcome]:
+        """Process every study that has settled; returns their outcomes."""
+        return [self.process(folder) for folder in self.spool.settled(self.config.settle_seconds)]
+
+    # -- pulling ---------------------------------------------------------------------------------
+    def pull(self, study_uid: str) -> Outcome:
+        """Fetch a study from the DICOMweb server (WADO-RS) and process it now."""
+        if not self.config.dicomweb:
+            raise NodeError("pulling needs a dicomweb URL")
+        url = f"{self.config.dicomweb.rstrip('/')}/studies/{study_uid}"
+        body, content_type = self._http("GET", url, accept='multipart/related; type="application/dicom"')
+        datasets = list(read_multipart(body, content_type))
+        if not datasets:
+            raise NodeError(
+                f"study {self.config.study_label(study_uid)}: the DICOMweb server returned no instance"
+            )
+        for dataset in datasets:
+            self.spool.store(dataset)
+        return self.process(self.spool.folder(study_uid))
+
+    # -- processing ------------------------------------------------------------------------------
+    def process(self, folder: Path) -> Outcome:
+        """Score a spooled study and send its SR, retrying; a study that keeps failing is buried."""
+        import pydicom
+
+        datasets = [pydicom.dcmread(path) for path in sorted(folder.glob("*.dcm"))]
+        study_uid = str(datasets[0].StudyInstanceUID)
+        label = self.config.study_label(study_uid)
+        instances = hashlib.sha256(
+            "\0".join(sorted(str(d.SOPInstanceUID) for d in datasets)).encode()
+        ).hexdigest()
+        sent = self.spool.done(study_uid, instances)
+        if sent is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            return self._note(Outcome(label, "seen", sent or None))
+        error = ""
+        for attempt in range(self.config.attempts):
+            try:
+                outcome = self._score_and_send(label, datasets, folder)
+                self.spool.record(study_uid, instances, outcome.sr_uid or "")
+                shutil.rmtree(folder, ignore_errors=True)
+                return self._note(outcome)
+            except NodeError as problem:
+                error = str(problem)
+                log.warning(
+                    "study %s: attempt %d of %d failed: %s", label, attempt + 1, self.config.attempts, error
+                )
+                if attempt + 1 < self.config.attempts:
+                    time.sleep(self.config.retry_seconds)
+        self.spool.bury(folder, error)
+        return self._note(Outcome(label, "dead", reason=error))
+
+    def _note(self, outcome: Outcome) -> Outcome:
+        log.info(
+            "study %s: %s (scored %d, skipped %d)",
+            outcome.study,
+            outcome.status,
+            outcome.scored,
+            outcome.skipped,
+        )
+        self.outcomes.append(outcome)
+        return outcome
+
+    def _score_and_send(self, label: str, datasets: list[Any], folder: Path) -> Outcome:
+        from cxr.serve.dicom import frontal_chest_problems
+
+        chosen = [d for d in datasets if "PixelData" in d and not frontal_chest_problems(d)]
+        if not chosen:
+            return Outcome(label, "nothing", skipped=len(datasets))
+        results = [self._score(dataset) for dataset in chosen]
+        report = build_report(chosen, results)
+        self._send(report)
+        return Outcome(label, "sent", str(report.SOPInstanceUID), len(chosen), len(datasets) - len(chosen))
+
+    def _score(self, dataset: Any) -> dict[str, Any]:
+        """The endpoint's answer for one instance; a refusal (4xx) is a result too, a failure is not."""
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        request = urllib.request.Request(  # noqa: S310 - http(s) checked in NodeConfig
+            f"{self.config.endpoint.rstrip('/')}/invocations", data=buffer.getvalue(), method="POST",
+            headers={"Content-Type": "application/dicom", "Accept": "application/json"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=self.config.timeout) as response:  # noqa: S310  # nosec B310
+                return dict(json.loads(response.read()))
+        except urllib.error.HTTPError as error:
+            if 400 <= error.code < 500 and error.code not in (408, 429):
+                return {"refused": {"status": error.code, "message": _message(error.read())}}
+            raise NodeError(f"endpoint answered {error.code}") from error
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            raise NodeError(f"endpoint unreachable: {error}") from error
+
+    # -- sending ---------------------------------------------------------------------------------
+    def _send(self, report: Any) -> None:
+        if self.config.send == "stow":
+            self._stow(report)
+        else:
+            self._c_store(report)
+
+    def _c_store(self, report: Any) -> None:
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        from pynetdicom import AE
+
+        ae = AE(ae_title=self.config.ae_title)
+        ae.add_requested_context(report.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        association = ae.associate(
+            self.config.pacs_host, self.config.pacs_port, ae_title=self.config.pacs_ae_title
+        )
+        if not association.is_established:
+            raise NodeError("the PACS refused or did not answer the association")
+        try:
+            status = association.send_c_store(report)
+        finally:
+            association.release()
+        if not status or int(status.Status) != 0x0000:
+            raise NodeError(f"the PACS answered C-STORE with status {getattr(status, 'Status', None)!r}")
+
+    def _stow(self, report: Any) -> None:
+        buffer = io.BytesIO()
+        report.save_as(buffer, enforce_file_format=True)
+        boundary = secrets.token_hex(16)
+        body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + buffer.getvalue()
+                + f"\r\n--{boundary}--\r\n".encode())  # fmt: skip
+        content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+        self._http("POST", f"{str(self.config.dicomweb).rstrip('/')}/studies", body, content_type)
+
+    def _http(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        accept: str | None = None,
+    ) -> tuple[bytes, str]:
+        headers = {k: v for k, v in (("Content-Type", content_type), ("Accept", accept)) if v}
+        if self.config.dicomweb_user is not None:
+            token = f"{self.config.dicomweb_user}:{self.config.dicomweb_password or ''}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
+        request = urllib.request.Request(url, data=body, method=method, headers=headers)  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, timeout=self.config.timeout) as response:  # noqa: S310  # nosec B310
+                return response.read(), response.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as error:
+            raise NodeError(f"DICOMweb {method} answered {error.code}") from error
+        except (urllib.error.URLError, OSError) as error:
+            raise NodeError(f"DICOMweb {method} failed: {error}") from error
+
+
+def read_multipart(body: bytes, content_type: str) -> Iterator[Any]:
+    """The DICOM instances of a multipart/related WADO-RS answer."""
+    import pydicom
+
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    )
+    for part in message.iter_parts():
+        payload = part.get_payload(decode=True)
+        if payload:
+            yield pydicom.dcmread(io.BytesIO(payload))
+
+
+def _message(body: bytes) -> str:
+    try:
+        return str(json.loads(body).get("message") or json.loads(body).get("error"))[:200]
+    except (ValueError, AttributeError):
+        return body[:200].decode("utf-8", "replace")
+
+
+def build_report(sources: list[Any], results: list[dict[str, Any]]) -> Any:
+    """The SR for a study's scored instances (see `cxr_dicom.sr`)."""
+    from cxr_dicom.sr import build_sr
+
+    return build_sr(sources, results)
