@@ -34,6 +34,11 @@ SERVE = [
     "limits==5.8.0",  # the gateway's per-client rate limits
 ]
 
+DICOM = [
+    "highdicom==0.28.2",  # the DICOM SR (TID 1500) the node sends back to the PACS, built and checked
+    "pynetdicom==3.0.4",  # the node's DIMSE side: Storage SCP for studies, C-STORE of the SR
+]
+
 APP = [
     "flask==3.1.3",  # the web application (cxr_app): routes, templates, signed session cookies
     "flask-wtf==1.3.0",  # CSRF tokens on every form and fetch that changes state
@@ -46,10 +51,12 @@ APP = [
 EXTRAS_REQUIRE = {
     "serve": SERVE,
     "app": [*SERVE, *APP],
+    "dicom": DICOM,
     "aws": ["boto3>=1.34", "moto[server]==5.2.1"],
     "dev": [
         *SERVE,
         *APP,
+        *DICOM,
         "playwright==1.65.2",  # browser tests drive Debian's chromium through it
         "pytest>=8",
         "pytest-timeout>=2.3",
@@ -71,7 +78,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",  # datetime.UTC; tests/test_python_requires.py checks it
-    packages=find_packages(include=["cxr", "cxr.*", "cxr_app", "cxr_app.*"]),
+    packages=find_packages(include=["cxr", "cxr.*", "cxr_app", "cxr_app.*", "cxr_dicom", "cxr_dicom.*"]),
     include_package_data=True,
     package_data={"cxr_app": ["templates/*.html", "static/*"]},
     install_requires=INSTALL_REQUIRES,
