@@ -1,0 +1,1 @@
+"""DICOM output of cxr's answers for the PACS: structured reports of a study's findings (`cxr_dicom.sr`)."""
