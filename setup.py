@@ -37,6 +37,7 @@ SERVE = [
 DICOM = [
     "highdicom==0.28.2",  # the DICOM SR (TID 1500) the node sends back to the PACS, built and checked
     "pynetdicom==3.0.4",  # the node's DIMSE side: Storage SCP for studies, C-STORE of the SR
+    "dicomweb-client==0.61.2",  # the node's DICOMweb side: WADO-RS pulls, STOW-RS of the SR
 ]
 
 APP = [

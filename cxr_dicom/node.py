@@ -18,9 +18,6 @@ Reliability:
 
 from __future__ import annotations
 
-import base64
-import email.parser
-import email.policy
 import hashlib
 import io
 import json
@@ -33,7 +30,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,11 +212,10 @@ class DicomNode:
     # -- pulling ---------------------------------------------------------------------------------
     def pull(self, study_uid: str) -> Outcome:
         """Fetch a study from the DICOMweb server (WADO-RS) and process it now."""
-        if not self.config.dicomweb:
-            raise NodeError("pulling needs a dicomweb URL")
-        url = f"{self.config.dicomweb.rstrip('/')}/studies/{study_uid}"
-        body, content_type = self._http("GET", url, accept='multipart/related; type="application/dicom"')
-        datasets = list(read_multipart(body, content_type))
+        try:
+            datasets = self._dicomweb().retrieve_study(study_uid)
+        except (OSError, ValueError) as error:  # requests' errors are OSErrors
+            raise NodeError(f"WADO-RS retrieve failed: {error}") from error
         if not datasets:
             raise NodeError(
                 f"study {self.config.study_label(study_uid)}: the DICOMweb server returned no instance"
@@ -296,7 +291,7 @@ class DicomNode:
                 return dict(json.loads(response.read()))
         except urllib.error.HTTPError as error:
             if 400 <= error.code < 500 and error.code not in (408, 429):
-                return {"refused": {"status": error.code, "message": _message(error.read())}}
+                return refusal(error.read())
             raise NodeError(f"endpoint answered {error.code}") from error
         except (urllib.error.URLError, OSError, ValueError) as error:
             raise NodeError(f"endpoint unreachable: {error}") from error
@@ -327,54 +322,42 @@ class DicomNode:
             raise NodeError(f"the PACS answered C-STORE with status {getattr(status, 'Status', None)!r}")
 
     def _stow(self, report: Any) -> None:
+        import pydicom
+
         buffer = io.BytesIO()
-        report.save_as(buffer, enforce_file_format=True)
-        boundary = secrets.token_hex(16)
-        body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + buffer.getvalue()
-                + f"\r\n--{boundary}--\r\n".encode())  # fmt: skip
-        content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
-        self._http("POST", f"{str(self.config.dicomweb).rstrip('/')}/studies", body, content_type)
-
-    def _http(
-        self,
-        method: str,
-        url: str,
-        body: bytes | None = None,
-        content_type: str | None = None,
-        accept: str | None = None,
-    ) -> tuple[bytes, str]:
-        headers = {k: v for k, v in (("Content-Type", content_type), ("Accept", accept)) if v}
-        if self.config.dicomweb_user is not None:
-            token = f"{self.config.dicomweb_user}:{self.config.dicomweb_password or ''}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
-        request = urllib.request.Request(url, data=body, method=method, headers=headers)  # noqa: S310
+        report.save_as(buffer, enforce_file_format=True)  # with its preamble, as STOW-RS stores files
+        buffer.seek(0)
         try:
-            with urllib.request.urlopen(request, timeout=self.config.timeout) as response:  # noqa: S310  # nosec B310
-                return response.read(), response.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as error:
-            raise NodeError(f"DICOMweb {method} answered {error.code}") from error
-        except (urllib.error.URLError, OSError) as error:
-            raise NodeError(f"DICOMweb {method} failed: {error}") from error
+            self._dicomweb().store_instances([pydicom.dcmread(buffer)])
+        except (OSError, ValueError) as error:
+            raise NodeError(f"STOW-RS failed: {error}") from error
+
+    def _dicomweb(self) -> Any:
+        """A DICOMweb client (dicomweb-client) of the configured server, with its credentials."""
+        import requests
+        from dicomweb_client import DICOMwebClient
+
+        if not self.config.dicomweb:
+            raise NodeError("DICOMweb needs a dicomweb URL")
+        session = requests.Session()
+        if self.config.dicomweb_user is not None:
+            session.auth = (self.config.dicomweb_user, self.config.dicomweb_password or "")
+        return DICOMwebClient(self.config.dicomweb, session=session, timeout=self.config.timeout)
 
 
-def read_multipart(body: bytes, content_type: str) -> Iterator[Any]:
-    """The DICOM instances of a multipart/related WADO-RS answer."""
-    import pydicom
-
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode() + body
-    )
-    for part in message.iter_parts():
-        payload = part.get_payload(decode=True)
-        if payload:
-            yield pydicom.dcmread(io.BytesIO(payload))
-
-
-def _message(body: bytes) -> str:
+def refusal(body: bytes) -> dict[str, Any]:
+    """The endpoint's refusal of one image as a result for the report: the input gate's own (422), or
+    any other refusal (an image it cannot read) as an image not judged, with the endpoint's message."""
     try:
-        return str(json.loads(body).get("message") or json.loads(body).get("error"))[:200]
-    except (ValueError, AttributeError):
-        return body[:200].decode("utf-8", "replace")
+        answer = json.loads(body)
+    except ValueError:
+        answer = {}
+    if isinstance(answer, dict) and "input_gate" in answer:
+        return answer
+    message = str(answer.get("error") if isinstance(answer, dict) else "") or body[:200].decode(
+        "utf-8", "replace"
+    )
+    return {"error": message, "input_gate": [{"verdict": "out_of_distribution", "reasons": [message[:200]]}]}
 
 
 def build_report(sources: list[Any], results: list[dict[str, Any]]) -> Any:
