@@ -12,9 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from PIL import Image
-from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
+from tests.dicom_support import nih_dx
 from tests.pacs import (  # noqa: F401 - pacs_fixture provides the module's `pacs`
     HOST,
     NODE_AET,
@@ -30,33 +29,13 @@ from tests.pacs import (  # noqa: F401 - pacs_fixture provides the module's `pac
 )
 
 SUCCESS = 0x0000
-
-
-def nih_dx(png: Path) -> pydicom.Dataset:
-    """A real NIH PNG as a one-instance DX study of its own."""
-    pixels = np.asarray(Image.open(png).convert("L"))
-    ds = pydicom.Dataset()
-    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = (
-        generate_uid(),
-        generate_uid(),
-        generate_uid(),
-    )
-    ds.PatientID, ds.PatientName, ds.AccessionNumber = png.stem.split("_")[0], "NIH^Test", png.stem[:16]
-    ds.Modality, ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "DX", "20240101", 1, 1
-    ds.set_pixel_data(pixels, photometric_interpretation="MONOCHROME2", bits_stored=8)
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
-        ds.SOPClassUID,
-        ds.SOPInstanceUID,
-    )
-    return ds
+FILM = "00000442_000.png"
 
 
 @pytest.fixture
-def pngs(nih_root: Path) -> list[Path]:
-    return sorted((nih_root / "images_001" / "images").glob("*.png"))[:3]
+def film(nih_root: Path) -> pydicom.Dataset:
+    """A real NIH film as a DX instance, a new study each time."""
+    return nih_dx(nih_root, FILM)
 
 
 def send_by_c_store(pacs: Pacs, ds: pydicom.Dataset) -> None:
@@ -69,21 +48,20 @@ def send_by_stow(pacs: Pacs, ds: pydicom.Dataset) -> None:
 
 
 @pytest.mark.parametrize("send", [send_by_c_store, send_by_stow], ids=["c-store", "stow-rs"])
-def test_stored_instance_found_by_qido_and_retrieved_by_wado(pacs: Pacs, pngs: list[Path], send) -> None:
-    ds = nih_dx(pngs[0])
-    send(pacs, ds)
+def test_stored_instance_found_by_qido_and_retrieved_by_wado(pacs: Pacs, film: pydicom.Dataset, send) -> None:
+    send(pacs, film)
 
-    held = instances(pacs, ds.StudyInstanceUID)
-    assert [record["MainDicomTags"]["SOPInstanceUID"] for record in held] == [ds.SOPInstanceUID]
-    assert np.array_equal(fetch(pacs, held[0]["ID"]).pixel_array, ds.pixel_array)
+    held = instances(pacs, film.StudyInstanceUID)
+    assert [record["MainDicomTags"]["SOPInstanceUID"] for record in held] == [film.SOPInstanceUID]
+    assert np.array_equal(fetch(pacs, held[0]["ID"]).pixel_array, film.pixel_array)
 
     client = pacs.dicomweb()
-    studies = client.search_for_studies(search_filters={"StudyInstanceUID": ds.StudyInstanceUID})
-    assert [study["0020000D"]["Value"] for study in studies] == [[ds.StudyInstanceUID]]
-    retrieved = client.retrieve_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    studies = client.search_for_studies(search_filters={"StudyInstanceUID": film.StudyInstanceUID})
+    assert [study["0020000D"]["Value"] for study in studies] == [[film.StudyInstanceUID]]
+    retrieved = client.retrieve_instance(film.StudyInstanceUID, film.SeriesInstanceUID, film.SOPInstanceUID)
     assert retrieved.Modality == "DX"
     assert retrieved.pixel_array.shape == (1024, 1024)
-    assert np.array_equal(retrieved.pixel_array, ds.pixel_array)
+    assert np.array_equal(retrieved.pixel_array, film.pixel_array)
 
 
 @pytest.mark.parametrize("path", ["/system", "/studies", "/dicom-web/studies"])
@@ -99,18 +77,16 @@ def test_rest_and_dicomweb_refuse_requests_without_credentials(pacs: Pacs, path:
     ids=["unknown-aet", "other-host"],
 )
 def test_associations_from_unknown_peers_are_refused(
-    pacs: Pacs, pngs: list[Path], calling_aet: str, from_host: str
+    pacs: Pacs, film: pydicom.Dataset, calling_aet: str, from_host: str
 ) -> None:
-    ds = nih_dx(pngs[0])
     with pytest.raises(ConnectionError, match=f"{calling_aet} at {from_host}"):
-        store_scu(pacs, [ds], calling_aet=calling_aet, from_host=from_host)
-    assert instances(pacs, ds.StudyInstanceUID) == []
+        store_scu(pacs, [film], calling_aet=calling_aet, from_host=from_host)
+    assert instances(pacs, film.StudyInstanceUID) == []
 
 
-def test_stored_study_becomes_stable(pacs: Pacs, pngs: list[Path]) -> None:
-    ds = nih_dx(pngs[1])
-    send_by_c_store(pacs, ds)
-    study = study_id(pacs, ds.StudyInstanceUID)
+def test_stored_study_becomes_stable(pacs: Pacs, film: pydicom.Dataset) -> None:
+    send_by_c_store(pacs, film)
+    study = study_id(pacs, film.StudyInstanceUID)
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline and not pacs.json(f"/studies/{study}")["IsStable"]:
         time.sleep(0.2)
@@ -145,12 +121,11 @@ def node_scp(port: int) -> Iterator[list[pydicom.Dataset]]:
         server.shutdown()
 
 
-def test_orthanc_pushes_a_study_to_the_node_by_c_store(pacs: Pacs, pngs: list[Path]) -> None:
-    ds = nih_dx(pngs[2])
-    stow(pacs, [ds])
-    study = study_id(pacs, ds.StudyInstanceUID)
+def test_orthanc_pushes_a_study_to_the_node_by_c_store(pacs: Pacs, film: pydicom.Dataset) -> None:
+    stow(pacs, [film])
+    study = study_id(pacs, film.StudyInstanceUID)
     with node_scp(pacs.node_port) as received:
         job = pacs.post("/modalities/cxrnode/store", json={"Resources": [study], "Synchronous": True}).json()
     assert job["FailedInstancesCount"] == 0
-    assert [r.SOPInstanceUID for r in received] == [ds.SOPInstanceUID]
-    assert np.array_equal(received[0].pixel_array, ds.pixel_array)
+    assert [r.SOPInstanceUID for r in received] == [film.SOPInstanceUID]
+    assert np.array_equal(received[0].pixel_array, film.pixel_array)
