@@ -148,7 +148,7 @@ def build_sr(
     `model` is the device observer: by default the model of the first answer that names one. UIDs and
     the time are new unless given; given them, the output is the same byte for byte.
     """
-    references = [_reference(source) for source in sources]
+    references = [source_header(source) for source in sources]
     _check_one_study(references)
     answers = image_answers(results, len(references))
     model = model or next((a.model for a in answers if a.model is not None), None)
@@ -184,7 +184,7 @@ def build_sr(
         series_date=when.date(),
         series_time=when.time(),
     )
-    _stamp(sr, when)
+    stamp_time(sr, when)
     return sr
 
 
@@ -323,8 +323,9 @@ REQUIRED_EMPTY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", 
                   "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")  # fmt: skip
 
 
-def _reference(source: Dataset) -> Dataset:
-    """A source's header without its pixel data, with empty values for missing type 2 attributes."""
+def source_header(source: Dataset) -> Dataset:
+    """A source's header without its pixel data, with empty values for the patient and study attributes
+    a derived instance must carry (type 2) that the source lacks."""
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"):
         if not source.get(keyword):
             raise ValueError(f"source instance has no {keyword}")
@@ -358,10 +359,10 @@ def _describable(references: list[Dataset]) -> bool:
     return True
 
 
-def _stamp(sr: Dataset, when: dt.datetime) -> None:
-    """Every date and time of the document is `when` (highdicom stamps creation with the clock)."""
-    sr.InstanceCreationDate, sr.InstanceCreationTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f")
-    for item in sr.get("ContributingEquipmentSequence", []):
+def stamp_time(ds: Dataset, when: dt.datetime) -> None:
+    """Every creation date and time of a new instance is `when` (highdicom stamps them with the clock)."""
+    ds.InstanceCreationDate, ds.InstanceCreationTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f")
+    for item in ds.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
 
