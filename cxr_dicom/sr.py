@@ -258,11 +258,13 @@ def _gate_group(
     evaluations = [hd.sr.QualitativeEvaluation(GATE_VERDICT, GATE_VALUES.get(verdict, GATE_VALUES[OUT]))]
     if not answer.judged:
         evaluations.append(hd.sr.QualitativeEvaluation(FINDINGS_EVALUATED, codes.SCT.NotEvaluated))
-    measurements = [
-        hd.sr.Measurement(name=name, value=float(check[key]), unit=UNITY)
-        for name, key in ((GATE_SCORE, "score"), (THRESHOLD, "threshold"))
-        if check.get(key) is not None
-    ]
+    measurements = []  # a package without a gate has no score, and its threshold means nothing
+    if check.get("score") is not None:
+        measurements = [
+            hd.sr.Measurement(name=name, value=float(check[key]), unit=UNITY)
+            for name, key in ((GATE_SCORE, "score"), (THRESHOLD, "threshold"))
+            if check.get(key) is not None
+        ]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(f"Input gate, image {index}", sop_uid, reference, "gate"),
         algorithm_id=_algorithm(model),

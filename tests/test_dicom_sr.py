@@ -158,6 +158,19 @@ def test_an_image_the_gate_refused_gets_no_findings_but_the_reason(study, tmp_pa
     }
 
 
+def test_a_package_without_a_gate_reports_findings_and_an_unchecked_gate_without_a_score(study, tmp_path):
+    result = answer(1)
+    result["predictions"][0]["input_check"] = {"score": None, "threshold": 1.0, "verdict": "unchecked",
+                                               "reasons": []}  # fmt: skip
+    data = written(build_sr(study[:1], result, when=WHEN))
+    assert dciodvfy_errors(data, tmp_path) == []
+    groups = hd.sr.srread(io.BytesIO(data)).content.get_image_measurement_groups()
+    (gate,) = [g for g in groups if g.finding_type is None]
+    assert len(groups) == 1 + len(FINDINGS)
+    assert [e.value for e in gate.get_qualitative_evaluations()] == [GATE_VALUES["unchecked"]]
+    assert gate.get_measurements() == []
+
+
 def test_a_refused_request_reports_every_image_not_judged_with_the_servers_message(study, tmp_path: Path):
     message = "input refused, not a frontal chest radiograph like those the model was trained on: " + FAR
     refusal = {"error": message, "input_gate": [{"score": 3.4, "verdict": "out_of_distribution"},
