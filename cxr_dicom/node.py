@@ -36,6 +36,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+QUIET_LIBRARIES = ("pynetdicom", "highdicom", "pydicom")
+RADIOGRAPHY = ("CR", "DX", "RG", "OT", "")  # modalities the header rules accept as (maybe) a radiograph
+
 DONE_TABLE = (
     "CREATE TABLE IF NOT EXISTS done (study TEXT, instances TEXT, sr_uid TEXT, at REAL,"
     " PRIMARY KEY (study, instances))"
@@ -158,6 +161,8 @@ class DicomNode:
 
     def __init__(self, config: NodeConfig):
         self.config = config
+        for library in QUIET_LIBRARIES:  # their INFO and DEBUG lines carry UIDs and patient attributes
+            logging.getLogger(library).setLevel(logging.WARNING)
         self.spool = Spool(config.spool)
         self._server: Any = None
         self._stop = threading.Event()
@@ -167,13 +172,11 @@ class DicomNode:
     # -- receiving -------------------------------------------------------------------------------
     def start(self) -> None:
         """Listen for C-STORE and process settled studies in the background."""
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification
+        from pynetdicom import AE, AllStoragePresentationContexts, VerificationPresentationContexts, evt
 
         ae = AE(ae_title=self.config.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
-        ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_C_STORE, self._on_store)]
+        ae.supported_contexts = AllStoragePresentationContexts + VerificationPresentationContexts
+        handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store)]
         self._server = ae.start_server(
             (self.config.host, self.config.port), block=False, evt_handlers=handlers
         )
@@ -232,9 +235,8 @@ class DicomNode:
         datasets = [pydicom.dcmread(path) for path in sorted(folder.glob("*.dcm"))]
         study_uid = str(datasets[0].StudyInstanceUID)
         label = self.config.study_label(study_uid)
-        instances = hashlib.sha256(
-            "\0".join(sorted(str(d.SOPInstanceUID) for d in datasets)).encode()
-        ).hexdigest()
+        chosen = sorted(str(d.SOPInstanceUID) for d in datasets if scorable(d))  # not the SRs sent back
+        instances = hashlib.sha256("\0".join(chosen).encode()).hexdigest()
         sent = self.spool.done(study_uid, instances)
         if sent is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -268,9 +270,7 @@ class DicomNode:
         return outcome
 
     def _score_and_send(self, label: str, datasets: list[Any], folder: Path) -> Outcome:
-        from cxr.serve.dicom import frontal_chest_problems
-
-        chosen = [d for d in datasets if "PixelData" in d and not frontal_chest_problems(d)]
+        chosen = [d for d in datasets if scorable(d)]
         if not chosen:
             return Outcome(label, "nothing", skipped=len(datasets))
         results = [self._score(dataset) for dataset in chosen]
@@ -343,6 +343,15 @@ class DicomNode:
         if self.config.dicomweb_user is not None:
             session.auth = (self.config.dicomweb_user, self.config.dicomweb_password or "")
         return DICOMwebClient(self.config.dicomweb, session=session, timeout=self.config.timeout)
+
+
+def scorable(dataset: Any) -> bool:
+    """Whether an instance is a frontal chest radiograph by its header (`frontal_chest_problems`), with
+    pixels: reports, presentation states and other views are not sent to the endpoint."""
+    from cxr.serve.dicom import frontal_chest_problems
+
+    modality = str(dataset.get("Modality", "")).upper()
+    return "PixelData" in dataset and modality in RADIOGRAPHY and not frontal_chest_problems(dataset)
 
 
 def refusal(body: bytes) -> dict[str, Any]:

@@ -1,0 +1,167 @@
+"""The DICOM node end to end, against a real PACS (Debian's Orthanc on loopback) and the real server:
+real NIH films wrapped as DX studies go into Orthanc, Orthanc pushes them to the node (C-STORE) or the
+node pulls them (DICOMweb), the node scores the frontal ones at `cxr serve`, and the SR found back in
+Orthanc says what the endpoint said, about the instances it scored, unverified and valid."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import pydicom
+import pytest
+from highdicom.sr import srread
+
+from cxr.data.findings import FINDINGS
+from cxr_dicom.node import DicomNode, NodeConfig
+from cxr_dicom.sr import FINDING_CODES, PROBABILITY
+
+from .conftest import free_port
+from .dicom_support import dciodvfy_errors, dicom_file, nih_study
+from .pacs import instances, pacs_fixture, store_scu, study_id  # noqa: F401 - the `pacs` fixture
+from .serving_support import LiveServer, make_package
+
+FILMS = ("00000442_000.png", "00000574_000.png")  # two real NIH films, filed as one study
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory, nih_root):
+    """`cxr serve` with a package of a seeded model, capturing what it serves."""
+    package, _, _ = make_package(tmp_path_factory.mktemp("package"), nih_root)
+    capture = tmp_path_factory.mktemp("capture")
+    server = LiveServer(free_port(), "--model", str(package), "--capture", str(capture))
+    yield server, capture
+    server.stop()
+
+
+def node_config(pacs, endpoint, spool, **settings) -> NodeConfig:
+    return NodeConfig(
+        spool=spool, endpoint=endpoint.url, port=pacs.node_port, pacs_host=pacs.host, pacs_port=pacs.port,
+        pacs_ae_title=pacs.aet, dicomweb=pacs.dicomweb_url, dicomweb_user=pacs.auth[0],
+        dicomweb_password=pacs.auth[1], settle_seconds=1.0, attempts=2, retry_seconds=0.2, **settings,
+    )  # fmt: skip
+
+
+def srs_of(pacs, study_uid: str) -> list[pydicom.Dataset]:
+    """The SR instances Orthanc holds for a study."""
+    found = []
+    for record in instances(pacs, study_uid):
+        data = pacs.get(f"/instances/{record['ID']}/file").content
+        dataset = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+        if dataset.Modality == "SR":
+            found.append(dataset)
+    return found
+
+
+def referenced(sr: pydicom.Dataset) -> list[str]:
+    """The SOP instances an SR names as its evidence."""
+    studies = sr.CurrentRequestedProcedureEvidenceSequence
+    series = [one for study in studies for one in study.ReferencedSeriesSequence]
+    return [item.ReferencedSOPInstanceUID for one in series for item in one.ReferencedSOPSequence]
+
+
+def wait_for(predicate, seconds: float = 90.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"not within {seconds} s")
+
+
+def a_study(nih_root, lateral: bool = True) -> list[pydicom.Dataset]:
+    """A study of two real films: one PA or AP as released, the other turned into a lateral when asked."""
+    study = nih_study(nih_root, list(FILMS))
+    if lateral:
+        study[1].ViewPosition = "LL"
+    return study
+
+
+def test_a_study_pushed_by_the_pacs_comes_back_as_an_sr(pacs, endpoint, nih_root, tmp_path, caplog):
+    server, capture = endpoint
+    caplog.set_level(logging.DEBUG)
+    study = a_study(nih_root)
+    frontal, lateral = study
+    assert store_scu(pacs, study) == [0, 0]
+    caplog.clear()  # from here, what the node logs
+    node = DicomNode(node_config(pacs, server, tmp_path / "spool"))
+    node.start()
+    try:
+        orthanc_study = study_id(pacs, frontal.StudyInstanceUID)
+        pacs.post("/modalities/cxrnode/store", json={"Resources": [orthanc_study], "Synchronous": True})
+        outcome = wait_for(lambda: next((o for o in node.outcomes if o.status == "sent"), None))
+        assert (outcome.scored, outcome.skipped) == (1, 1)  # the lateral is not sent to the endpoint
+        (sr,) = srs_of(pacs, frontal.StudyInstanceUID)
+
+        # the same study pushed again: recognised, not scored again, no second report
+        pacs.post("/modalities/cxrnode/store", json={"Resources": [orthanc_study], "Synchronous": True})
+        wait_for(lambda: any(o.status == "seen" for o in node.outcomes))
+        assert len(srs_of(pacs, frontal.StudyInstanceUID)) == 1
+    finally:
+        node.stop()
+
+    assert sr.StudyInstanceUID == frontal.StudyInstanceUID and sr.PatientID == frontal.PatientID
+    assert sr.VerificationFlag == "UNVERIFIED" and sr.SOPInstanceUID == outcome.sr_uid
+    evidence = referenced(sr)
+    assert evidence == [frontal.SOPInstanceUID] and lateral.SOPInstanceUID not in evidence
+    status, body, _ = server.post(dicom_file(frontal), "application/dicom")  # the endpoint's own answer
+    assert status == 200
+    answer = json.loads(body)["predictions"][0]
+    report = srread(pydicom.filebase.DicomBytesIO(dicom_file(sr))).content
+    for finding in FINDINGS:
+        (group,) = report.get_image_measurement_groups(
+            finding_type=FINDING_CODES[finding], referenced_sop_instance_uid=frontal.SOPInstanceUID
+        )
+        (probability,) = group.get_measurements(name=PROBABILITY)
+        assert probability.value == pytest.approx(answer["probabilities"][finding], abs=1e-6)
+    assert dciodvfy_errors(dicom_file(sr), tmp_path) == []
+
+    logged = caplog.text
+    for identifying in (frontal.StudyInstanceUID, frontal.SOPInstanceUID, str(frontal.PatientID)):
+        assert identifying not in logged
+    captured = b"".join(path.read_bytes() for path in capture.rglob("*") if path.is_file())
+    assert captured and str(frontal.PatientID).encode() not in captured
+    assert frontal.StudyInstanceUID.encode() not in captured
+
+
+def test_a_study_pulled_by_dicomweb_gets_its_sr_by_stow(pacs, endpoint, nih_root, tmp_path):
+    """`cxr dicom-node pull` fetches the study by WADO-RS and sends the report by STOW-RS."""
+    server, _ = endpoint
+    study = a_study(nih_root, lateral=False)
+    assert store_scu(pacs, study) == [0, 0]
+    password = tmp_path / "password"
+    password.write_text(pacs.auth[1])
+    command = [sys.executable, "-m", "cxr.cli", "dicom-node", "pull", study[0].StudyInstanceUID,
+               "--endpoint", server.url, "--dicomweb", pacs.dicomweb_url, "--dicomweb-user", pacs.auth[0],
+               "--dicomweb-password-file", str(password), "--send", "stow",
+               "--spool", str(tmp_path / "spool")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ": sent (2 scored, 0 skipped)" in result.stdout
+    (sr,) = srs_of(pacs, study[0].StudyInstanceUID)
+    assert set(referenced(sr)) == {d.SOPInstanceUID for d in study}
+
+
+def test_a_study_that_keeps_failing_goes_to_the_dead_letter_folder(pacs, nih_root, tmp_path):
+    """The endpoint down: each attempt fails, the study's files and the reason go to the dead-letter
+    folder, and nothing reaches the PACS."""
+
+    class Down:
+        url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+    node = DicomNode(node_config(pacs, Down, tmp_path / "spool"))
+    study = a_study(nih_root, lateral=False)
+    for dataset in study:
+        node.spool.store(dataset)
+    outcome = node.process(node.spool.folder(study[0].StudyInstanceUID))
+    assert outcome.status == "dead" and "endpoint unreachable" in outcome.reason
+    (buried,) = list((tmp_path / "spool" / "dead-letter").iterdir())
+    assert (
+        len(list(buried.glob("*.dcm"))) == 2 and "endpoint unreachable" in (buried / "reason.txt").read_text()
+    )
+    assert not list((tmp_path / "spool" / "incoming").iterdir())
+    assert srs_of(pacs, study[0].StudyInstanceUID) == []
