@@ -165,3 +165,32 @@ def test_a_study_that_keeps_failing_goes_to_the_dead_letter_folder(pacs, nih_roo
     )
     assert not list((tmp_path / "spool" / "incoming").iterdir())
     assert srs_of(pacs, study[0].StudyInstanceUID) == []
+
+
+def test_an_instance_the_node_cannot_keep_is_refused_so_the_sender_keeps_it(nih_root, tmp_path):
+    """C-STORE to the node: acknowledged only once the instance is on disk; when it cannot be written,
+    the answer is "out of resources" (0xA700), and the same instance sent again is stored."""
+    from pynetdicom import AE, StoragePresentationContexts
+
+    node = DicomNode(NodeConfig(spool=tmp_path / "spool", port=free_port(), settle_seconds=3600))
+    node.start()
+    try:
+        (instance,) = nih_study(nih_root, FILMS[:1])
+        blocked = node.spool.folder(instance.StudyInstanceUID)
+        blocked.write_text("in the way")  # the study's folder cannot be made
+
+        def send() -> int:
+            ae = AE(ae_title="MODALITY")
+            ae.requested_contexts = StoragePresentationContexts[:50]
+            association = ae.associate("127.0.0.1", node.config.port, ae_title="CXRNODE")
+            assert association.is_established
+            try:
+                return int(association.send_c_store(instance).Status)
+            finally:
+                association.release()
+
+        assert send() == 0xA700 and not list(node.spool.incoming.glob("*/*.dcm"))
+        blocked.unlink()
+        assert send() == 0x0000 and len(list(node.spool.incoming.glob("*/*.dcm"))) == 1
+    finally:
+        node.stop()
