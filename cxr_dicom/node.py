@@ -18,6 +18,7 @@ Reliability:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -135,11 +136,22 @@ class Spool:
                 "INSERT OR REPLACE INTO done VALUES (?, ?, ?, ?)", (study_uid, instances, sr_uid, time.time())
             )
 
-    def bury(self, folder: Path, reason: str) -> Path:
+    def consume(self, folder: Path, files: list[Path]) -> None:
+        """Remove a processed study's files, and its folder unless more arrived meanwhile."""
+        for path in files:
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+    def bury(self, folder: Path, reason: str, files: list[Path]) -> Path:
         """Move a study's files to the dead-letter folder, beside a file saying why."""
-        target = self.dead / f"{folder.name}-{int(time.time())}"
-        shutil.move(str(folder), target)
+        target = self.dead / f"{folder.name}-{time.time_ns()}"
+        target.mkdir()
+        for path in files:
+            shutil.move(str(path), target / path.name)
         (target / "reason.txt").write_text(reason + "\n", encoding="utf-8")
+        with contextlib.suppress(OSError):
+            folder.rmdir()
         return target
 
 
@@ -229,24 +241,36 @@ class DicomNode:
 
     # -- processing ------------------------------------------------------------------------------
     def process(self, folder: Path) -> Outcome:
-        """Score a spooled study and send its SR, retrying; a study that keeps failing is buried."""
+        """Score a spooled study and send its SR, retrying; a study that keeps failing is buried. Only the
+        files there when it starts are consumed: instances arriving meanwhile wait for the next round."""
+        files = sorted(folder.glob("*.dcm"))
+        try:
+            return self._process(folder, files)
+        except Exception as error:  # a study that cannot be read must not stop the node
+            reason = f"unexpected {type(error).__name__}"  # its message may quote the data: not logged
+            label = self.config.study_label(folder.name)
+            log.error("study %s: %s", label, reason)
+            self.spool.bury(folder, reason, files)
+            return self._note(Outcome(label, "dead", reason=reason))
+
+    def _process(self, folder: Path, files: list[Path]) -> Outcome:
         import pydicom
 
-        datasets = [pydicom.dcmread(path) for path in sorted(folder.glob("*.dcm"))]
+        datasets = [pydicom.dcmread(path) for path in files]
         study_uid = str(datasets[0].StudyInstanceUID)
         label = self.config.study_label(study_uid)
         chosen = sorted(str(d.SOPInstanceUID) for d in datasets if scorable(d))  # not the SRs sent back
         instances = hashlib.sha256("\0".join(chosen).encode()).hexdigest()
         sent = self.spool.done(study_uid, instances)
         if sent is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+            self.spool.consume(folder, files)
             return self._note(Outcome(label, "seen", sent or None))
         error = ""
         for attempt in range(self.config.attempts):
             try:
                 outcome = self._score_and_send(label, datasets, folder)
                 self.spool.record(study_uid, instances, outcome.sr_uid or "")
-                shutil.rmtree(folder, ignore_errors=True)
+                self.spool.consume(folder, files)
                 return self._note(outcome)
             except NodeError as problem:
                 error = str(problem)
@@ -255,7 +279,7 @@ class DicomNode:
                 )
                 if attempt + 1 < self.config.attempts:
                     time.sleep(self.config.retry_seconds)
-        self.spool.bury(folder, error)
+        self.spool.bury(folder, error, files)
         return self._note(Outcome(label, "dead", reason=error))
 
     def _note(self, outcome: Outcome) -> Outcome:

@@ -194,3 +194,34 @@ def test_an_instance_the_node_cannot_keep_is_refused_so_the_sender_keeps_it(nih_
         assert send() == 0x0000 and len(list(node.spool.incoming.glob("*/*.dcm"))) == 1
     finally:
         node.stop()
+
+
+def test_instances_arriving_while_a_study_is_processed_wait_for_the_next_round(nih_root, tmp_path):
+    """Processing consumes the files it started with; one C-STOREd meanwhile stays spooled, not lost."""
+    node = DicomNode(NodeConfig(spool=tmp_path / "spool", settle_seconds=0))
+    first, late = nih_study(nih_root, list(FILMS))
+    node.spool.store(first)
+    folder = node.spool.folder(first.StudyInstanceUID)
+
+    def meanwhile(label, datasets, study_folder):  # the endpoint's answer takes a while: a film arrives
+        node.spool.store(late)
+        from cxr_dicom.node import Outcome
+
+        return Outcome(label, "sent", "1.2.3", len(datasets))
+
+    node._score_and_send = meanwhile
+    assert node.process(folder).status == "sent"
+    (left,) = folder.glob("*.dcm")
+    assert pydicom.dcmread(left).SOPInstanceUID == late.SOPInstanceUID
+
+
+def test_a_spooled_file_that_cannot_be_read_is_buried_and_the_node_goes_on(nih_root, tmp_path, caplog):
+    node = DicomNode(NodeConfig(spool=tmp_path / "spool", settle_seconds=0))
+    broken = node.spool.incoming / "0123456789abcdef"
+    broken.mkdir()
+    (broken / "x.dcm").write_bytes(b"not DICOM at all")
+    (outcome,) = node.process_settled()
+    assert outcome.status == "dead" and outcome.reason.startswith("unexpected")
+    (buried,) = list(node.spool.dead.iterdir())
+    assert (buried / "x.dcm").read_bytes() == b"not DICOM at all" and not broken.exists()
+    assert node.process_settled() == []  # nothing left to trip over
