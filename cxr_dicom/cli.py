@@ -56,7 +56,8 @@ def config_from(args: argparse.Namespace) -> NodeConfig:
         spool=Path(args.spool), endpoint=args.endpoint, ae_title=args.ae_title, host=args.host,
         port=args.port, pacs_host=host or "127.0.0.1", pacs_port=int(port), pacs_ae_title=args.pacs_ae,
         dicomweb=args.dicomweb, dicomweb_user=args.dicomweb_user, dicomweb_password=password,
-        send=args.send, settle_seconds=args.settle, attempts=args.attempts,
+        send=args.send, settle_seconds=args.settle, attempts=args.attempts, max_images=args.max_images,
+        allowed_aes=tuple(args.allow_ae or ()),
     )  # fmt: skip
 
 
@@ -69,6 +70,7 @@ def _parser(pull: bool) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
     parser.add_argument("--port", type=int, default=11112, help="DICOM port of the node")
     parser.add_argument("--endpoint", default="http://127.0.0.1:8080", help="the cxr endpoint (`cxr serve`)")
+    parser.add_argument("--allow-ae", action="append", help="a calling AE title allowed to store (repeat)")
     parser.add_argument("--pacs", default="127.0.0.1:4242", help="HOST:PORT the SR is C-STOREd to")
     parser.add_argument("--pacs-ae", default="ORTHANC", help="the PACS's AE title")
     parser.add_argument("--dicomweb", default=None, help="DICOMweb root, e.g. http://pacs:8042/dicom-web")
@@ -88,4 +90,5 @@ def _parser(pull: bool) -> argparse.ArgumentParser:
     parser.add_argument(
         "--attempts", type=int, default=3, help="tries before a study goes to the dead-letter folder"
     )
+    parser.add_argument("--max-images", type=int, default=16, help="frontal radiographs scored per study")
     return parser

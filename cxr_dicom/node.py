@@ -35,9 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxr_dicom.sr import MANUFACTURER  # what cxr_dicom writes into its own reports and overlays
+
 log = logging.getLogger(__name__)
 
-QUIET_LIBRARIES = ("pynetdicom", "highdicom", "pydicom")
+QUIET_LIBRARIES = ("pynetdicom", "highdicom", "pydicom", "dicomweb_client", "urllib3", "requests")
+REFUSALS = (400, 413, 415, 422)  # the endpoint's answers that judge the image, not the request's route
+MAX_ANSWER = 1 << 20  # bytes of an endpoint answer read
+CAPTURES = ("1.2.840.10008.5.1.4.1.1.7",)  # Secondary Capture Image Storage: screenshots, overlays
 RADIOGRAPHY = ("CR", "DX", "RG", "OT", "")  # modalities the header rules accept as (maybe) a radiograph
 
 DONE_TABLE = (
@@ -72,6 +77,8 @@ class NodeConfig:
     attempts: int = 3
     retry_seconds: float = 2.0
     timeout: float = 60.0
+    max_images: int = 16  # frontal radiographs scored per study; a study's time stays bounded
+    allowed_aes: tuple[str, ...] = ()  # calling AE titles allowed to store (empty: any)
     salt: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def __post_init__(self) -> None:
@@ -94,8 +101,9 @@ class Spool:
 
     def __init__(self, root: Path):
         self.incoming, self.dead = root / "incoming", root / "dead-letter"
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        self.dead.mkdir(parents=True, exist_ok=True)
+        for folder in (root, self.incoming, self.dead):  # patient data: the node's user alone reads it
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.chmod(0o700)
         self.state = root / "state.sqlite"
         with sqlite3.connect(self.state) as db:
             db.execute(DONE_TABLE)
@@ -106,10 +114,11 @@ class Spool:
     def store(self, dataset: Any) -> Path:
         """Write one instance (with its file meta) atomically; returns its path."""
         folder = self.folder(str(dataset.StudyInstanceUID))
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
         path = folder / (hashlib.sha256(str(dataset.SOPInstanceUID).encode()).hexdigest()[:32] + ".dcm")
         partial = path.with_suffix(".part")
-        dataset.save_as(partial, enforce_file_format=True)
+        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+            dataset.save_as(handle, enforce_file_format=True)
         os.replace(partial, path)
         return path
 
@@ -188,6 +197,8 @@ class DicomNode:
 
         ae = AE(ae_title=self.config.ae_title)
         ae.supported_contexts = AllStoragePresentationContexts + VerificationPresentationContexts
+        if self.config.allowed_aes:
+            ae.require_calling_aet = list(self.config.allowed_aes)
         handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store)]
         self._server = ae.start_server(
             (self.config.host, self.config.port), block=False, evt_handlers=handlers
@@ -218,7 +229,11 @@ class DicomNode:
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
-            self.process_settled()
+            try:
+                self.process_settled()
+            except Exception as error:  # the node goes on: what failed stays spooled for the next round
+                log.error("processing round failed: %s", type(error).__name__)
+                self._stop.wait(self.config.retry_seconds)
 
     def process_settled(self) -> list[Outcome]:
         """Process every study that has settled; returns their outcomes."""
@@ -229,8 +244,8 @@ class DicomNode:
         """Fetch a study from the DICOMweb server (WADO-RS) and process it now."""
         try:
             datasets = self._dicomweb().retrieve_study(study_uid)
-        except (OSError, ValueError) as error:  # requests' errors are OSErrors
-            raise NodeError(f"WADO-RS retrieve failed: {error}") from error
+        except (OSError, ValueError) as error:  # requests' errors are OSErrors; their text names the study
+            raise NodeError(f"WADO-RS retrieve failed ({_http_failure(error)})") from error
         if not datasets:
             raise NodeError(
                 f"study {self.config.study_label(study_uid)}: the DICOMweb server returned no instance"
@@ -256,7 +271,8 @@ class DicomNode:
     def _process(self, folder: Path, files: list[Path]) -> Outcome:
         import pydicom
 
-        datasets = [pydicom.dcmread(path) for path in files]
+        headers = {path: pydicom.dcmread(path, stop_before_pixels=True) for path in files}  # never the pixels
+        datasets = list(headers.values())
         study_uid = str(datasets[0].StudyInstanceUID)
         label = self.config.study_label(study_uid)
         chosen = sorted(str(d.SOPInstanceUID) for d in datasets if scorable(d))  # not the SRs sent back
@@ -268,7 +284,7 @@ class DicomNode:
         error = ""
         for attempt in range(self.config.attempts):
             try:
-                outcome = self._score_and_send(label, datasets, folder)
+                outcome = self._score_and_send(label, headers)
                 self.spool.record(study_uid, instances, outcome.sr_uid or "")
                 self.spool.consume(folder, files)
                 return self._note(outcome)
@@ -293,32 +309,50 @@ class DicomNode:
         self.outcomes.append(outcome)
         return outcome
 
-    def _score_and_send(self, label: str, datasets: list[Any], folder: Path) -> Outcome:
-        chosen = [d for d in datasets if scorable(d)]
+    def _score_and_send(self, label: str, headers: dict[Path, Any]) -> Outcome:
+        """Score a study's frontal chest radiographs (at most `max_images`, one at a time from their files)
+        and send the SR of their answers."""
+        chosen = [path for path, header in headers.items() if scorable(header)][: self.config.max_images]
         if not chosen:
-            return Outcome(label, "nothing", skipped=len(datasets))
-        results = [self._score(dataset) for dataset in chosen]
-        report = build_report(chosen, results)
+            return Outcome(label, "nothing", skipped=len(headers))
+        results = [self._score(path) for path in chosen]
+        model = None if any("model" in r for r in results) else self._served_model()
+        report = build_report([headers[path] for path in chosen], results, model)
         self._send(report)
-        return Outcome(label, "sent", str(report.SOPInstanceUID), len(chosen), len(datasets) - len(chosen))
+        return Outcome(label, "sent", str(report.SOPInstanceUID), len(chosen), len(headers) - len(chosen))
 
-    def _score(self, dataset: Any) -> dict[str, Any]:
-        """The endpoint's answer for one instance; a refusal (4xx) is a result too, a failure is not."""
-        buffer = io.BytesIO()
-        dataset.save_as(buffer, enforce_file_format=True)
+    def _served_model(self) -> Any:
+        """The model the endpoint serves first (`/models`), for a report whose every image was refused
+        before any model answered."""
+        from cxr_dicom.sr import ModelInfo
+
+        request = urllib.request.Request(f"{self.config.endpoint.rstrip('/')}/models")  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, timeout=self.config.timeout) as response:  # noqa: S310  # nosec B310
+                variants = json.loads(response.read(MAX_ANSWER))
+            return ModelInfo.from_answer(variants[sorted(variants)[0]])
+        except (urllib.error.URLError, OSError, ValueError, LookupError, TypeError, AttributeError) as error:
+            raise NodeError(f"endpoint's /models unreadable ({type(error).__name__})") from error
+
+    def _score(self, path: Path) -> dict[str, Any]:
+        """The endpoint's answer for one spooled instance; the image's own refusal (400, 413, 415, 422) is
+        a result too, anything else (unreachable, 5xx, a wrong URL or credentials) a failure."""
         request = urllib.request.Request(  # noqa: S310 - http(s) checked in NodeConfig
-            f"{self.config.endpoint.rstrip('/')}/invocations", data=buffer.getvalue(), method="POST",
+            f"{self.config.endpoint.rstrip('/')}/invocations", data=path.read_bytes(), method="POST",
             headers={"Content-Type": "application/dicom", "Accept": "application/json"},
         )  # fmt: skip
         try:
             with urllib.request.urlopen(request, timeout=self.config.timeout) as response:  # noqa: S310  # nosec B310
-                return dict(json.loads(response.read()))
+                answer = json.loads(response.read(MAX_ANSWER))
         except urllib.error.HTTPError as error:
-            if 400 <= error.code < 500 and error.code not in (408, 429):
-                return refusal(error.read())
+            if error.code in REFUSALS:
+                return refusal(error.read(MAX_ANSWER))
             raise NodeError(f"endpoint answered {error.code}") from error
         except (urllib.error.URLError, OSError, ValueError) as error:
-            raise NodeError(f"endpoint unreachable: {error}") from error
+            raise NodeError(f"endpoint unreachable ({type(error).__name__})") from error
+        if not isinstance(answer, dict):
+            raise NodeError("endpoint answered something other than a JSON object")
+        return answer
 
     # -- sending ---------------------------------------------------------------------------------
     def _send(self, report: Any) -> None:
@@ -354,7 +388,7 @@ class DicomNode:
         try:
             self._dicomweb().store_instances([pydicom.dcmread(buffer)])
         except (OSError, ValueError) as error:
-            raise NodeError(f"STOW-RS failed: {error}") from error
+            raise NodeError(f"STOW-RS failed ({_http_failure(error)})") from error
 
     def _dicomweb(self) -> Any:
         """A DICOMweb client (dicomweb-client) of the configured server, with its credentials."""
@@ -369,13 +403,23 @@ class DicomNode:
         return DICOMwebClient(self.config.dicomweb, session=session, timeout=self.config.timeout)
 
 
-def scorable(dataset: Any) -> bool:
-    """Whether an instance is a frontal chest radiograph by its header (`frontal_chest_problems`), with
-    pixels: reports, presentation states and other views are not sent to the endpoint."""
+def _http_failure(error: BaseException) -> str:
+    """An HTTP client error without its text (which quotes URLs holding UIDs): its type and status."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    return type(error).__name__ + (f", status {status}" if status else "")
+
+
+def scorable(header: Any) -> bool:
+    """Whether an instance is a frontal chest radiograph by its header (`frontal_chest_problems`): an
+    image (rows and columns), original (not DERIVED, not a secondary capture, not cxr's own output);
+    reports, presentation states, overlays and other views are not sent to the endpoint."""
     from cxr.serve.dicom import frontal_chest_problems
 
-    modality = str(dataset.get("Modality", "")).upper()
-    return "PixelData" in dataset and modality in RADIOGRAPHY and not frontal_chest_problems(dataset)
+    modality = str(header.get("Modality", "")).upper()
+    derived = "DERIVED" in [str(v).upper() for v in (header.get("ImageType") or [])]
+    ours = str(header.get("Manufacturer", "")) == MANUFACTURER
+    image = "Rows" in header and "Columns" in header and str(header.get("SOPClassUID", "")) not in CAPTURES
+    return image and modality in RADIOGRAPHY and not (derived or ours) and not frontal_chest_problems(header)
 
 
 def refusal(body: bytes) -> dict[str, Any]:
@@ -393,8 +437,8 @@ def refusal(body: bytes) -> dict[str, Any]:
     return {"error": message, "input_gate": [{"verdict": "out_of_distribution", "reasons": [message[:200]]}]}
 
 
-def build_report(sources: list[Any], results: list[dict[str, Any]]) -> Any:
-    """The SR for a study's scored instances (see `cxr_dicom.sr`)."""
+def build_report(sources: list[Any], results: list[dict[str, Any]], model: Any = None) -> Any:
+    """The SR for a study's scored instances (see `cxr_dicom.sr`); `model` when no answer names one."""
     from cxr_dicom.sr import build_sr
 
-    return build_sr(sources, results)
+    return build_sr(sources, results, model)

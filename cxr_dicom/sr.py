@@ -205,9 +205,10 @@ def _from_answer(result: Mapping[str, Any]) -> list[ImageAnswer]:
         model = ModelInfo.from_answer(result["model"]) if result.get("model") else None
         return [ImageAnswer(p.get("input_check") or {}, model, p.get("probabilities"), p.get("decisions"),
                             result.get("thresholds")) for p in result["predictions"]]  # fmt: skip
-    if "input_gate" in result:  # a 422: the request was refused as a whole
+    if "input_gate" in result:  # a 422: the request was refused as a whole, by the named model's gate
         reason = str(result.get("error") or "input refused")
-        return [ImageAnswer({**gate, "verdict": gate.get("verdict", OUT), "reasons": [reason]})
+        model = ModelInfo.from_answer(result["model"]) if result.get("model") else None
+        return [ImageAnswer({**gate, "verdict": gate.get("verdict", OUT), "reasons": [reason]}, model)
                 for gate in result["input_gate"]]  # fmt: skip
     raise ValueError("a result is neither an answer (predictions) nor a refusal (input_gate)")
 

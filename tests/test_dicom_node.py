@@ -203,11 +203,11 @@ def test_instances_arriving_while_a_study_is_processed_wait_for_the_next_round(n
     node.spool.store(first)
     folder = node.spool.folder(first.StudyInstanceUID)
 
-    def meanwhile(label, datasets, study_folder):  # the endpoint's answer takes a while: a film arrives
+    def meanwhile(label, headers):  # the endpoint's answer takes a while: a film arrives
         node.spool.store(late)
         from cxr_dicom.node import Outcome
 
-        return Outcome(label, "sent", "1.2.3", len(datasets))
+        return Outcome(label, "sent", "1.2.3", len(headers))
 
     node._score_and_send = meanwhile
     assert node.process(folder).status == "sent"
@@ -225,3 +225,44 @@ def test_a_spooled_file_that_cannot_be_read_is_buried_and_the_node_goes_on(nih_r
     (buried,) = list(node.spool.dead.iterdir())
     assert (buried / "x.dcm").read_bytes() == b"not DICOM at all" and not broken.exists()
     assert node.process_settled() == []  # nothing left to trip over
+
+
+def test_an_image_the_endpoint_refuses_is_reported_as_not_judged(pacs, endpoint, nih_root, tmp_path):
+    """A frontal film whose pixel data is cut short: the endpoint refuses it, and the study still gets its
+    report, saying the image was not judged and why, under the model the endpoint serves."""
+    server, _ = endpoint
+    (broken,) = nih_study(nih_root, FILMS[:1])
+    broken.PixelData = broken.PixelData[:1000]
+    status, _, _ = server.post(dicom_file(broken), "application/dicom")
+    assert 400 <= status < 500
+    node = DicomNode(node_config(pacs, server, tmp_path / "spool"))
+    node.spool.store(broken)
+    outcome = node.process(node.spool.folder(broken.StudyInstanceUID))
+    assert outcome.status == "sent", outcome
+    (sr,) = srs_of(pacs, broken.StudyInstanceUID)
+    assert b"Not judged" in dicom_file(sr) and referenced(sr) == [broken.SOPInstanceUID]
+    assert sr.ManufacturerModelName == "cxr-test-0"  # the served model, from /models
+
+
+def test_a_wrong_endpoint_is_a_failure_not_a_refusal(pacs, endpoint, nih_root, tmp_path):
+    """A 404 (a wrong URL) says nothing about the image: retried, then dead-lettered, no report."""
+    server, _ = endpoint
+
+    class Wrong:
+        url = server.url + "/not-the-endpoint"
+
+    node = DicomNode(node_config(pacs, Wrong, tmp_path / "spool"))
+    (film,) = nih_study(nih_root, FILMS[:1])
+    node.spool.store(film)
+    outcome = node.process(node.spool.folder(film.StudyInstanceUID))
+    assert outcome.status == "dead" and outcome.reason == "endpoint answered 404"
+    assert srs_of(pacs, film.StudyInstanceUID) == []
+
+
+def test_pull_errors_do_not_name_the_study(pacs, tmp_path):
+    uid = "1.2.826.0.1.3680043.8.498.1234567890123456789"
+    command = [sys.executable, "-m", "cxr.cli", "dicom-node", "pull", uid, "--dicomweb", pacs.dicomweb_url,
+               "--dicomweb-user", pacs.auth[0], "--spool", str(tmp_path / "spool")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)  # no password: 401
+    assert result.returncode == 2 and "WADO-RS retrieve failed (HTTPError, status 401)" in result.stderr
+    assert uid not in result.stdout + result.stderr

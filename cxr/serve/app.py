@@ -235,7 +235,8 @@ class Server:
             self.served += 1
             return web.Response(text=text, content_type=JSON, headers={INVOKED_VARIANT: variant.name})
         except InputRefused as error:  # captured with the gate's verdicts, so refusals can be monitored
-            gate = {"input_gate": [{k: c[k] for k in ("score", "verdict")} for c in error.checks]}
+            gate = {"input_gate": [{k: c[k] for k in ("score", "verdict")} for c in error.checks],
+                    "model": self.variants[variant_name].info}  # the model whose gate refused  # fmt: skip
             return await self._error(request, variant_name, 422, str(error), start, extra=gate)
         except RequestError as error:
             return await self._error(request, variant_name, error.status_code, str(error), start)
