@@ -172,18 +172,22 @@ def test_an_instance_the_node_cannot_keep_is_refused_so_the_sender_keeps_it(nih_
     the answer is "out of resources" (0xA700), and the same instance sent again is stored."""
     from pynetdicom import AE, StoragePresentationContexts
 
-    node = DicomNode(NodeConfig(spool=tmp_path / "spool", port=free_port(), settle_seconds=3600))
+    config = NodeConfig(
+        spool=tmp_path / "spool", port=free_port(), settle_seconds=3600, allowed_aes=("MODALITY",)
+    )
+    node = DicomNode(config)
     node.start()
     try:
         (instance,) = nih_study(nih_root, FILMS[:1])
         blocked = node.spool.folder(instance.StudyInstanceUID)
         blocked.write_text("in the way")  # the study's folder cannot be made
 
-        def send() -> int:
-            ae = AE(ae_title="MODALITY")
+        def send(calling: str = "MODALITY") -> int:
+            ae = AE(ae_title=calling)
             ae.requested_contexts = StoragePresentationContexts[:50]
             association = ae.associate("127.0.0.1", node.config.port, ae_title="CXRNODE")
-            assert association.is_established
+            if not association.is_established:
+                return -1
             try:
                 return int(association.send_c_store(instance).Status)
             finally:
@@ -191,7 +195,11 @@ def test_an_instance_the_node_cannot_keep_is_refused_so_the_sender_keeps_it(nih_
 
         assert send() == 0xA700 and not list(node.spool.incoming.glob("*/*.dcm"))
         blocked.unlink()
-        assert send() == 0x0000 and len(list(node.spool.incoming.glob("*/*.dcm"))) == 1
+        assert send("STRANGER") == -1  # not on the allowlist: no association
+        assert send() == 0x0000
+        (stored,) = node.spool.incoming.glob("*/*.dcm")
+        assert stored.stat().st_mode & 0o777 == 0o600 and stored.parent.stat().st_mode & 0o777 == 0o700
+        assert (tmp_path / "spool").stat().st_mode & 0o777 == 0o700
     finally:
         node.stop()
 
