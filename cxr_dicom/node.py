@@ -100,13 +100,28 @@ class Spool:
     """Received instances on disk, a folder per study, until their study is processed."""
 
     def __init__(self, root: Path):
-        self.incoming, self.dead = root / "incoming", root / "dead-letter"
-        for folder in (root, self.incoming, self.dead):  # patient data: the node's user alone reads it
+        self.incoming, self.dead, self.processing = (
+            root / "incoming",
+            root / "dead-letter",
+            root / "processing",
+        )
+        for folder in (
+            root,
+            self.incoming,
+            self.dead,
+            self.processing,
+        ):  # patient data: the node's user alone reads it
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             folder.chmod(0o700)
         self.state = root / "state.sqlite"
         with sqlite3.connect(self.state) as db:
             db.execute(DONE_TABLE)
+        for left in self.processing.iterdir():  # claimed when the node stopped: back in line
+            for path in left.glob("*.dcm"):
+                target = self.incoming / left.name.rsplit("-", 1)[0]
+                target.mkdir(mode=0o700, exist_ok=True)
+                os.replace(path, target / path.name)
+            shutil.rmtree(left, ignore_errors=True)
 
     def folder(self, study_uid: str) -> Path:
         return self.incoming / hashlib.sha256(study_uid.encode()).hexdigest()[:32]
@@ -145,8 +160,17 @@ class Spool:
                 "INSERT OR REPLACE INTO done VALUES (?, ?, ?, ?)", (study_uid, instances, sr_uid, time.time())
             )
 
+    def claim(self, folder: Path) -> Path | None:
+        """Move a study's folder out of `incoming` to work on it; None when another worker took it."""
+        target = self.processing / f"{folder.name}-{time.time_ns()}"
+        try:
+            folder.rename(target)
+        except FileNotFoundError:
+            return None
+        return target
+
     def consume(self, folder: Path, files: list[Path]) -> None:
-        """Remove a processed study's files, and its folder unless more arrived meanwhile."""
+        """Remove a processed (claimed) study's files and folder."""
         for path in files:
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
@@ -154,7 +178,7 @@ class Spool:
 
     def bury(self, folder: Path, reason: str, files: list[Path]) -> Path:
         """Move a study's files to the dead-letter folder, beside a file saying why."""
-        target = self.dead / f"{folder.name}-{time.time_ns()}"
+        target = self.dead / folder.name
         target.mkdir()
         for path in files:
             shutil.move(str(path), target / path.name)
@@ -167,7 +191,8 @@ class Spool:
 @dataclass
 class Outcome:
     """What became of one study: `sent` (an SR went to the PACS), `seen` (already sent for these
-    instances), `nothing` (no frontal chest radiograph), or `dead` (given up, in the dead-letter folder)."""
+    instances), `nothing` (no frontal chest radiograph), `dead` (given up, in the dead-letter folder), or
+    `taken` (another worker on the spool claimed it first)."""
 
     study: str  # the salted label, never the UID
     status: str
@@ -256,9 +281,13 @@ class DicomNode:
 
     # -- processing ------------------------------------------------------------------------------
     def process(self, folder: Path) -> Outcome:
-        """Score a spooled study and send its SR, retrying; a study that keeps failing is buried. Only the
-        files there when it starts are consumed: instances arriving meanwhile wait for the next round."""
-        files = sorted(folder.glob("*.dcm"))
+        """Score a spooled study and send its SR, retrying; a study that keeps failing is buried. The study
+        is claimed first (its folder moved aside at once), so instances arriving meanwhile, a re-sent one
+        included, start a new round, and no other worker on the spool takes the same files."""
+        claimed = self.spool.claim(folder)
+        if claimed is None:
+            return self._note(Outcome(self.config.study_label(folder.name), "taken"))
+        folder, files = claimed, sorted(claimed.glob("*.dcm"))
         try:
             return self._process(folder, files)
         except Exception as error:  # a study that cannot be read must not stop the node

@@ -16,7 +16,7 @@ import pytest
 from highdicom.sr import srread
 
 from cxr.data.findings import FINDINGS
-from cxr_dicom.node import DicomNode, NodeConfig
+from cxr_dicom.node import DicomNode, NodeConfig, Outcome
 from cxr_dicom.sr import FINDING_CODES, PROBABILITY
 
 from .conftest import free_port
@@ -213,14 +213,31 @@ def test_instances_arriving_while_a_study_is_processed_wait_for_the_next_round(n
 
     def meanwhile(label, headers):  # the endpoint's answer takes a while: a film arrives
         node.spool.store(late)
-        from cxr_dicom.node import Outcome
-
         return Outcome(label, "sent", "1.2.3", len(headers))
 
     node._score_and_send = meanwhile
     assert node.process(folder).status == "sent"
     (left,) = folder.glob("*.dcm")
     assert pydicom.dcmread(left).SOPInstanceUID == late.SOPInstanceUID
+    assert node.process(folder).status == "sent"  # the next round
+
+    def resent(label, headers):  # the same instance, corrected, is sent again meanwhile
+        node.spool.store(first)
+        return Outcome(label, "sent", "1.2.4", len(headers))
+
+    node._score_and_send = resent
+    node.spool.store(first)
+    assert node.process(folder).status == "sent" and len(list(folder.glob("*.dcm"))) == 1  # kept
+
+
+def test_a_study_claimed_when_the_node_stopped_is_back_in_line(nih_root, tmp_path):
+    node = DicomNode(NodeConfig(spool=tmp_path / "spool", settle_seconds=0))
+    (film,) = nih_study(nih_root, FILMS[:1])
+    node.spool.store(film)
+    claimed = node.spool.claim(node.spool.folder(film.StudyInstanceUID))
+    assert claimed is not None and node.spool.claim(node.spool.folder(film.StudyInstanceUID)) is None
+    again = DicomNode(NodeConfig(spool=tmp_path / "spool", settle_seconds=0))  # a restart
+    assert not claimed.exists() and len(list(again.spool.folder(film.StudyInstanceUID).glob("*.dcm"))) == 1
 
 
 def test_a_spooled_file_that_cannot_be_read_is_buried_and_the_node_goes_on(nih_root, tmp_path, caplog):
