@@ -20,7 +20,7 @@ import pandas as pd
 from cxr.data import datasets
 from cxr.data.findings import FINDINGS
 from cxr.data.metadata import METADATA_NAMES, MetadataError, find_metadata_file, read_metadata
-from cxr.data.sources import DirectorySource, ImageSource, open_source, s3_client, split_s3_uri
+from cxr.data.sources import DirectorySource, ImageSource, SourceError, open_source, s3_client, split_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ def load_catalog(
     uncertain and unmentioned labels become targets, `views` keeps the `frontal` images (PA or AP) or
     `all`, and `options` go to the adapter's `read` (e.g. VinDr's `readers`, MIMIC's `labeller`).
     """
+    if not str(root).startswith("s3://") and not Path(root).is_dir():
+        raise SourceError(f"data root {root} does not exist or is not a directory")
     if dataset is None and (metadata is not None or str(root).startswith("s3://") or _has_nih_metadata(root)):
         dataset = "nih"
     dataset = dataset or datasets.detect(root)
