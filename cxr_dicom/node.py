@@ -6,49 +6,46 @@ its frontal chest radiographs, chosen by their headers (`cxr.serve.dicom.frontal
 the endpoint's `/invocations` as `application/dicom`, and a DICOM SR (TID 1500, `cxr_dicom.sr`) with the
 results goes back to the PACS by C-STORE or STOW-RS.
 
-Reliability:
+Reliability (the spool, `cxr_dicom.spool`):
 - an instance is written to the spool folder before its C-STORE is acknowledged (a full disk answers
   "out of resources", so the PACS keeps it and retries);
-- a study is scored once: a study seen again with the same instances is not scored again (the state
-  file keeps what was sent);
-- a failure (endpoint, PACS) is retried `attempts` times, `retry_seconds` apart, then the study's files
-  move to the dead-letter folder with the reason;
-- logs name a study by a salted hash of its UID, never by a UID or a patient attribute.
+- one report per study: an image is scored once; a study seen again with no new image gets no new
+  report; new images of a study get a replacement report on all its images, the next version of the
+  previous one (same series, Predecessor Documents Sequence);
+- a report is kept before it is sent, and a failed send sends the same instance again, so a lost
+  acknowledgement never leaves two reports in the PACS;
+- a failure (endpoint, PACS) is retried `attempts` times, `retry_seconds` apart and doubling, then the
+  study's files move to the dead-letter folder with the reason (`cxr dicom-node replay` puts them back);
+- logs and the state file name a study by a keyed hash of its UID, never by a UID or a patient attribute.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 import json
 import logging
-import os
-import secrets
-import shutil
-import sqlite3
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cxr_dicom.spool import COMPREHENSIVE_SR, Report, Spool
 from cxr_dicom.sr import MANUFACTURER  # what cxr_dicom writes into its own reports and overlays
 
 log = logging.getLogger(__name__)
 
 QUIET_LIBRARIES = ("pynetdicom", "highdicom", "pydicom", "dicomweb_client", "urllib3", "requests")
 REFUSALS = (400, 413, 415, 422)  # the endpoint's answers that judge the image, not the request's route
+OUTCOMES_KEPT = 1000  # the latest outcomes kept in memory (`DicomNode.outcomes`)
+PRUNE_EVERY_S = 3600.0
 MAX_ANSWER = 1 << 20  # bytes of an endpoint answer read
 CAPTURES = ("1.2.840.10008.5.1.4.1.1.7",)  # Secondary Capture Image Storage: screenshots, overlays
 RADIOGRAPHY = ("CR", "DX", "RG", "OT", "")  # modalities the header rules accept as (maybe) a radiograph
-
-DONE_TABLE = (
-    "CREATE TABLE IF NOT EXISTS done (study TEXT, instances TEXT, sr_uid TEXT, at REAL,"
-    " PRIMARY KEY (study, instances))"
-)
+MODALITY_TAG = "00080060"
 
 
 class NodeError(RuntimeError):
@@ -79,7 +76,7 @@ class NodeConfig:
     timeout: float = 60.0
     max_images: int = 16  # frontal radiographs scored per study; a study's time stays bounded
     allowed_aes: tuple[str, ...] = ()  # calling AE titles allowed to store (empty: any)
-    salt: str = field(default_factory=lambda: secrets.token_hex(8))
+    keep_days: float = 30.0  # how long a study's scored headers and answers are kept for a replacement
 
     def __post_init__(self) -> None:
         self.spool = Path(self.spool)
@@ -91,110 +88,14 @@ class NodeConfig:
             if url is not None and not url.startswith(("http://", "https://")):
                 raise ValueError(f"{url!r} is not an http(s) URL")
 
-    def study_label(self, study_uid: str) -> str:
-        """How logs name a study: a salted hash, not its UID."""
-        return hashlib.sha256(f"{self.salt}:{study_uid}".encode()).hexdigest()[:12]
-
-
-class Spool:
-    """Received instances on disk, a folder per study, until their study is processed."""
-
-    def __init__(self, root: Path):
-        self.incoming, self.dead, self.processing = (
-            root / "incoming",
-            root / "dead-letter",
-            root / "processing",
-        )
-        for folder in (
-            root,
-            self.incoming,
-            self.dead,
-            self.processing,
-        ):  # patient data: the node's user alone reads it
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            folder.chmod(0o700)
-        self.state = root / "state.sqlite"
-        with sqlite3.connect(self.state) as db:
-            db.execute(DONE_TABLE)
-        for left in self.processing.iterdir():  # claimed when the node stopped: back in line
-            for path in left.glob("*.dcm"):
-                target = self.incoming / left.name.rsplit("-", 1)[0]
-                target.mkdir(mode=0o700, exist_ok=True)
-                os.replace(path, target / path.name)
-            shutil.rmtree(left, ignore_errors=True)
-
-    def folder(self, study_uid: str) -> Path:
-        return self.incoming / hashlib.sha256(study_uid.encode()).hexdigest()[:32]
-
-    def store(self, dataset: Any) -> Path:
-        """Write one instance (with its file meta) atomically; returns its path."""
-        folder = self.folder(str(dataset.StudyInstanceUID))
-        folder.mkdir(mode=0o700, exist_ok=True)
-        path = folder / (hashlib.sha256(str(dataset.SOPInstanceUID).encode()).hexdigest()[:32] + ".dcm")
-        partial = path.with_suffix(".part")
-        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
-            dataset.save_as(handle, enforce_file_format=True)
-        os.replace(partial, path)
-        return path
-
-    def settled(self, seconds: float) -> list[Path]:
-        """Study folders none of whose files changed for `seconds`."""
-        now, ready = time.time(), []
-        for folder in self.incoming.iterdir():
-            stamps = [p.stat().st_mtime for p in folder.glob("*.dcm")]
-            if stamps and now - max(stamps) >= seconds:
-                ready.append(folder)
-        return ready
-
-    def done(self, study_uid: str, instances: str) -> str | None:
-        """The SR already sent for this study with these instances, if any."""
-        with sqlite3.connect(self.state) as db:
-            row = db.execute(
-                "SELECT sr_uid FROM done WHERE study = ? AND instances = ?", (study_uid, instances)
-            ).fetchone()
-        return None if row is None else str(row[0])
-
-    def record(self, study_uid: str, instances: str, sr_uid: str) -> None:
-        with sqlite3.connect(self.state) as db:
-            db.execute(
-                "INSERT OR REPLACE INTO done VALUES (?, ?, ?, ?)", (study_uid, instances, sr_uid, time.time())
-            )
-
-    def claim(self, folder: Path) -> Path | None:
-        """Move a study's folder out of `incoming` to work on it; None when another worker took it."""
-        target = self.processing / f"{folder.name}-{time.time_ns()}"
-        try:
-            folder.rename(target)
-        except FileNotFoundError:
-            return None
-        return target
-
-    def consume(self, folder: Path, files: list[Path]) -> None:
-        """Remove a processed (claimed) study's files and folder."""
-        for path in files:
-            path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-
-    def bury(self, folder: Path, reason: str, files: list[Path]) -> Path:
-        """Move a study's files to the dead-letter folder, beside a file saying why."""
-        target = self.dead / folder.name
-        target.mkdir()
-        for path in files:
-            shutil.move(str(path), target / path.name)
-        (target / "reason.txt").write_text(reason + "\n", encoding="utf-8")
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-        return target
-
 
 @dataclass
 class Outcome:
-    """What became of one study: `sent` (an SR went to the PACS), `seen` (already sent for these
-    instances), `nothing` (no frontal chest radiograph), `dead` (given up, in the dead-letter folder), or
+    """What became of one study: `sent` (a report went to the PACS), `seen` (no new image since its
+    report), `nothing` (no frontal chest radiograph), `dead` (given up, in the dead-letter folder), or
     `taken` (another worker on the spool claimed it first)."""
 
-    study: str  # the salted label, never the UID
+    study: str  # the study's label (`Spool.label`), never the UID
     status: str
     sr_uid: str | None = None
     scored: int = 0
@@ -209,11 +110,12 @@ class DicomNode:
         self.config = config
         for library in QUIET_LIBRARIES:  # their INFO and DEBUG lines carry UIDs and patient attributes
             logging.getLogger(library).setLevel(logging.WARNING)
-        self.spool = Spool(config.spool)
+        self.spool = Spool(config.spool, config.keep_days)
         self._server: Any = None
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        self.outcomes: list[Outcome] = []
+        self.outcomes: deque[Outcome] = deque(maxlen=OUTCOMES_KEPT)
+        self._pruned = 0.0
 
     # -- receiving -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -255,6 +157,9 @@ class DicomNode:
     def _run(self) -> None:
         while not self._stop.wait(0.5):
             try:
+                if time.monotonic() - self._pruned > PRUNE_EVERY_S:
+                    self._pruned = time.monotonic()
+                    self.spool.prune()
                 self.process_settled()
             except Exception as error:  # the node goes on: what failed stays spooled for the next round
                 log.error("processing round failed: %s", type(error).__name__)
@@ -266,33 +171,44 @@ class DicomNode:
 
     # -- pulling ---------------------------------------------------------------------------------
     def pull(self, study_uid: str) -> Outcome:
-        """Fetch a study from the DICOMweb server (WADO-RS) and process it now."""
+        """Fetch a study from the DICOMweb server and process it now. QIDO-RS lists its instances; WADO-RS
+        retrieves, one at a time, those not scored before whose modality may be a radiograph (reports, CT
+        and other objects are not downloaded)."""
+        client = self._dicomweb()
         try:
-            datasets = self._dicomweb().retrieve_study(study_uid)
+            listed = client.search_for_instances(study_instance_uid=study_uid, fields=[MODALITY_TAG])
         except (OSError, ValueError) as error:  # requests' errors are OSErrors; their text names the study
-            raise NodeError(f"WADO-RS retrieve failed ({_http_failure(error)})") from error
-        if not datasets:
-            raise NodeError(
-                f"study {self.config.study_label(study_uid)}: the DICOMweb server returned no instance"
-            )
-        for dataset in datasets:
-            self.spool.store(dataset)
-        return self.process(self.spool.folder(study_uid))
+            raise NodeError(f"QIDO-RS search failed ({_http_failure(error)})") from error
+        label = self.spool.label(study_uid)
+        if not listed:
+            raise NodeError(f"study {label}: the DICOMweb server lists no instance")
+        known, fetched = self.spool.scored(study_uid), 0
+        for series_uid, sop_uid in wanted(listed):
+            if self.spool.key(sop_uid) in known:
+                continue
+            try:
+                self.spool.store(client.retrieve_instance(study_uid, series_uid, sop_uid))
+            except (OSError, ValueError) as error:
+                raise NodeError(f"WADO-RS retrieve failed ({_http_failure(error)})") from error
+            fetched += 1
+        if fetched:
+            return self.process(self.spool.folder(study_uid))
+        return self._note(self._deliver(study_uid, {}, len(listed)))  # nothing new: a report still owed?
 
     # -- processing ------------------------------------------------------------------------------
     def process(self, folder: Path) -> Outcome:
-        """Score a spooled study and send its SR, retrying; a study that keeps failing is buried. The study
-        is claimed first (its folder moved aside at once), so instances arriving meanwhile, a re-sent one
-        included, start a new round, and no other worker on the spool takes the same files."""
+        """Score a spooled study's new images and send its report, retrying; a study that keeps failing is
+        buried. The study is claimed first (its folder moved aside at once), so instances arriving meanwhile,
+        a re-sent one included, start a new round, and no other worker on the spool takes the same files."""
         claimed = self.spool.claim(folder)
         if claimed is None:
-            return self._note(Outcome(self.config.study_label(folder.name), "taken"))
+            return self._note(Outcome(folder.name[:12], "taken"))
         folder, files = claimed, sorted(claimed.glob("*.dcm"))
         try:
             return self._process(folder, files)
         except Exception as error:  # a study that cannot be read must not stop the node
             reason = f"unexpected {type(error).__name__}"  # its message may quote the data: not logged
-            label = self.config.study_label(folder.name)
+            label = folder.name[:12]  # the study's key, which starts with its label
             log.error("study %s: %s", label, reason)
             self.spool.bury(folder, reason, files)
             return self._note(Outcome(label, "dead", reason=reason))
@@ -301,31 +217,54 @@ class DicomNode:
         import pydicom
 
         headers = {path: pydicom.dcmread(path, stop_before_pixels=True) for path in files}  # never the pixels
-        datasets = list(headers.values())
-        study_uid = str(datasets[0].StudyInstanceUID)
-        label = self.config.study_label(study_uid)
-        chosen = sorted(str(d.SOPInstanceUID) for d in datasets if scorable(d))  # not the SRs sent back
-        instances = hashlib.sha256("\0".join(chosen).encode()).hexdigest()
-        sent = self.spool.done(study_uid, instances)
-        if sent is not None:
-            self.spool.consume(folder, files)
-            return self._note(Outcome(label, "seen", sent or None))
-        error = ""
+        study_uid = str(next(iter(headers.values())).StudyInstanceUID)
+        known = self.spool.scored(study_uid)
+        new = {path: header for path, header in headers.items()
+               if scorable(header) and self.spool.key(str(header.SOPInstanceUID)) not in known}  # fmt: skip
+        new = dict(list(new.items())[: max(0, self.config.max_images - len(known))])
+        try:
+            outcome = self._deliver(study_uid, new, len(headers) - len(new))
+        except NodeError as error:
+            self.spool.bury(folder, str(error), files)
+            return self._note(Outcome(self.spool.label(study_uid), "dead", reason=str(error)))
+        self.spool.consume(folder, files)
+        return self._note(outcome)
+
+    def _deliver(self, study_uid: str, new: dict[Path, Any], skipped: int) -> Outcome:
+        """Score the study's new images, keep its report, send it. The report is built once: after a failed
+        send the same instance is sent again, and with no new image a report the PACS never acknowledged is
+        sent again. Raises NodeError once `attempts` tries failed, `retry_seconds` apart, doubling."""
+        label, report, error = self.spool.label(study_uid), None, ""
         for attempt in range(self.config.attempts):
             try:
-                outcome = self._score_and_send(label, headers)
-                self.spool.record(study_uid, instances, outcome.sr_uid or "")
-                self.spool.consume(folder, files)
-                return self._note(outcome)
+                if report is None:
+                    report = self._report(study_uid, new) if new else self.spool.unsent(study_uid)
+                if report is None:
+                    status = "seen" if self.spool.report(study_uid) else "nothing"
+                    return Outcome(label, status, skipped=skipped)
+                self._send(report)
+                self.spool.sent(study_uid, str(report.SOPInstanceUID))
+                return Outcome(label, "sent", str(report.SOPInstanceUID), len(new), skipped)
             except NodeError as problem:
                 error = str(problem)
                 log.warning(
                     "study %s: attempt %d of %d failed: %s", label, attempt + 1, self.config.attempts, error
                 )
                 if attempt + 1 < self.config.attempts:
-                    time.sleep(self.config.retry_seconds)
-        self.spool.bury(folder, error, files)
-        return self._note(Outcome(label, "dead", reason=error))
+                    self._stop.wait(self.config.retry_seconds * 2**attempt)
+        raise NodeError(error)
+
+    def _report(self, study_uid: str, new: dict[Path, Any]) -> Any:
+        """Score the new images (one at a time from their files) and build the study's report on them and
+        on the images scored before, replacing the study's previous report; kept before it is sent."""
+        results = [self._score(path) for path in new]
+        earlier = self.spool.history(study_uid)
+        sources = [header for header, _ in earlier] + list(new.values())
+        answers = [answer for _, answer in earlier] + results
+        model = None if any("model" in answer for answer in answers) else self._served_model()
+        report = build_report(sources, answers, model, previous=self.spool.report(study_uid))
+        self.spool.keep(study_uid, list(zip(new.values(), results, strict=True)), report)
+        return report
 
     def _note(self, outcome: Outcome) -> Outcome:
         log.info(
@@ -337,18 +276,6 @@ class DicomNode:
         )
         self.outcomes.append(outcome)
         return outcome
-
-    def _score_and_send(self, label: str, headers: dict[Path, Any]) -> Outcome:
-        """Score a study's frontal chest radiographs (at most `max_images`, one at a time from their files)
-        and send the SR of their answers."""
-        chosen = [path for path, header in headers.items() if scorable(header)][: self.config.max_images]
-        if not chosen:
-            return Outcome(label, "nothing", skipped=len(headers))
-        results = [self._score(path) for path in chosen]
-        model = None if any("model" in r for r in results) else self._served_model()
-        report = build_report([headers[path] for path in chosen], results, model)
-        self._send(report)
-        return Outcome(label, "sent", str(report.SOPInstanceUID), len(chosen), len(headers) - len(chosen))
 
     def _served_model(self) -> Any:
         """The model the endpoint serves first (`/models`), for a report whose every image was refused
@@ -466,8 +393,39 @@ def refusal(body: bytes) -> dict[str, Any]:
     return {"error": message, "input_gate": [{"verdict": "out_of_distribution", "reasons": [message[:200]]}]}
 
 
-def build_report(sources: list[Any], results: list[dict[str, Any]], model: Any = None) -> Any:
-    """The SR for a study's scored instances (see `cxr_dicom.sr`); `model` when no answer names one."""
+def build_report(
+    sources: list[Any], results: list[dict[str, Any]], model: Any = None, previous: Report | None = None
+) -> Any:
+    """The SR for a study's scored instances (see `cxr_dicom.sr`); `model` when no answer names one. A
+    report replacing a `previous` one is its next version: in its series, naming it as predecessor."""
+    from pydicom import Dataset
+
     from cxr_dicom.sr import build_sr
 
-    return build_sr(sources, results, model)
+    if previous is None:
+        return build_sr(sources, results, model)
+    predecessor = Dataset()
+    predecessor.StudyInstanceUID = sources[0].StudyInstanceUID
+    predecessor.SeriesInstanceUID, predecessor.SOPInstanceUID = previous.series_uid, previous.sop_uid
+    predecessor.SOPClassUID = COMPREHENSIVE_SR
+    return build_sr(
+        sources, results, model, series_uid=previous.series_uid, previous=[predecessor],
+        instance_number=previous.version + 1,
+    )  # fmt: skip
+
+
+def wanted(listed: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The (series, instance) UIDs of a QIDO-RS listing worth retrieving: those whose modality, when the
+    listing gives it, may be a radiograph."""
+    chosen = []
+    for item in listed:
+        series, sop = _value(item, "0020000E"), _value(item, "00080018")
+        modality = _value(item, MODALITY_TAG)
+        if series and sop and (modality is None or modality.upper() in RADIOGRAPHY):
+            chosen.append((series, sop))
+    return chosen
+
+
+def _value(item: dict[str, Any], tag: str) -> str | None:
+    values = item.get(tag, {}).get("Value") or [None]
+    return None if values[0] is None else str(values[0])

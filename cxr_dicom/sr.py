@@ -139,6 +139,8 @@ def build_sr(
     sop_uid: str | None = None,
     when: dt.datetime | None = None,
     series_number: int = 901,
+    instance_number: int = 1,
+    previous: Sequence[Dataset] | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """The Measurement Report of one study's answers.
 
@@ -146,7 +148,8 @@ def build_sr(
     server's answer for all of them, in order (a 200 answer's `predictions`, or a 422 refusal's
     `input_gate`), or a list of answers, one per source; a refused image is reported as not judged.
     `model` is the device observer: by default the model of the first answer that names one. UIDs and
-    the time are new unless given; given them, the output is the same byte for byte.
+    the time are new unless given; given them, the output is the same byte for byte. A report replacing
+    earlier ones names them in `previous` (their study, series, SOP class and instance UIDs).
     """
     references = [source_header(source) for source in sources]
     _check_one_study(references)
@@ -170,7 +173,7 @@ def build_sr(
         series_instance_uid=series_uid,
         series_number=series_number,
         sop_instance_uid=sop_uid,
-        instance_number=1,
+        instance_number=instance_number,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=model.name[:64],
         software_versions=[f"cxr {_cxr_version()}", f"{model.name} {model.version}"[:64]],
@@ -183,6 +186,7 @@ def build_sr(
         content_time=when.time(),
         series_date=when.date(),
         series_time=when.time(),
+        previous_versions=previous,
     )
     stamp_time(sr, when)
     return sr

@@ -5,72 +5,33 @@ Orthanc says what the endpoint said, about the instances it scored, unverified a
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import subprocess
 import sys
-import time
 
 import pydicom
 import pytest
 from highdicom.sr import srread
+from pydicom.uid import generate_uid
 
 from cxr.data.findings import FINDINGS
-from cxr_dicom.node import DicomNode, NodeConfig, Outcome
+from cxr_dicom.node import DicomNode, NodeConfig
 from cxr_dicom.sr import FINDING_CODES, PROBABILITY
 
 from .conftest import free_port
+from .dicom_node_support import (  # noqa: F401
+    FILMS,
+    endpoint_fixture,
+    node_config,
+    referenced,
+    refused_answer,
+    srs_of,
+    wait_for,
+)
 from .dicom_support import dciodvfy_errors, dicom_file, nih_study
-from .pacs import instances, pacs_fixture, store_scu, study_id  # noqa: F401 - the `pacs` fixture
-from .serving_support import LiveServer, make_package
-
-FILMS = ("00000442_000.png", "00000574_000.png")  # two real NIH films, filed as one study
-
-
-@pytest.fixture(scope="module")
-def endpoint(tmp_path_factory, nih_root):
-    """`cxr serve` with a package of a seeded model, capturing what it serves."""
-    package, _, _ = make_package(tmp_path_factory.mktemp("package"), nih_root)
-    capture = tmp_path_factory.mktemp("capture")
-    server = LiveServer(free_port(), "--model", str(package), "--capture", str(capture))
-    yield server, capture
-    server.stop()
-
-
-def node_config(pacs, endpoint, spool, **settings) -> NodeConfig:
-    return NodeConfig(
-        spool=spool, endpoint=endpoint.url, port=pacs.node_port, pacs_host=pacs.host, pacs_port=pacs.port,
-        pacs_ae_title=pacs.aet, dicomweb=pacs.dicomweb_url, dicomweb_user=pacs.auth[0],
-        dicomweb_password=pacs.auth[1], settle_seconds=1.0, attempts=2, retry_seconds=0.2, **settings,
-    )  # fmt: skip
-
-
-def srs_of(pacs, study_uid: str) -> list[pydicom.Dataset]:
-    """The SR instances Orthanc holds for a study."""
-    found = []
-    for record in instances(pacs, study_uid):
-        data = pacs.get(f"/instances/{record['ID']}/file").content
-        dataset = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
-        if dataset.Modality == "SR":
-            found.append(dataset)
-    return found
-
-
-def referenced(sr: pydicom.Dataset) -> list[str]:
-    """The SOP instances an SR names as its evidence."""
-    studies = sr.CurrentRequestedProcedureEvidenceSequence
-    series = [one for study in studies for one in study.ReferencedSeriesSequence]
-    return [item.ReferencedSOPInstanceUID for one in series for item in one.ReferencedSOPSequence]
-
-
-def wait_for(predicate, seconds: float = 90.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"not within {seconds} s")
+from .pacs import pacs_fixture, store_scu, study_id  # noqa: F401 - the `pacs` fixture
 
 
 def a_study(nih_root, lateral: bool = True) -> list[pydicom.Dataset]:
@@ -210,24 +171,32 @@ def test_instances_arriving_while_a_study_is_processed_wait_for_the_next_round(n
     first, late = nih_study(nih_root, list(FILMS))
     node.spool.store(first)
     folder = node.spool.folder(first.StudyInstanceUID)
+    node._send = lambda report: None
 
-    def meanwhile(label, headers):  # the endpoint's answer takes a while: a film arrives
+    def meanwhile(path):  # the endpoint's answer takes a while: a film arrives
         node.spool.store(late)
-        return Outcome(label, "sent", "1.2.3", len(headers))
+        return refused_answer(path)
 
-    node._score_and_send = meanwhile
+    node._score = meanwhile
     assert node.process(folder).status == "sent"
     (left,) = folder.glob("*.dcm")
     assert pydicom.dcmread(left).SOPInstanceUID == late.SOPInstanceUID
+    node._score = refused_answer
     assert node.process(folder).status == "sent"  # the next round
 
-    def resent(label, headers):  # the same instance, corrected, is sent again meanwhile
+    def resent(path):  # the first instance, corrected, is sent again while the late one is scored
         node.spool.store(first)
-        return Outcome(label, "sent", "1.2.4", len(headers))
+        return refused_answer(path)
 
-    node._score_and_send = resent
+    node._score = resent
+    extra = copy.deepcopy(late)
+    extra.SOPInstanceUID = generate_uid()
+    node.spool.store(extra)
     node.spool.store(first)
-    assert node.process(folder).status == "sent" and len(list(folder.glob("*.dcm"))) == 1  # kept
+    assert node.process(folder).status == "sent"  # the extra film: a new image
+    (kept,) = folder.glob("*.dcm")  # the re-sent copy that came meanwhile waits for its own round
+    assert pydicom.dcmread(kept).SOPInstanceUID == first.SOPInstanceUID
+    assert node.process(folder).status == "seen"  # scored before: no new report
 
 
 def test_a_study_claimed_when_the_node_stopped_is_back_in_line(nih_root, tmp_path):
@@ -289,5 +258,5 @@ def test_pull_errors_do_not_name_the_study(pacs, tmp_path):
     command = [sys.executable, "-m", "cxr.cli", "dicom-node", "pull", uid, "--dicomweb", pacs.dicomweb_url,
                "--dicomweb-user", pacs.auth[0], "--spool", str(tmp_path / "spool")]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)  # no password: 401
-    assert result.returncode == 2 and "WADO-RS retrieve failed (HTTPError, status 401)" in result.stderr
+    assert result.returncode == 2 and "QIDO-RS search failed (HTTPError, status 401)" in result.stderr
     assert uid not in result.stdout + result.stderr
