@@ -100,7 +100,7 @@ def config_from(args: argparse.Namespace) -> NodeConfig:
         port=args.port, pacs_host=host, pacs_port=port, pacs_ae_title=args.pacs_ae,
         dicomweb=args.dicomweb, dicomweb_user=args.dicomweb_user, dicomweb_password=password,
         send=args.send, settle_seconds=args.settle, attempts=args.attempts, max_images=args.max_images,
-        allowed_aes=tuple(args.allow_ae or ()), keep_days=args.keep_days,
+        allowed_aes=tuple(args.allow_ae or ()), keep_days=args.keep_days, overlays=args.overlays,
     )  # fmt: skip
 
 
@@ -136,6 +136,9 @@ def _parser(pull: bool) -> argparse.ArgumentParser:
         "--attempts", type=int, default=3, help="tries before a study goes to the dead-letter folder"
     )
     parser.add_argument("--max-images", type=int, default=16, help="frontal radiographs scored per study")
+    parser.add_argument(
+        "--overlays", action="store_true", help="also send a Grad-CAM overlay of each positive finding"
+    )
     parser.add_argument(
         "--keep-days",
         type=float,

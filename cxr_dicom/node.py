@@ -21,12 +21,14 @@ Reliability (the spool, `cxr_dicom.spool`):
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from dataclasses import dataclass
@@ -77,6 +79,7 @@ class NodeConfig:
     max_images: int = 16  # frontal radiographs scored per study; a study's time stays bounded
     allowed_aes: tuple[str, ...] = ()  # calling AE titles allowed to store (empty: any)
     keep_days: float = 30.0  # how long a study's scored headers and answers are kept for a replacement
+    overlays: bool = False  # also send a Grad-CAM overlay (Secondary Capture) of each positive finding
 
     def __post_init__(self) -> None:
         self.spool = Path(self.spool)
@@ -101,6 +104,7 @@ class Outcome:
     scored: int = 0
     skipped: int = 0
     reason: str | None = None
+    overlays: int = 0
 
 
 class DicomNode:
@@ -231,20 +235,22 @@ class DicomNode:
         return self._note(outcome)
 
     def _deliver(self, study_uid: str, new: dict[Path, Any], skipped: int) -> Outcome:
-        """Score the study's new images, keep its report, send it. The report is built once: after a failed
-        send the same instance is sent again, and with no new image a report the PACS never acknowledged is
-        sent again. Raises NodeError once `attempts` tries failed, `retry_seconds` apart, doubling."""
-        label, report, error = self.spool.label(study_uid), None, ""
+        """Score the study's new images, keep its report (and overlays), send them. They are built once:
+        after a failed send the same instances are sent again, and with no new image what the PACS never
+        acknowledged is sent again. Raises NodeError once `attempts` tries failed, `retry_seconds` apart,
+        doubling."""
+        label, outbox, error = self.spool.label(study_uid), None, ""
         for attempt in range(self.config.attempts):
             try:
-                if report is None:
-                    report = self._report(study_uid, new) if new else self.spool.unsent(study_uid)
-                if report is None:
+                if outbox is None:
+                    outbox = self._report(study_uid, new) if new else self.spool.unsent(study_uid)
+                if not outbox:
                     status = "seen" if self.spool.report(study_uid) else "nothing"
                     return Outcome(label, status, skipped=skipped)
-                self._send(report)
-                self.spool.sent(study_uid, str(report.SOPInstanceUID))
-                return Outcome(label, "sent", str(report.SOPInstanceUID), len(new), skipped)
+                self._send(outbox)
+                report = str(outbox[0].SOPInstanceUID)
+                self.spool.sent(study_uid, report)
+                return Outcome(label, "sent", report, len(new), skipped, overlays=len(outbox) - 1)
             except NodeError as problem:
                 error = str(problem)
                 log.warning(
@@ -254,17 +260,56 @@ class DicomNode:
                     self._stop.wait(self.config.retry_seconds * 2**attempt)
         raise NodeError(error)
 
-    def _report(self, study_uid: str, new: dict[Path, Any]) -> Any:
+    def _report(self, study_uid: str, new: dict[Path, Any]) -> list[Any]:
         """Score the new images (one at a time from their files) and build the study's report on them and
-        on the images scored before, replacing the study's previous report; kept before it is sent."""
+        on the images scored before, replacing the study's previous report, then the overlays of the new
+        images when asked for; all kept before they are sent. Returns the report and the overlays."""
         results = [self._score(path) for path in new]
         earlier = self.spool.history(study_uid)
         sources = [header for header, _ in earlier] + list(new.values())
         answers = [answer for _, answer in earlier] + results
         model = None if any("model" in answer for answer in answers) else self._served_model()
         report = build_report(sources, answers, model, previous=self.spool.report(study_uid))
-        self.spool.keep(study_uid, list(zip(new.values(), results, strict=True)), report)
-        return report
+        overlays = self._overlays(new, results) if self.config.overlays else []
+        self.spool.keep(study_uid, list(zip(new.values(), results, strict=True)), [report, *overlays])
+        return [report, *overlays]
+
+    def _overlays(self, new: dict[Path, Any], results: list[dict[str, Any]]) -> list[Any]:
+        """A Grad-CAM overlay (Secondary Capture, `cxr_dicom.overlay`) of each positive finding of each new
+        judged image, asked of the variant that judged it, in one new series."""
+        from pydicom.uid import generate_uid
+
+        from cxr_dicom.overlay import build_overlay
+        from cxr_dicom.sr import ModelInfo, image_answers
+
+        overlays: list[Any] = []
+        series = generate_uid()
+        for (path, header), result in zip(new.items(), results, strict=True):
+            (answer,) = image_answers(result, 1)
+            positives = [f for f, yes in (answer.decisions or {}).items() if yes] if answer.judged else []
+            if not positives:
+                continue
+            model = ModelInfo.from_answer(result["model"])
+            for finding, png in self._heatmaps(path, result, positives).items():
+                overlays.append(build_overlay(header, png, finding, model, series_uid=series,
+                                              instance_number=len(overlays) + 1))  # fmt: skip
+        return overlays
+
+    def _heatmaps(self, path: Path, result: dict[str, Any], findings: list[str]) -> dict[str, bytes]:
+        """The endpoint's Grad-CAM overlays (PNG) of `findings` on one image, asked of the variant that
+        answered `result` under its inference id (so the capture counts the case once)."""
+        from cxr.serve.headers import INFERENCE_ID, TARGET_VARIANT
+
+        headers = {INFERENCE_ID: str(result.get("inference_id", ""))}
+        variant = (result.get("model") or {}).get("variant")
+        if variant:
+            headers[TARGET_VARIANT] = str(variant)
+        answer = self._score(path, explain=findings, headers=headers)
+        try:
+            maps = answer["predictions"][0]["heatmaps"]
+            return {finding: base64.b64decode(maps[finding]) for finding in findings}
+        except (LookupError, TypeError, ValueError) as error:
+            raise NodeError(f"endpoint answered no heatmap ({type(error).__name__})") from error
 
     def _note(self, outcome: Outcome) -> Outcome:
         log.info(
@@ -290,12 +335,16 @@ class DicomNode:
         except (urllib.error.URLError, OSError, ValueError, LookupError, TypeError, AttributeError) as error:
             raise NodeError(f"endpoint's /models unreadable ({type(error).__name__})") from error
 
-    def _score(self, path: Path) -> dict[str, Any]:
-        """The endpoint's answer for one spooled instance; the image's own refusal (400, 413, 415, 422) is
-        a result too, anything else (unreachable, 5xx, a wrong URL or credentials) a failure."""
+    def _score(
+        self, path: Path, explain: list[str] | None = None, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """The endpoint's answer for one spooled instance (with Grad-CAM overlays of `explain`); the image's
+        own refusal (400, 413, 415, 422) is a result too, anything else (unreachable, 5xx, a wrong URL or
+        credentials) a failure."""
+        query = "?" + urllib.parse.urlencode({"explain": ",".join(explain)}) if explain else ""
         request = urllib.request.Request(  # noqa: S310 - http(s) checked in NodeConfig
-            f"{self.config.endpoint.rstrip('/')}/invocations", data=path.read_bytes(), method="POST",
-            headers={"Content-Type": "application/dicom", "Accept": "application/json"},
+            f"{self.config.endpoint.rstrip('/')}/invocations{query}", data=path.read_bytes(), method="POST",
+            headers={"Content-Type": "application/dicom", "Accept": "application/json", **(headers or {})},
         )  # fmt: skip
         try:
             with urllib.request.urlopen(request, timeout=self.config.timeout) as response:  # noqa: S310  # nosec B310
@@ -311,38 +360,45 @@ class DicomNode:
         return answer
 
     # -- sending ---------------------------------------------------------------------------------
-    def _send(self, report: Any) -> None:
+    def _send(self, instances: list[Any]) -> None:
         if self.config.send == "stow":
-            self._stow(report)
+            self._stow(instances)
         else:
-            self._c_store(report)
+            self._c_store(instances)
 
-    def _c_store(self, report: Any) -> None:
+    def _c_store(self, instances: list[Any]) -> None:
+        """C-STORE the instances to the PACS over one association."""
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
         from pynetdicom import AE
 
         ae = AE(ae_title=self.config.ae_title)
-        ae.add_requested_context(report.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for sop_class in dict.fromkeys(str(instance.SOPClassUID) for instance in instances):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         association = ae.associate(
             self.config.pacs_host, self.config.pacs_port, ae_title=self.config.pacs_ae_title
         )
         if not association.is_established:
             raise NodeError("the PACS refused or did not answer the association")
         try:
-            status = association.send_c_store(report)
+            statuses = [association.send_c_store(instance) for instance in instances]
         finally:
             association.release()
-        if not status or int(status.Status) != 0x0000:
-            raise NodeError(f"the PACS answered C-STORE with status {getattr(status, 'Status', None)!r}")
+        for status in statuses:
+            if not status or int(status.Status) != 0x0000:
+                raise NodeError(f"the PACS answered C-STORE with status {getattr(status, 'Status', None)!r}")
 
-    def _stow(self, report: Any) -> None:
+    def _stow(self, instances: list[Any]) -> None:
+        """STOW-RS the instances to the DICOMweb server in one request."""
         import pydicom
 
-        buffer = io.BytesIO()
-        report.save_as(buffer, enforce_file_format=True)  # with its preamble, as STOW-RS stores files
-        buffer.seek(0)
+        files = []
+        for instance in instances:
+            buffer = io.BytesIO()
+            instance.save_as(buffer, enforce_file_format=True)  # with its preamble, as STOW-RS stores files
+            buffer.seek(0)
+            files.append(pydicom.dcmread(buffer))
         try:
-            self._dicomweb().store_instances([pydicom.dcmread(buffer)])
+            self._dicomweb().store_instances(files)
         except (OSError, ValueError) as error:
             raise NodeError(f"STOW-RS failed ({_http_failure(error)})") from error
 
@@ -416,12 +472,17 @@ def build_report(
 
 def wanted(listed: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """The (series, instance) UIDs of a QIDO-RS listing worth retrieving: those whose modality, when the
-    listing gives it, may be a radiograph."""
+    listing gives it, may be a radiograph, and that are not secondary captures."""
     chosen = []
     for item in listed:
         series, sop = _value(item, "0020000E"), _value(item, "00080018")
-        modality = _value(item, MODALITY_TAG)
-        if series and sop and (modality is None or modality.upper() in RADIOGRAPHY):
+        modality, sop_class = _value(item, MODALITY_TAG), _value(item, "00080016")
+        if (
+            series
+            and sop
+            and (modality is None or modality.upper() in RADIOGRAPHY)
+            and sop_class not in CAPTURES
+        ):
             chosen.append((series, sop))
     return chosen
 

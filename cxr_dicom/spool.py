@@ -5,9 +5,10 @@ Layout (the folders 0700, the files 0600: they hold patient data):
 - `incoming/<study key>/<instance key>.dcm`: received instances, a folder per study;
 - `processing/`: studies being worked on (claimed by moving their folder here);
 - `dead-letter/<study key>/`: the files of a study given up on, and `reason.txt`;
-- `reports/<study key>/`: the study's latest report (`report.dcm`) and, per scored instance, its header
-  without pixels and the endpoint's answer (`<instance key>.json`), from which a replacement report is
-  built when more images of the study arrive; kept `keep_days` after the study's last report;
+- `reports/<study key>/`: per scored instance, its header without pixels and the endpoint's answer
+  (`<instance key>.json`), from which a replacement report is built when more images of the study
+  arrive, and in `outbox/` the study's latest report and overlays until the PACS acknowledged them;
+  kept `keep_days` after the study's last report;
 - `state.sqlite`: which instances were scored and which report is each study's latest, by key only;
 - `salt`: the secret behind the keys.
 
@@ -176,18 +177,22 @@ class Spool:
             kept.append((Dataset.from_json(record["header"]), record["answer"]))
         return kept
 
-    def keep(self, study_uid: str, scored: list[tuple[Any, dict[str, Any]]], report: Any) -> None:
-        """Record a report before it is sent: the newly scored instances' headers and answers, the report
-        itself, and in the state file the instances and the report as the study's latest, not yet sent."""
+    def keep(self, study_uid: str, scored: list[tuple[Any, dict[str, Any]]], outbox: list[Any]) -> None:
+        """Record a report before it is sent: the newly scored instances' headers and answers, what is to
+        go to the PACS (the report first, then any overlays), and in the state file the instances and the
+        report as the study's latest, not yet sent."""
         folder = self.reports / self.key(study_uid)
-        folder.mkdir(mode=0o700, exist_ok=True)
+        (folder / "outbox").mkdir(mode=0o700, parents=True, exist_ok=True)
         for header, answer in scored:
             record = {"header": _without_pixels(header).to_json_dict(), "answer": answer}
             with _written(folder / f"{self.key(str(header.SOPInstanceUID))}.json") as handle:
                 handle.write(json.dumps(record).encode())
-        with _written(folder / "report.dcm") as handle:
-            report.save_as(handle, enforce_file_format=True)
-        study, now = self.key(study_uid), time.time()
+        for old in (folder / "outbox").glob("*.dcm"):  # a replaced report that never went out
+            old.unlink()
+        for number, instance in enumerate(outbox):
+            with _written(folder / "outbox" / f"{number:04d}.dcm") as handle:
+                instance.save_as(handle, enforce_file_format=True)
+        report, study, now = outbox[0], self.key(study_uid), time.time()
         with self._db() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO scored VALUES (?, ?, ?)",
@@ -204,23 +209,26 @@ class Spool:
                 ),
             )
 
-    def unsent(self, study_uid: str) -> Any | None:
-        """The study's latest report when the PACS has not acknowledged it yet (to send it again, the same
-        instance: a lost acknowledgement never makes a second report)."""
+    def unsent(self, study_uid: str) -> list[Any]:
+        """The study's latest report and overlays when the PACS has not acknowledged them yet (to send them
+        again, the same instances: a lost acknowledgement never makes a second report)."""
         import pydicom
 
         report = self.report(study_uid)
-        path = self.reports / self.key(study_uid) / "report.dcm"
-        if report is None or report.sent or not path.exists():
-            return None
-        return pydicom.dcmread(path)
+        if report is None or report.sent:
+            return []
+        return [
+            pydicom.dcmread(path)
+            for path in sorted((self.reports / self.key(study_uid) / "outbox").glob("*.dcm"))
+        ]
 
     def sent(self, study_uid: str, sop_uid: str) -> None:
-        """The PACS acknowledged the report."""
+        """The PACS acknowledged the report (and its overlays)."""
         with self._db() as db:
             db.execute(
                 "UPDATE reports SET sent = 1 WHERE study = ? AND sop_uid = ?", (self.key(study_uid), sop_uid)
             )
+        shutil.rmtree(self.reports / self.key(study_uid) / "outbox", ignore_errors=True)
 
     def prune(self, now: float | None = None) -> int:
         """Delete the kept headers, answers and reports of studies whose latest report was sent more than
@@ -249,7 +257,11 @@ class Spool:
             for path in left.glob("*.dcm"):
                 os.replace(path, target / path.name)
             shutil.rmtree(left, ignore_errors=True)
-        for partial in [*self.incoming.glob("*/*.part"), *self.reports.glob("*/*.part")]:
+        for partial in [
+            *self.incoming.glob("*/*.part"),
+            *self.reports.glob("*/*.part"),
+            *self.reports.glob("*/*/*.part"),
+        ]:
             partial.unlink(missing_ok=True)
 
     @contextlib.contextmanager

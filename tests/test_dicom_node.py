@@ -171,7 +171,7 @@ def test_instances_arriving_while_a_study_is_processed_wait_for_the_next_round(n
     first, late = nih_study(nih_root, list(FILMS))
     node.spool.store(first)
     folder = node.spool.folder(first.StudyInstanceUID)
-    node._send = lambda report: None
+    node._send = lambda outbox: None
 
     def meanwhile(path):  # the endpoint's answer takes a while: a film arrives
         node.spool.store(late)

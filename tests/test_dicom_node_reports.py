@@ -5,6 +5,7 @@ reports, a report owed is sent again after a dead letter is replayed, and the sp
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ from .dicom_node_support import (  # noqa: F401
     wait_for,
 )
 from .dicom_support import dciodvfy_errors, dicom_file, nih_study
-from .pacs import pacs_fixture, store_scu  # noqa: F401 - the `pacs` fixture
+from .pacs import instances, pacs_fixture, store_scu  # noqa: F401 - the `pacs` fixture
 
 
 def counting(node: DicomNode) -> list:
@@ -81,9 +82,9 @@ def test_a_lost_acknowledgement_sends_the_same_report_again(pacs, endpoint, nih_
     node = DicomNode(node_config(pacs, server, tmp_path / "spool"))
     scored, c_store, sent = counting(node), node._c_store, []
 
-    def lost(report):
-        c_store(report)
-        sent.append(report.SOPInstanceUID)
+    def lost(outbox):
+        c_store(outbox)
+        sent.append(outbox[0].SOPInstanceUID)
         if len(sent) == 1:
             raise NodeError("the PACS did not answer C-STORE")
 
@@ -130,7 +131,7 @@ def test_the_spool_names_no_study_and_keeps_its_labels_across_restarts(nih_root,
     in another spool. No UID or patient attribute appears in file names or the state file."""
     (film,) = nih_study(nih_root, FILMS[:1])
     node = DicomNode(node_config_offline(tmp_path / "spool"))
-    node._score, node._send = refused_answer, lambda report: None
+    node._score, node._send = refused_answer, lambda outbox: None
     node.spool.store(film)
     outcome = node.process(node.spool.folder(film.StudyInstanceUID))
     assert outcome.status == "sent" and outcome.study == node.spool.label(film.StudyInstanceUID)
@@ -149,7 +150,7 @@ def test_the_spool_names_no_study_and_keeps_its_labels_across_restarts(nih_root,
 def test_a_study_kept_past_its_days_is_pruned_and_still_not_scored_twice(nih_root, tmp_path):
     (film,) = nih_study(nih_root, FILMS[:1])
     node = DicomNode(node_config_offline(tmp_path / "spool", keep_days=1))
-    node._score, node._send = refused_answer, lambda report: None
+    node._score, node._send = refused_answer, lambda outbox: None
     node.spool.store(film)
     assert node.process(node.spool.folder(film.StudyInstanceUID)).status == "sent"
     assert node.spool.prune() == 0 and len(node.spool.history(film.StudyInstanceUID)) == 1
@@ -231,3 +232,30 @@ def test_a_copy_of_an_instance_is_one_instance(nih_root, tmp_path):
     other.SOPInstanceUID = generate_uid()
     assert spool.store(other) != spool.store(film)
     assert pydicom.dcmread(spool.store(other)).SOPInstanceUID == other.SOPInstanceUID
+
+
+def test_overlays_of_the_positive_findings_go_with_the_report(pacs, endpoint, nih_root, tmp_path):
+    """With overlays asked for, each positive finding of a judged film comes back as a Secondary Capture
+    of the endpoint's own Grad-CAM overlay, referencing the film, in one series of the study; the case is
+    captured once (the heatmaps are asked under the first answer's inference id)."""
+    server, capture = endpoint
+    (film,) = nih_study(nih_root, FILMS[:1])
+    status, body, _ = server.post(dicom_file(film), "application/dicom")
+    positives = sorted(f for f, yes in json.loads(body)["predictions"][0]["decisions"].items() if yes)
+    assert status == 200 and positives  # the seeded model calls some findings positive
+    node = DicomNode(node_config(pacs, server, tmp_path / "spool", overlays=True))
+    node.spool.store(film)
+    outcome = node.process(node.spool.folder(film.StudyInstanceUID))
+    assert outcome.status == "sent" and outcome.overlays == len(positives)
+
+    stored = [pydicom.dcmread(pydicom.filebase.DicomBytesIO(pacs.get(f"/instances/{r['ID']}/file").content))
+              for r in instances(pacs, film.StudyInstanceUID)]  # fmt: skip
+    overlays = [d for d in stored if d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"]
+    assert sorted(d.SeriesDescription.split()[2] for d in overlays) == positives
+    assert len({d.SeriesInstanceUID for d in overlays}) == 1 and len(srs_of(pacs, film.StudyInstanceUID)) == 1
+    for overlay in overlays:
+        assert overlay.SourceImageSequence[0].ReferencedSOPInstanceUID == film.SOPInstanceUID
+    assert dciodvfy_errors(dicom_file(overlays[0]), tmp_path) == []
+    ids = [json.loads(line)["eventMetadata"]["inferenceId"] for path in capture.rglob("*.jsonl")
+           for line in path.read_text().splitlines()]  # fmt: skip
+    assert len(ids) == len(set(ids)) + 1  # the heatmap request is the same case, under the same id
