@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cxr.config import cxr_home
 from cxr_dicom.node import DicomNode, NodeConfig, NodeError
-from cxr_dicom.spool import Spool
+from cxr_dicom.spool import Spool, SpoolBusy
 
 
 def main(argv: list[str]) -> int:
@@ -40,7 +40,11 @@ def main(argv: list[str]) -> int:
         return 0 if outcome.status in ("sent", "seen", "nothing") else 1
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    node.start()
+    try:
+        node.start()
+    except SpoolBusy as error:
+        print(f"cxr dicom-node: error: {error}", file=sys.stderr)
+        return 2
     print(
         f"cxr dicom-node: {args.ae_title} on {args.host}:{args.port} → endpoint {args.endpoint}",
         file=sys.stderr,
@@ -84,6 +88,7 @@ def default_spool() -> Path:
 def pacs_address(text: str) -> tuple[str, int]:
     """HOST:PORT of the PACS, as argparse reads it (a clear error otherwise)."""
     host, _, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:104, an IPv6 address
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. pacs.hospital:104)")
     return host, int(port)
@@ -99,7 +104,8 @@ def config_from(args: argparse.Namespace) -> NodeConfig:
         spool=Path(args.spool), endpoint=args.endpoint, ae_title=args.ae_title, host=args.host,
         port=args.port, pacs_host=host, pacs_port=port, pacs_ae_title=args.pacs_ae,
         dicomweb=args.dicomweb, dicomweb_user=args.dicomweb_user, dicomweb_password=password,
-        send=args.send, settle_seconds=args.settle, attempts=args.attempts, max_images=args.max_images,
+        send=args.send, settle_seconds=args.settle, attempts=args.attempts, retry_seconds=args.retry_seconds,
+        max_images=args.max_images,
         allowed_aes=tuple(args.allow_ae or ()), keep_days=args.keep_days, overlays=args.overlays,
     )  # fmt: skip
 
@@ -133,7 +139,10 @@ def _parser(pull: bool) -> argparse.ArgumentParser:
         "--settle", type=float, default=5.0, help="seconds without new instances before a study is scored"
     )
     parser.add_argument(
-        "--attempts", type=int, default=3, help="tries before a study goes to the dead-letter folder"
+        "--attempts", type=int, default=5, help="tries before a study goes to the dead-letter folder"
+    )
+    parser.add_argument(
+        "--retry-seconds", type=float, default=5.0, help="wait before the second try, doubling after each"
     )
     parser.add_argument("--max-images", type=int, default=16, help="frontal radiographs scored per study")
     parser.add_argument(

@@ -16,12 +16,16 @@ Reliability (the spool, `cxr_dicom.spool`):
   acknowledgement never leaves two reports in the PACS;
 - a failure (endpoint, PACS) is retried `attempts` times, `retry_seconds` apart and doubling, then the
   study's files move to the dead-letter folder with the reason (`cxr dicom-node replay` puts them back);
+  a node asked to stop puts the study in hand back in line instead;
+- one node runs on a spool, and a study's reports are worked on by one process at a time (a pull beside
+  the node included);
 - logs and the state file name a study by a keyed hash of its UID, never by a UID or a patient attribute.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxr_dicom.spool import COMPREHENSIVE_SR, Report, Spool
+from cxr_dicom.spool import FIRST, Report, Spool
 from cxr_dicom.sr import MANUFACTURER  # what cxr_dicom writes into its own reports and overlays
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,10 @@ MODALITY_TAG = "00080060"
 
 class NodeError(RuntimeError):
     """A study could not be processed this time (endpoint or PACS unreachable, refused, ...)."""
+
+
+class Stopping(Exception):
+    """The node stops: the study in hand goes back in line."""
 
 
 @dataclass
@@ -73,8 +81,8 @@ class NodeConfig:
     dicomweb_password: str | None = None
     send: str = "c-store"  # c-store | stow
     settle_seconds: float = 5.0
-    attempts: int = 3
-    retry_seconds: float = 2.0
+    attempts: int = 5  # with retry_seconds 5: 5 + 10 + 20 + 40 s, a PACS or endpoint restart outlasted
+    retry_seconds: float = 5.0
     timeout: float = 60.0
     max_images: int = 16  # frontal radiographs scored per study; a study's time stays bounded
     allowed_aes: tuple[str, ...] = ()  # calling AE titles allowed to store (empty: any)
@@ -120,12 +128,16 @@ class DicomNode:
         self._worker: threading.Thread | None = None
         self.outcomes: deque[Outcome] = deque(maxlen=OUTCOMES_KEPT)
         self._pruned = 0.0
+        self._running: contextlib.ExitStack | None = None
 
     # -- receiving -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Listen for C-STORE and process settled studies in the background."""
+        """Listen for C-STORE and process settled studies in the background. One node per spool: a second
+        one raises `SpoolBusy`."""
         from pynetdicom import AE, AllStoragePresentationContexts, VerificationPresentationContexts, evt
 
+        self._running = contextlib.ExitStack()
+        self._running.enter_context(self.spool.running())
         ae = AE(ae_title=self.config.ae_title)
         ae.supported_contexts = AllStoragePresentationContexts + VerificationPresentationContexts
         if self.config.allowed_aes:
@@ -139,11 +151,14 @@ class DicomNode:
         log.info("DICOM node %s listening on %s:%d", self.config.ae_title, self.config.host, self.config.port)
 
     def stop(self) -> None:
+        """Stop listening; a study being processed goes back in line for the next start."""
         self._stop.set()
         if self._server is not None:
             self._server.shutdown()
         if self._worker is not None:
             self._worker.join(timeout=self.config.timeout)
+        if self._running is not None:
+            self._running.close()
 
     def _on_store(self, event: Any) -> int:
         try:
@@ -170,8 +185,13 @@ class DicomNode:
                 self._stop.wait(self.config.retry_seconds)
 
     def process_settled(self) -> list[Outcome]:
-        """Process every study that has settled; returns their outcomes."""
-        return [self.process(folder) for folder in self.spool.settled(self.config.settle_seconds)]
+        """Process every study that has settled (until the node stops); returns their outcomes."""
+        outcomes = []
+        for folder in self.spool.settled(self.config.settle_seconds):
+            if self._stop.is_set():
+                break
+            outcomes.append(self.process(folder))
+        return outcomes
 
     # -- pulling ---------------------------------------------------------------------------------
     def pull(self, study_uid: str) -> Outcome:
@@ -180,8 +200,10 @@ class DicomNode:
         and other objects are not downloaded)."""
         client = self._dicomweb()
         try:
-            listed = client.search_for_instances(study_instance_uid=study_uid, fields=[MODALITY_TAG])
-        except (OSError, ValueError) as error:  # requests' errors are OSErrors; their text names the study
+            listed = client.search_for_instances(
+                study_instance_uid=study_uid, fields=[MODALITY_TAG], get_remaining=True
+            )
+        except Exception as error:  # HTTP, connection or retry errors: their text names the study
             raise NodeError(f"QIDO-RS search failed ({_http_failure(error)})") from error
         label = self.spool.label(study_uid)
         if not listed:
@@ -191,28 +213,34 @@ class DicomNode:
             if self.spool.key(sop_uid) in known:
                 continue
             try:
-                self.spool.store(client.retrieve_instance(study_uid, series_uid, sop_uid))
-            except (OSError, ValueError) as error:
+                instance = client.retrieve_instance(study_uid, series_uid, sop_uid)
+            except Exception as error:  # HTTP, connection or retry errors: their text names the study
                 raise NodeError(f"WADO-RS retrieve failed ({_http_failure(error)})") from error
+            self.spool.store(instance)
             fetched += 1
         if fetched:
             return self.process(self.spool.folder(study_uid))
-        return self._note(self._deliver(study_uid, {}, len(listed)))  # nothing new: a report still owed?
+        with self.spool.locked(study_uid):  # nothing new: is a report still owed?
+            return self._note(self._deliver(study_uid, {}, len(listed)))
 
     # -- processing ------------------------------------------------------------------------------
     def process(self, folder: Path) -> Outcome:
         """Score a spooled study's new images and send its report, retrying; a study that keeps failing is
         buried. The study is claimed first (its folder moved aside at once), so instances arriving meanwhile,
-        a re-sent one included, start a new round, and no other worker on the spool takes the same files."""
+        a re-sent one included, start a new round, and no other worker on the spool takes the same files;
+        its reports are held (`Spool.locked`) so that two processes never report on one study at once."""
         claimed = self.spool.claim(folder)
         if claimed is None:
             return self._note(Outcome(folder.name[:12], "taken"))
         folder, files = claimed, sorted(claimed.glob("*.dcm"))
+        label = folder.name[:12]  # the study's key, which starts with its label
         try:
             return self._process(folder, files)
+        except Stopping:
+            self.spool.unclaim(folder)
+            return self._note(Outcome(label, "stopped"))
         except Exception as error:  # a study that cannot be read must not stop the node
             reason = f"unexpected {type(error).__name__}"  # its message may quote the data: not logged
-            label = folder.name[:12]  # the study's key, which starts with its label
             log.error("study %s: %s", label, reason)
             self.spool.bury(folder, reason, files)
             return self._note(Outcome(label, "dead", reason=reason))
@@ -222,35 +250,44 @@ class DicomNode:
 
         headers = {path: pydicom.dcmread(path, stop_before_pixels=True) for path in files}  # never the pixels
         study_uid = str(next(iter(headers.values())).StudyInstanceUID)
-        known = self.spool.scored(study_uid)
-        new = {path: header for path, header in headers.items()
-               if scorable(header) and self.spool.key(str(header.SOPInstanceUID)) not in known}  # fmt: skip
-        new = dict(list(new.items())[: max(0, self.config.max_images - len(known))])
-        try:
-            outcome = self._deliver(study_uid, new, len(headers) - len(new))
-        except NodeError as error:
-            self.spool.bury(folder, str(error), files)
-            return self._note(Outcome(self.spool.label(study_uid), "dead", reason=str(error)))
+        with self.spool.locked(study_uid):
+            known = self.spool.scored(study_uid)
+            key = self.spool.key
+            new = {path: header for path, header in headers.items()
+                   if scorable(header) and key(str(header.SOPInstanceUID)) not in known}  # fmt: skip
+            new = dict(list(new.items())[: max(0, self.config.max_images - len(known))])
+            try:
+                outcome = self._deliver(study_uid, new, len(headers) - len(new))
+            except NodeError as error:
+                self.spool.bury(folder, str(error), files)
+                return self._note(Outcome(self.spool.label(study_uid), "dead", reason=str(error)))
         self.spool.consume(folder, files)
         return self._note(outcome)
 
     def _deliver(self, study_uid: str, new: dict[Path, Any], skipped: int) -> Outcome:
-        """Score the study's new images, keep its report (and overlays), send them. They are built once:
-        after a failed send the same instances are sent again, and with no new image what the PACS never
-        acknowledged is sent again. Raises NodeError once `attempts` tries failed, `retry_seconds` apart,
-        doubling."""
-        label, outbox, error = self.spool.label(study_uid), None, ""
+        """Send what the PACS has not acknowledged yet, then score the study's new images, keep their
+        report (and overlays) and send it. What is kept is sent again as the same instances after a
+        failure, and an image is scored once across attempts. Raises NodeError once `attempts` tries
+        failed, `retry_seconds` apart and doubling, and `Stopping` when the node stops meanwhile."""
+        label, error, sent = self.spool.label(study_uid), "", None
+        answers: dict[Path, dict[str, Any]] = {}
         for attempt in range(self.config.attempts):
+            if self._stop.is_set():
+                raise Stopping
             try:
-                if outbox is None:
-                    outbox = self._report(study_uid, new) if new else self.spool.unsent(study_uid)
-                if not outbox:
+                owed = self.spool.unsent(study_uid)
+                if owed:
+                    sent = self._send_kept(study_uid, owed)
+                known = self.spool.scored(study_uid)
+                fresh = {p: h for p, h in new.items() if self.spool.key(str(h.SOPInstanceUID)) not in known}
+                if fresh:
+                    sent = self._send_kept(study_uid, self._report(study_uid, fresh, answers))
+                if sent is None:
                     status = "seen" if self.spool.report(study_uid) else "nothing"
                     return Outcome(label, status, skipped=skipped)
-                self._send(outbox)
-                report = str(outbox[0].SOPInstanceUID)
-                self.spool.sent(study_uid, report)
-                return Outcome(label, "sent", report, len(new), skipped, overlays=len(outbox) - 1)
+                return Outcome(
+                    label, "sent", str(sent[0].SOPInstanceUID), len(new), skipped, overlays=len(sent) - 1
+                )
             except NodeError as problem:
                 error = str(problem)
                 log.warning(
@@ -258,58 +295,72 @@ class DicomNode:
                 )
                 if attempt + 1 < self.config.attempts:
                     self._stop.wait(self.config.retry_seconds * 2**attempt)
+        if self._stop.is_set():
+            raise Stopping
         raise NodeError(error)
 
-    def _report(self, study_uid: str, new: dict[Path, Any]) -> list[Any]:
-        """Score the new images (one at a time from their files) and build the study's report on them and
-        on the images scored before, replacing the study's previous report, then the overlays of the new
-        images when asked for; all kept before they are sent. Returns the report and the overlays."""
-        results = [self._score(path) for path in new]
+    def _send_kept(self, study_uid: str, outbox: list[Any]) -> list[Any]:
+        """Send a kept report and its overlays, and record that the PACS acknowledged them."""
+        report = self.spool.report(study_uid)
+        self._send(outbox)
+        if report is not None:
+            self.spool.sent(study_uid, report)
+        return outbox
+
+    def _report(self, study_uid: str, new: dict[Path, Any], answers: dict[Path, dict[str, Any]]) -> list[Any]:
+        """Score the new images (one at a time from their files; `answers` keeps them across attempts) and
+        build the study's report on them and on the images scored before: the next version of its previous
+        report, or, for a study never reported or whose answers were pruned, a first one. Overlays follow
+        when asked for. All is kept before it is sent; returns the report, then the overlays."""
+        for path in new:
+            if path not in answers:
+                answers[path] = self._score(path)
+        results = [answers[path] for path in new]
         earlier = self.spool.history(study_uid)
+        previous = self.spool.report(study_uid)
+        if previous is None:
+            version = FIRST
+        elif previous.version == 0:  # pruned: a new generation, a report of its own
+            version = Report(previous.generation, 1, False)
+        else:
+            version = previous.following()
         sources = [header for header, _ in earlier] + list(new.values())
-        answers = [answer for _, answer in earlier] + results
-        model = None if any("model" in answer for answer in answers) else self._served_model()
-        report = build_report(sources, answers, model, previous=self.spool.report(study_uid))
-        overlays = self._overlays(new, results) if self.config.overlays else []
-        self.spool.keep(study_uid, list(zip(new.values(), results, strict=True)), [report, *overlays])
+        answered = [answer for _, answer in earlier] + results
+        model = None if any("model" in answer for answer in answered) else self._served_model()
+        report = build_report(self.spool, study_uid, sources, answered, model, version)
+        overlays = self._overlays(study_uid, version, new, results) if self.config.overlays else []
+        self.spool.keep(
+            study_uid, list(zip(new.values(), results, strict=True)), version, [report, *overlays]
+        )
         return [report, *overlays]
 
-    def _overlays(self, new: dict[Path, Any], results: list[dict[str, Any]]) -> list[Any]:
+    def _overlays(
+        self, study_uid: str, version: Report, new: dict[Path, Any], results: list[dict[str, Any]]
+    ) -> list[Any]:
         """A Grad-CAM overlay (Secondary Capture, `cxr_dicom.overlay`) of each positive finding of each new
-        judged image, asked of the variant that judged it, in one new series."""
-        from pydicom.uid import generate_uid
-
+        judged image, asked of the variant that judged it, in one series per report; none when they cannot
+        be made (the report goes without them)."""
         from cxr_dicom.overlay import build_overlay
         from cxr_dicom.sr import ModelInfo, image_answers
 
         overlays: list[Any] = []
-        series = generate_uid()
-        for (path, header), result in zip(new.items(), results, strict=True):
-            (answer,) = image_answers(result, 1)
-            positives = [f for f, yes in (answer.decisions or {}).items() if yes] if answer.judged else []
-            if not positives:
-                continue
-            model = ModelInfo.from_answer(result["model"])
-            for finding, png in self._heatmaps(path, result, positives).items():
-                overlays.append(build_overlay(header, png, finding, model, series_uid=series,
-                                              instance_number=len(overlays) + 1))  # fmt: skip
-        return overlays
-
-    def _heatmaps(self, path: Path, result: dict[str, Any], findings: list[str]) -> dict[str, bytes]:
-        """The endpoint's Grad-CAM overlays (PNG) of `findings` on one image, asked of the variant that
-        answered `result` under its inference id (so the capture counts the case once)."""
-        from cxr.serve.headers import INFERENCE_ID, TARGET_VARIANT
-
-        headers = {INFERENCE_ID: str(result.get("inference_id", ""))}
-        variant = (result.get("model") or {}).get("variant")
-        if variant:
-            headers[TARGET_VARIANT] = str(variant)
-        answer = self._score(path, explain=findings, headers=headers)
+        series = self.spool.uid(study_uid, "overlays", version.generation, version.version)
         try:
-            maps = answer["predictions"][0]["heatmaps"]
-            return {finding: base64.b64decode(maps[finding]) for finding in findings}
-        except (LookupError, TypeError, ValueError) as error:
-            raise NodeError(f"endpoint answered no heatmap ({type(error).__name__})") from error
+            for (path, header), result in zip(new.items(), results, strict=True):
+                (answer,) = image_answers(result, 1)
+                positives = [f for f, yes in (answer.decisions or {}).items() if yes] if answer.judged else []
+                if not positives:
+                    continue
+                model = ModelInfo.from_answer(result["model"])
+                for finding, png in self._heatmaps(path, result, positives).items():
+                    number = len(overlays) + 1
+                    sop = self.spool.uid(study_uid, "overlay", version.generation, version.version, number)
+                    overlays.append(build_overlay(header, png, finding, model, series_uid=series, sop_uid=sop,
+                                                  instance_number=number))  # fmt: skip
+        except Exception as error:  # optional: the report goes without them
+            log.warning("study %s: overlays left out (%s)", self.spool.label(study_uid), type(error).__name__)
+            return []
+        return overlays
 
     def _note(self, outcome: Outcome) -> Outcome:
         log.info(
@@ -321,6 +372,22 @@ class DicomNode:
         )
         self.outcomes.append(outcome)
         return outcome
+
+    def _heatmaps(self, path: Path, result: dict[str, Any], findings: list[str]) -> dict[str, bytes]:
+        """The endpoint's Grad-CAM overlays (PNG) of `findings` on one image, asked of the variant that
+        answered `result` under its inference id (so the capture counts the case once)."""
+        from cxr.serve.headers import INFERENCE_ID, TARGET_VARIANT
+
+        headers = {INFERENCE_ID: str(result.get("inference_id", ""))}
+        variant = (result.get("model") or {}).get("variant")
+        if variant:
+            headers[TARGET_VARIANT] = str(variant)
+        answer = self._score(path, explain=findings, headers=headers, limit=MAX_ANSWER * (1 + len(findings)))
+        try:
+            maps = answer["predictions"][0]["heatmaps"]
+            return {finding: base64.b64decode(maps[finding]) for finding in findings}
+        except (LookupError, TypeError, ValueError) as error:
+            raise NodeError(f"endpoint answered no heatmap ({type(error).__name__})") from error
 
     def _served_model(self) -> Any:
         """The model the endpoint serves first (`/models`), for a report whose every image was refused
@@ -336,7 +403,11 @@ class DicomNode:
             raise NodeError(f"endpoint's /models unreadable ({type(error).__name__})") from error
 
     def _score(
-        self, path: Path, explain: list[str] | None = None, headers: dict[str, str] | None = None
+        self,
+        path: Path,
+        explain: list[str] | None = None,
+        headers: dict[str, str] | None = None,
+        limit: int = MAX_ANSWER,
     ) -> dict[str, Any]:
         """The endpoint's answer for one spooled instance (with Grad-CAM overlays of `explain`); the image's
         own refusal (400, 413, 415, 422) is a result too, anything else (unreachable, 5xx, a wrong URL or
@@ -348,7 +419,7 @@ class DicomNode:
         )  # fmt: skip
         try:
             with urllib.request.urlopen(request, timeout=self.config.timeout) as response:  # noqa: S310  # nosec B310
-                answer = json.loads(response.read(MAX_ANSWER))
+                answer = json.loads(response.read(limit))
         except urllib.error.HTTPError as error:
             if error.code in REFUSALS:
                 return refusal(error.read(MAX_ANSWER))
@@ -374,18 +445,24 @@ class DicomNode:
         ae = AE(ae_title=self.config.ae_title)
         for sop_class in dict.fromkeys(str(instance.SOPClassUID) for instance in instances):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        association = ae.associate(
-            self.config.pacs_host, self.config.pacs_port, ae_title=self.config.pacs_ae_title
-        )
-        if not association.is_established:
-            raise NodeError("the PACS refused or did not answer the association")
         try:
-            statuses = [association.send_c_store(instance) for instance in instances]
-        finally:
-            association.release()
+            association = ae.associate(
+                self.config.pacs_host, self.config.pacs_port, ae_title=self.config.pacs_ae_title
+            )
+            if not association.is_established:
+                raise NodeError("the PACS refused or did not answer the association")
+            try:
+                statuses = [association.send_c_store(instance) for instance in instances]
+            finally:
+                association.release()
+        except (OSError, ValueError, RuntimeError) as error:  # unresolvable host, no accepted context, ...
+            if isinstance(error, NodeError):
+                raise
+            raise NodeError(f"C-STORE to the PACS failed ({type(error).__name__})") from error
         for status in statuses:
-            if not status or int(status.Status) != 0x0000:
-                raise NodeError(f"the PACS answered C-STORE with status {getattr(status, 'Status', None)!r}")
+            code = int(status.Status) if status and "Status" in status else None
+            if not stored(code):
+                raise NodeError(f"the PACS answered C-STORE with status {code!r}")
 
     def _stow(self, instances: list[Any]) -> None:
         """STOW-RS the instances to the DICOMweb server in one request."""
@@ -398,9 +475,12 @@ class DicomNode:
             buffer.seek(0)
             files.append(pydicom.dcmread(buffer))
         try:
-            self._dicomweb().store_instances(files)
-        except (OSError, ValueError) as error:
+            answer = self._dicomweb().store_instances(files)
+        except Exception as error:  # HTTP, connection or retry errors: their text names the study
             raise NodeError(f"STOW-RS failed ({_http_failure(error)})") from error
+        failed = len(answer.get("FailedSOPSequence", []) if answer is not None else [])
+        if failed:
+            raise NodeError(f"STOW-RS: the server refused {failed} of {len(files)} instances")
 
     def _dicomweb(self) -> Any:
         """A DICOMweb client (dicomweb-client) of the configured server, with its credentials."""
@@ -412,7 +492,9 @@ class DicomNode:
         session = requests.Session()
         if self.config.dicomweb_user is not None:
             session.auth = (self.config.dicomweb_user, self.config.dicomweb_password or "")
-        return DICOMwebClient(self.config.dicomweb, session=session, timeout=self.config.timeout)
+        client = DICOMwebClient(self.config.dicomweb, session=session, timeout=self.config.timeout)
+        client.set_http_retry_params(retry=False)  # the node retries, with its own backoff
+        return client
 
 
 def _http_failure(error: BaseException) -> str:
@@ -450,24 +532,40 @@ def refusal(body: bytes) -> dict[str, Any]:
 
 
 def build_report(
-    sources: list[Any], results: list[dict[str, Any]], model: Any = None, previous: Report | None = None
+    spool: Spool,
+    study_uid: str,
+    sources: list[Any],
+    results: list[dict[str, Any]],
+    model: Any,
+    version: Report,
 ) -> Any:
-    """The SR for a study's scored instances (see `cxr_dicom.sr`); `model` when no answer names one. A
-    report replacing a `previous` one is its next version: in its series, naming it as predecessor."""
+    """The SR for a study's scored instances (see `cxr_dicom.sr`); `model` when no answer names one. Its
+    UIDs derive from the spool, the study and its version; a version after the first is in the first's
+    series and names the one before it as predecessor."""
     from pydicom import Dataset
+    from pydicom.uid import ComprehensiveSRStorage
 
     from cxr_dicom.sr import build_sr
 
-    if previous is None:
-        return build_sr(sources, results, model)
-    predecessor = Dataset()
-    predecessor.StudyInstanceUID = sources[0].StudyInstanceUID
-    predecessor.SeriesInstanceUID, predecessor.SOPInstanceUID = previous.series_uid, previous.sop_uid
-    predecessor.SOPClassUID = COMPREHENSIVE_SR
+    series = spool.uid(study_uid, "series", version.generation)
+    previous = []
+    if version.version > 1:
+        predecessor = Dataset()
+        predecessor.StudyInstanceUID, predecessor.SeriesInstanceUID = study_uid, series
+        predecessor.SOPInstanceUID = spool.uid(study_uid, "report", version.generation, version.version - 1)
+        predecessor.SOPClassUID = ComprehensiveSRStorage
+        previous.append(predecessor)
     return build_sr(
-        sources, results, model, series_uid=previous.series_uid, previous=[predecessor],
-        instance_number=previous.version + 1,
+        sources, results, model, series_uid=series, instance_number=version.version,
+        sop_uid=spool.uid(study_uid, "report", version.generation, version.version),
+        previous=previous or None,
     )  # fmt: skip
+
+
+def stored(status: int | None) -> bool:
+    """Whether a C-STORE status means the PACS keeps the instance: success, or a warning (coercion of
+    data elements, elements discarded, data set does not match the SOP class, ...)."""
+    return status is not None and (status in (0x0000, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF)
 
 
 def wanted(listed: list[dict[str, Any]]) -> list[tuple[str, str]]:

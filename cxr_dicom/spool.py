@@ -2,22 +2,28 @@
 said, and the dead letters.
 
 Layout (the folders 0700, the files 0600: they hold patient data):
-- `incoming/<study key>/<instance key>.dcm`: received instances, a folder per study;
-- `processing/`: studies being worked on (claimed by moving their folder here);
-- `dead-letter/<study key>/`: the files of a study given up on, and `reason.txt`;
+- `incoming/<study key>/<instance key>.dcm`: received instances, a folder per study (written under `tmp/`
+  and moved into place once complete);
+- `processing/<study key>-<pid>-<time>/`: studies being worked on, claimed by moving their folder here;
+- `dead-letter/<study key>-…/`: the files of a study given up on, and `reason.txt`;
 - `reports/<study key>/`: per scored instance, its header without pixels and the endpoint's answer
   (`<instance key>.json`), from which a replacement report is built when more images of the study
-  arrive, and in `outbox/` the study's latest report and overlays until the PACS acknowledged them;
-  kept `keep_days` after the study's last report;
-- `state.sqlite`: which instances were scored and which report is each study's latest, by key only;
-- `salt`: the secret behind the keys.
+  arrive, and in `outbox-<generation>-<version>/` the study's latest report and overlays until the PACS
+  acknowledges them; removed `keep_days` after the study's last report was sent;
+- `state.sqlite`: which instances were scored and the version of each study's latest report, by key;
+- `locks/`, `node.lock`: a study's reports are worked on by one process at a time, and one node runs
+  on a spool;
+- `salt`: the secret behind the keys and behind the UIDs of the node's reports.
 
-Studies and instances are named by keys (a keyed hash of their UIDs), never by the UIDs themselves.
+Studies and instances are named by keys (a keyed hash of their UIDs), never by the UIDs themselves. The
+UIDs of a study's reports and overlays are derived from the salt, the study and the report's version, so
+a report rebuilt after a crash is the same instance, and nothing but the version needs keeping.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -33,20 +39,30 @@ from typing import Any
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS scored (study TEXT, instance TEXT, at REAL, PRIMARY KEY (study, instance))",
-    "CREATE TABLE IF NOT EXISTS reports (study TEXT PRIMARY KEY, sop_uid TEXT, series_uid TEXT,"
-    " version INTEGER, sent INTEGER, at REAL)",
+    "CREATE TABLE IF NOT EXISTS reports (study TEXT PRIMARY KEY, generation INTEGER, version INTEGER,"
+    " sent INTEGER, at REAL)",
 )
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+STALE_PART_S = 3600.0  # a half-written file this old belongs to no store in progress
+
+
+class SpoolBusy(RuntimeError):
+    """Another node works on this spool."""
 
 
 @dataclass(frozen=True)
 class Report:
-    """A study's latest report: its own UIDs (made by cxr), and whether the PACS acknowledged it."""
+    """A study's latest report: its version (1, 2, … within a generation; a new generation starts once the
+    study's kept answers were pruned) and whether the PACS acknowledged it."""
 
-    sop_uid: str
-    series_uid: str
-    version: int  # 1 for a study's first report, then one more for each replacement
+    generation: int
+    version: int
     sent: bool
+
+    def following(self) -> Report:
+        return Report(self.generation, self.version + 1, False)
+
+
+FIRST = Report(0, 1, False)
 
 
 class Spool:
@@ -56,7 +72,9 @@ class Spool:
         self.root, self.keep_days = Path(root), keep_days
         self.incoming, self.processing = self.root / "incoming", self.root / "processing"
         self.dead, self.reports = self.root / "dead-letter", self.root / "reports"
-        for folder in (self.root, self.incoming, self.processing, self.dead, self.reports):
+        self.tmp, self.locks = self.root / "tmp", self.root / "locks"
+        folders = (self.incoming, self.processing, self.dead, self.reports, self.tmp, self.locks)
+        for folder in (self.root, *folders):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             folder.chmod(0o700)
         self.salt = _salt(self.root / "salt")
@@ -65,7 +83,6 @@ class Spool:
             for statement in SCHEMA:
                 db.execute(statement)
         self.state.chmod(0o600)
-        self._requeue()
 
     # -- names -----------------------------------------------------------------------------------
     def key(self, uid: str) -> str:
@@ -79,33 +96,60 @@ class Spool:
     def folder(self, study_uid: str) -> Path:
         return self.incoming / self.key(study_uid)
 
+    def uid(self, study_uid: str, *parts: object) -> str:
+        """A UID the node makes for a study (its reports, overlays, their series): the same for the same
+        parts, unguessable without the salt (2.25 and 128 bits of HMAC-SHA256)."""
+        text = "\0".join([study_uid, *map(str, parts)])
+        digest = hmac.new(self.salt, text.encode(), hashlib.sha256).digest()
+        return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
     # -- received instances ----------------------------------------------------------------------
     def store(self, dataset: Any) -> Path:
-        """Write one instance (with its file meta) atomically; returns its path."""
-        folder = self.folder(str(dataset.StudyInstanceUID))
-        folder.mkdir(mode=0o700, exist_ok=True)
-        path = folder / (self.key(str(dataset.SOPInstanceUID)) + ".dcm")
-        with _written(path) as handle:
+        """Write one instance (with its file meta) under `tmp/`, then move it into its study's folder;
+        returns its path. A study claimed meanwhile gets a new folder for it."""
+        study = self.folder(str(dataset.StudyInstanceUID))
+        name = self.key(str(dataset.SOPInstanceUID)) + ".dcm"
+        staged = self.tmp / f"{name}-{secrets.token_hex(4)}"
+        with _written(staged) as handle:
             dataset.save_as(handle, enforce_file_format=True)
-        return path
+        for _ in range(10):
+            study.mkdir(mode=0o700, exist_ok=True)
+            try:
+                os.replace(staged, study / name)
+                return study / name
+            except FileNotFoundError:  # the folder was claimed between mkdir and the move
+                continue
+        staged.unlink(missing_ok=True)
+        raise OSError(f"could not place an instance in {study}")
 
     def settled(self, seconds: float) -> list[Path]:
         """Study folders none of whose files changed for `seconds`."""
         now, ready = time.time(), []
         for folder in self.incoming.iterdir():
-            stamps = [p.stat().st_mtime for p in folder.glob("*.dcm")]
+            try:
+                stamps = [p.stat().st_mtime for p in folder.glob("*.dcm")]
+            except FileNotFoundError:  # claimed by another worker this instant
+                continue
             if stamps and now - max(stamps) >= seconds:
                 ready.append(folder)
         return ready
 
     def claim(self, folder: Path) -> Path | None:
         """Move a study's folder out of `incoming` to work on it; None when another worker took it."""
-        target = self.processing / f"{folder.name}-{time.time_ns()}"
+        target = self.processing / f"{folder.name}-{os.getpid()}-{time.time_ns()}"
         try:
             folder.rename(target)
         except FileNotFoundError:
             return None
         return target
+
+    def unclaim(self, folder: Path) -> None:
+        """Put a claimed study's files back in line (the node stopped before it was done)."""
+        target = self.incoming / folder.name.split("-")[0]
+        target.mkdir(mode=0o700, exist_ok=True)
+        for path in folder.glob("*.dcm"):
+            os.replace(path, target / path.name)
+        shutil.rmtree(folder, ignore_errors=True)
 
     def consume(self, folder: Path, files: list[Path]) -> None:
         """Remove a processed (claimed) study's files and folder."""
@@ -114,16 +158,46 @@ class Spool:
         with contextlib.suppress(OSError):
             folder.rmdir()
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Held by the node for as long as it runs: one node per spool. On entry, studies claimed by a
+        process that is gone are back in line and stale half-written files are removed."""
+        lock = os.open(self.root / "node.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as error:
+                raise SpoolBusy(f"another cxr dicom-node runs on {self.root}") from error
+            self._recover()
+            yield
+        finally:
+            os.close(lock)
+
+    def _recover(self) -> None:
+        for left in self.processing.iterdir():
+            parts = left.name.split("-")
+            if len(parts) < 3 or not parts[1].isdigit() or not _alive(int(parts[1])):
+                self.unclaim(left)
+        cutoff = time.time() - STALE_PART_S
+        for partial in [
+            *self.tmp.iterdir(),
+            *self.reports.glob("*/*.part"),
+            *self.reports.glob("*/*/*.part"),
+        ]:
+            with contextlib.suppress(FileNotFoundError):
+                if partial.stat().st_mtime < cutoff:
+                    partial.unlink()
+
     # -- dead letters ----------------------------------------------------------------------------
     def bury(self, folder: Path, reason: str, files: list[Path]) -> Path:
         """Move a study's files to the dead-letter folder, beside a file saying why."""
         target = self.dead / folder.name
-        target.mkdir(mode=0o700)
+        target.mkdir(mode=0o700, exist_ok=True)
         for path in files:
-            shutil.move(str(path), target / path.name)
+            with contextlib.suppress(FileNotFoundError):
+                shutil.move(str(path), target / path.name)
         (target / "reason.txt").write_text(reason + "\n", encoding="utf-8")
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+        shutil.rmtree(folder, ignore_errors=True)
         return target
 
     def dead_letters(self) -> list[tuple[str, str, int]]:
@@ -141,7 +215,7 @@ class Spool:
         folder = self.dead / Path(name).name
         if not folder.is_dir():
             raise FileNotFoundError(f"no dead letter {name!r} in {self.dead}")
-        study = self.incoming / folder.name.rsplit("-", 1)[0]
+        study = self.incoming / folder.name.split("-")[0]
         study.mkdir(mode=0o700, exist_ok=True)
         files = list(folder.glob("*.dcm"))
         for path in files:
@@ -151,6 +225,18 @@ class Spool:
         return len(files)
 
     # -- what was reported -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, study_uid: str) -> Iterator[None]:
+        """Exclusive hold on a study's reports, across processes (a pull and a push of one study wait
+        for each other), from reading what was scored to marking the report sent. Studies share 256 lock
+        files by the start of their key, so the locks stay few."""
+        lock = os.open(self.locks / f"{self.key(study_uid)[:2]}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(lock)
+
     def scored(self, study_uid: str) -> set[str]:
         """The keys of the study's instances already scored and reported."""
         with self._db() as db:
@@ -161,53 +247,51 @@ class Spool:
         """The study's latest report, if any."""
         with self._db() as db:
             row = db.execute(
-                "SELECT sop_uid, series_uid, version, sent FROM reports WHERE study = ?",
-                (self.key(study_uid),),
+                "SELECT generation, version, sent FROM reports WHERE study = ?", (self.key(study_uid),)
             ).fetchone()
-        return None if row is None else Report(str(row[0]), str(row[1]), int(row[2]), bool(row[3]))
+        return None if row is None else Report(int(row[0]), int(row[1]), bool(row[2]))
 
     def history(self, study_uid: str) -> list[tuple[Any, dict[str, Any]]]:
         """The headers and answers of the study's scored instances, as kept for its next report (empty once
-        `keep_days` have passed)."""
+        pruned); records the state file does not know (a report that was never kept) are left out."""
         from pydicom import Dataset
 
-        kept = []
+        known, kept = self.scored(study_uid), []
         for path in sorted((self.reports / self.key(study_uid)).glob("*.json")):
-            record = json.loads(path.read_bytes())
-            kept.append((Dataset.from_json(record["header"]), record["answer"]))
+            if path.stem in known:
+                record = json.loads(path.read_bytes())
+                kept.append((Dataset.from_json(record["header"]), record["answer"]))
         return kept
 
-    def keep(self, study_uid: str, scored: list[tuple[Any, dict[str, Any]]], outbox: list[Any]) -> None:
-        """Record a report before it is sent: the newly scored instances' headers and answers, what is to
-        go to the PACS (the report first, then any overlays), and in the state file the instances and the
-        report as the study's latest, not yet sent."""
+    def keep(
+        self, study_uid: str, scored: list[tuple[Any, dict[str, Any]]], report: Report, outbox: list[Any]
+    ) -> None:
+        """Record a report before it is sent: the newly scored instances' headers and answers and what is
+        to go to the PACS (the report, then any overlays) are written first; the state file then makes
+        them the study's latest, not yet sent, in one transaction; older outboxes go last."""
         folder = self.reports / self.key(study_uid)
-        (folder / "outbox").mkdir(mode=0o700, parents=True, exist_ok=True)
+        box = self._outbox(study_uid, report)
+        box.mkdir(mode=0o700, parents=True, exist_ok=True)
         for header, answer in scored:
             record = {"header": _without_pixels(header).to_json_dict(), "answer": answer}
             with _written(folder / f"{self.key(str(header.SOPInstanceUID))}.json") as handle:
                 handle.write(json.dumps(record).encode())
-        for old in (folder / "outbox").glob("*.dcm"):  # a replaced report that never went out
-            old.unlink()
         for number, instance in enumerate(outbox):
-            with _written(folder / "outbox" / f"{number:04d}.dcm") as handle:
+            with _written(box / f"{number:04d}.dcm") as handle:
                 instance.save_as(handle, enforce_file_format=True)
-        report, study, now = outbox[0], self.key(study_uid), time.time()
+        study, now = self.key(study_uid), time.time()
         with self._db() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO scored VALUES (?, ?, ?)",
                 [(study, self.key(str(header.SOPInstanceUID)), now) for header, _ in scored],
             )
             db.execute(
-                "INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, 0, ?)",
-                (
-                    study,
-                    str(report.SOPInstanceUID),
-                    str(report.SeriesInstanceUID),
-                    int(report.InstanceNumber),
-                    now,
-                ),
+                "INSERT OR REPLACE INTO reports VALUES (?, ?, ?, 0, ?)",
+                (study, report.generation, report.version, now),
             )
+        for old in folder.glob("outbox-*"):
+            if old != box:
+                shutil.rmtree(old, ignore_errors=True)
 
     def unsent(self, study_uid: str) -> list[Any]:
         """The study's latest report and overlays when the PACS has not acknowledged them yet (to send them
@@ -217,52 +301,41 @@ class Spool:
         report = self.report(study_uid)
         if report is None or report.sent:
             return []
-        return [
-            pydicom.dcmread(path)
-            for path in sorted((self.reports / self.key(study_uid) / "outbox").glob("*.dcm"))
-        ]
+        files = sorted(self._outbox(study_uid, report).glob("*.dcm"))
+        if not files:
+            raise RuntimeError("a report kept as unsent has no outbox")
+        return [pydicom.dcmread(path) for path in files]
 
-    def sent(self, study_uid: str, sop_uid: str) -> None:
+    def sent(self, study_uid: str, report: Report) -> None:
         """The PACS acknowledged the report (and its overlays)."""
         with self._db() as db:
-            db.execute(
-                "UPDATE reports SET sent = 1 WHERE study = ? AND sop_uid = ?", (self.key(study_uid), sop_uid)
-            )
-        shutil.rmtree(self.reports / self.key(study_uid) / "outbox", ignore_errors=True)
+            done = db.execute(
+                "UPDATE reports SET sent = 1, at = ? WHERE study = ? AND generation = ? AND version = ?",
+                (time.time(), self.key(study_uid), report.generation, report.version),
+            ).rowcount
+        if done == 1:
+            shutil.rmtree(self._outbox(study_uid, report), ignore_errors=True)
 
     def prune(self, now: float | None = None) -> int:
         """Delete the kept headers, answers and reports of studies whose latest report was sent more than
-        `keep_days` ago (the state file keeps their keys, so their images are still not scored twice);
-        returns how many studies were pruned."""
+        `keep_days` ago (their instances stay known, so they are still not scored twice; a later image
+        starts a new report, a new generation); returns how many studies were pruned."""
         cutoff = (now or time.time()) - self.keep_days * 86400
         with self._db() as db:
-            old = [
-                str(r[0])
-                for r in db.execute("SELECT study FROM reports WHERE sent = 1 AND at < ?", (cutoff,))
-            ]
-        pruned = 0
-        for study in old:
-            folder = self.reports / study
-            if folder.exists():
-                shutil.rmtree(folder)
-                pruned += 1
-        return pruned
+            old = db.execute("SELECT study FROM reports WHERE sent = 1 AND version > 0 AND at < ?", (cutoff,))
+            studies = [str(row[0]) for row in old]
+        for study in studies:
+            shutil.rmtree(self.reports / study, ignore_errors=True)
+            with self._db() as db:
+                db.execute(
+                    "UPDATE reports SET generation = generation + 1, version = 0"
+                    " WHERE study = ? AND sent = 1",
+                    (study,),
+                )
+        return len(studies)
 
-    # -- housekeeping ----------------------------------------------------------------------------
-    def _requeue(self) -> None:
-        """After a stop: studies claimed then are back in line, and half-written files are removed."""
-        for left in self.processing.iterdir():
-            target = self.incoming / left.name.rsplit("-", 1)[0]
-            target.mkdir(mode=0o700, exist_ok=True)
-            for path in left.glob("*.dcm"):
-                os.replace(path, target / path.name)
-            shutil.rmtree(left, ignore_errors=True)
-        for partial in [
-            *self.incoming.glob("*/*.part"),
-            *self.reports.glob("*/*.part"),
-            *self.reports.glob("*/*/*.part"),
-        ]:
-            partial.unlink(missing_ok=True)
+    def _outbox(self, study_uid: str, report: Report) -> Path:
+        return self.reports / self.key(study_uid) / f"outbox-{report.generation}-{report.version}"
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -276,11 +349,15 @@ class Spool:
 
 @contextlib.contextmanager
 def _written(path: Path) -> Iterator[Any]:
-    """A 0600 file written under a `.part` name and renamed into place once complete."""
+    """A 0600 file written under a `.part` name and renamed into place once complete (removed if the
+    writing fails, so a full disk does not stay full)."""
     partial = path.with_name(path.name + ".part")
-    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
-        yield handle
-    os.replace(partial, path)
+    try:
+        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+            yield handle
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _without_pixels(header: Any) -> Any:
@@ -291,6 +368,18 @@ def _without_pixels(header: Any) -> Any:
         if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
             kept.add(element)
     return kept
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process starts its node: nothing of it is in progress
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _salt(path: Path) -> bytes:

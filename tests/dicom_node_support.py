@@ -67,3 +67,16 @@ def refused_answer(path) -> dict:
     """An answer the node can report on without an endpoint: the image refused by a named model's gate."""
     return {"error": "refused", "model": {"name": "cxr-test", "version": "1"},
             "input_gate": [{"verdict": "out_of_distribution", "score": 1.0, "threshold": 0.5}]}  # fmt: skip
+
+
+def judged_answer(path) -> dict:
+    """An answer the node can report on without an endpoint: every finding judged positive."""
+    from cxr.data.findings import FINDINGS
+
+    prediction = {
+        "probabilities": dict.fromkeys(FINDINGS, 0.9),
+        "decisions": dict.fromkeys(FINDINGS, True),
+        "input_check": {"verdict": "in_distribution", "score": 0.1, "threshold": 0.5},
+    }
+    return {"model": {"name": "cxr-test", "version": "1"}, "thresholds": dict.fromkeys(FINDINGS, 0.5),
+            "predictions": [prediction]}  # fmt: skip

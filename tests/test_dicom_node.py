@@ -205,7 +205,9 @@ def test_a_study_claimed_when_the_node_stopped_is_back_in_line(nih_root, tmp_pat
     node.spool.store(film)
     claimed = node.spool.claim(node.spool.folder(film.StudyInstanceUID))
     assert claimed is not None and node.spool.claim(node.spool.folder(film.StudyInstanceUID)) is None
-    again = DicomNode(NodeConfig(spool=tmp_path / "spool", settle_seconds=0))  # a restart
+    again = DicomNode(NodeConfig(spool=tmp_path / "spool", settle_seconds=0, port=free_port()))  # a restart
+    again.start()
+    again.stop()
     assert not claimed.exists() and len(list(again.spool.folder(film.StudyInstanceUID).glob("*.dcm"))) == 1
 
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import os
 import subprocess
 import sys
+import threading
 import time
 
 import pydicom
@@ -15,13 +18,14 @@ import pytest
 from pydicom.uid import generate_uid
 
 from cxr_dicom.cli import pacs_address
-from cxr_dicom.node import DicomNode, NodeError, wanted
-from cxr_dicom.spool import Spool
+from cxr_dicom.node import DicomNode, NodeConfig, NodeError, stored, wanted
+from cxr_dicom.spool import Spool, SpoolBusy
 
 from .conftest import free_port
 from .dicom_node_support import (  # noqa: F401
     FILMS,
     endpoint_fixture,
+    judged_answer,
     node_config,
     referenced,
     refused_answer,
@@ -120,15 +124,17 @@ def test_a_replayed_dead_letter_sends_the_report_it_owes(pacs, endpoint, nih_roo
     node = DicomNode(node_config(pacs, server, spool))
     scored = counting(node)
     (outcome,) = wait_for(node.process_settled, 30)
-    assert (outcome.status, outcome.scored, outcome.sr_uid, scored) == ("sent", 0, node.spool.report(
-        film.StudyInstanceUID).sop_uid, [])  # fmt: skip
+    kept = node.spool.uid(film.StudyInstanceUID, "report", 0, 1)  # the first report's UID
+    assert (outcome.status, outcome.scored, outcome.sr_uid, scored) == ("sent", 0, kept, [])
     (sr,) = srs_of(pacs, film.StudyInstanceUID)
     assert sr.SOPInstanceUID == outcome.sr_uid and referenced(sr) == [film.SOPInstanceUID]
 
 
 def test_the_spool_names_no_study_and_keeps_its_labels_across_restarts(nih_root, tmp_path, caplog):
-    """Keys and log labels come from a salt kept in the spool (0600): the same after a restart, different
-    in another spool. No UID or patient attribute appears in file names or the state file."""
+    """Keys, log labels and the UIDs of the node's reports come from a salt kept in the spool (0600): the
+    same after a restart, different in another spool. No UID (the study's or the report's) or patient
+    attribute appears in file names, the state file or the logs."""
+    caplog.set_level(logging.DEBUG)
     (film,) = nih_study(nih_root, FILMS[:1])
     node = DicomNode(node_config_offline(tmp_path / "spool"))
     node._score, node._send = refused_answer, lambda outbox: None
@@ -137,35 +143,260 @@ def test_the_spool_names_no_study_and_keeps_its_labels_across_restarts(nih_root,
     assert outcome.status == "sent" and outcome.study == node.spool.label(film.StudyInstanceUID)
     again = Spool(tmp_path / "spool")
     assert again.label(film.StudyInstanceUID) == outcome.study
+    assert again.uid(film.StudyInstanceUID, "report", 0, 1) == outcome.sr_uid
     assert Spool(tmp_path / "other").label(film.StudyInstanceUID) != outcome.study
     assert (tmp_path / "spool" / "salt").stat().st_mode & 0o777 == 0o600
 
     state = (tmp_path / "spool" / "state.sqlite").read_bytes()
     names = " ".join(str(path) for path in (tmp_path / "spool").rglob("*"))
-    for identifying in (film.StudyInstanceUID, film.SOPInstanceUID, film.SeriesInstanceUID, film.PatientID):
-        assert str(identifying).encode() not in state and str(identifying) not in names
+    identifying = [film.StudyInstanceUID, film.SOPInstanceUID, film.SeriesInstanceUID, film.PatientID]
+    for value in [*identifying, outcome.sr_uid]:
+        assert str(value).encode() not in state and str(value) not in names and str(value) not in caplog.text
     assert again.scored(film.StudyInstanceUID) == {again.key(film.SOPInstanceUID)}
 
 
-def test_a_study_kept_past_its_days_is_pruned_and_still_not_scored_twice(nih_root, tmp_path):
-    (film,) = nih_study(nih_root, FILMS[:1])
+def test_a_study_kept_past_its_days_is_pruned_and_its_next_image_starts_a_new_report(nih_root, tmp_path):
+    """Pruned: the kept answers go, the images stay known (not scored again); a new image then gets a
+    first report of its own (a new series, no predecessor), since the earlier answers are gone."""
+    first, second = nih_study(nih_root, list(FILMS))
     node = DicomNode(node_config_offline(tmp_path / "spool", keep_days=1))
-    node._score, node._send = refused_answer, lambda outbox: None
-    node.spool.store(film)
-    assert node.process(node.spool.folder(film.StudyInstanceUID)).status == "sent"
-    assert node.spool.prune() == 0 and len(node.spool.history(film.StudyInstanceUID)) == 1
+    sent = []
+    node._score, node._send = refused_answer, sent.append
+    node.spool.store(first)
+    assert node.process(node.spool.folder(first.StudyInstanceUID)).status == "sent"
+    assert node.spool.prune() == 0 and len(node.spool.history(first.StudyInstanceUID)) == 1
     assert node.spool.prune(now=time.time() + 2 * 86400) == 1
-    assert node.spool.history(film.StudyInstanceUID) == [] and not list(node.spool.reports.iterdir())
+    assert node.spool.history(first.StudyInstanceUID) == [] and not list(node.spool.reports.iterdir())
+    node.spool.store(first)
+    assert node.process(node.spool.folder(first.StudyInstanceUID)).status == "seen"
+    node.spool.store(second)
+    assert node.process(node.spool.folder(first.StudyInstanceUID)).status == "sent"
+    (old,), (new,) = sent
+    assert referenced(new) == [second.SOPInstanceUID] and "PredecessorDocumentsSequence" not in new
+    assert new.SeriesInstanceUID != old.SeriesInstanceUID and new.InstanceNumber == 1
+
+
+def test_a_report_never_acknowledged_goes_out_before_its_replacement(nih_root, tmp_path):
+    """The PACS down: the first report is kept, unsent. A second film then arrives with the PACS back: the
+    first report goes out first, then its replacement naming it, with the first film's answer kept."""
+    first, second = nih_study(nih_root, list(FILMS))
+    node = DicomNode(node_config_offline(tmp_path / "spool"))
+    node._score = refused_answer
+
+    def down(outbox):
+        raise NodeError("the PACS refused or did not answer the association")
+
+    node._send = down
+    node.spool.store(first)
+    assert node.process(node.spool.folder(first.StudyInstanceUID)).status == "dead"
+    sent = []
+    node._send = sent.extend
+    node.spool.store(second)
+    outcome = node.process(node.spool.folder(first.StudyInstanceUID))
+    assert (outcome.status, outcome.scored) == ("sent", 1)
+    one, two = sent
+    assert (one.InstanceNumber, two.InstanceNumber) == (1, 2) and two.SOPInstanceUID == outcome.sr_uid
+    assert two.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[
+        0].ReferencedSOPInstanceUID == one.SOPInstanceUID  # fmt: skip
+    assert sorted(referenced(two)) == sorted([first.SOPInstanceUID, second.SOPInstanceUID])
+
+
+def test_a_report_that_could_not_be_kept_is_rebuilt_whole(nih_root, tmp_path, monkeypatch):
+    """The disk fills while a report is kept: the study is dead-lettered; replayed, its film is scored
+    again and the report holds it once, under the same UID as the report that was never kept."""
+    import cxr_dicom.spool as spool_module
+
+    (film,) = nih_study(nih_root, FILMS[:1])
+    node = DicomNode(node_config_offline(tmp_path / "spool"))
+    sent = []
+    node._score, node._send = refused_answer, sent.extend
+    written = spool_module._written
+
+    def full(path):
+        if "outbox" in str(path):
+            raise OSError(28, "No space left on device")
+        return written(path)
+
+    monkeypatch.setattr(spool_module, "_written", full)
     node.spool.store(film)
-    assert node.process(node.spool.folder(film.StudyInstanceUID)).status == "seen"
+    dead = node.process(node.spool.folder(film.StudyInstanceUID))
+    assert dead.status == "dead" and dead.reason == "unexpected OSError" and sent == []
+    assert not list((tmp_path / "spool").rglob("*.part"))  # nothing half-written left to fill the disk
+    monkeypatch.setattr(spool_module, "_written", written)
+    ((name, _, _),) = node.spool.dead_letters()
+    node.spool.replay(name)
+    outcome = node.process(node.spool.folder(film.StudyInstanceUID))
+    (report,) = sent
+    assert outcome.status == "sent" and referenced(report) == [film.SOPInstanceUID]
+    assert report.SOPInstanceUID == node.spool.uid(film.StudyInstanceUID, "report", 0, 1)
+    assert report.InstanceNumber == 1 and "PredecessorDocumentsSequence" not in report
 
 
-def test_half_written_files_are_removed_at_start(tmp_path):
+def test_two_processes_on_one_study_make_one_report(nih_root, tmp_path):
+    """A pull and a push of one study at once (two nodes on one spool, the same film in both): one waits
+    for the other's report and finds its film scored. One report, the film scored once."""
+    (film,) = nih_study(nih_root, FILMS[:1])
+    sent, scored, scoring = [], [], threading.Event()
+
+    def slow(path):
+        scored.append(path)
+        scoring.set()
+        time.sleep(1.0)
+        return refused_answer(path)
+
+    first, second = (DicomNode(node_config_offline(tmp_path / "spool")) for _ in range(2))
+    for node in (first, second):
+        node._score, node._send = slow, sent.extend
+    first.spool.store(film)
+    outcomes = []
+    worker = threading.Thread(
+        target=lambda: outcomes.append(first.process(first.spool.folder(film.StudyInstanceUID)))
+    )
+    worker.start()
+    assert scoring.wait(30)
+    second.spool.store(film)  # arrives again while the first is being scored
+    late = second.process(second.spool.folder(film.StudyInstanceUID))
+    worker.join(60)
+    assert [o.status for o in outcomes] == ["sent"] and late.status == "seen"
+    assert len(sent) == 1 and len(scored) == 1
+
+
+def test_a_second_node_on_a_spool_is_refused(tmp_path):
+    node = DicomNode(NodeConfig(spool=tmp_path / "spool", port=free_port()))
+    node.start()
+    try:
+        with pytest.raises(SpoolBusy, match="another cxr dicom-node"):
+            DicomNode(NodeConfig(spool=tmp_path / "spool", port=free_port())).start()
+    finally:
+        node.stop()
+
+
+def test_a_node_stopping_during_retries_puts_the_study_back_in_line(nih_root, tmp_path):
+    """The PACS down and the node asked to stop while it waits to retry: the study is not dead-lettered
+    but back in line, and the node stops well before its retries would have ended."""
+    (film,) = nih_study(nih_root, FILMS[:1])
+    node = DicomNode(NodeConfig(spool=tmp_path / "spool", settle_seconds=0, attempts=5, retry_seconds=30))
+
+    def down(outbox):
+        node._stop.set()  # SIGTERM arrives during the first attempt
+        raise NodeError("the PACS refused or did not answer the association")
+
+    node._score, node._send = refused_answer, down
+    node.spool.store(film)
+    started = time.monotonic()
+    outcome = node.process(node.spool.folder(film.StudyInstanceUID))
+    assert outcome.status == "stopped" and time.monotonic() - started < 30
+    assert (
+        not list(node.spool.dead.iterdir())
+        and len(list(node.spool.folder(film.StudyInstanceUID).glob("*.dcm"))) == 1
+    )
+
+
+def test_the_retries_wait_longer_each_time(nih_root, tmp_path):
+    (film,) = nih_study(nih_root, FILMS[:1])
+    node = DicomNode(NodeConfig(spool=tmp_path / "spool", settle_seconds=0, attempts=4, retry_seconds=1.5))
+    waits = []
+    node._stop.wait = lambda seconds: waits.append(seconds)
+    node._score = refused_answer
+    node._send = lambda outbox: (_ for _ in ()).throw(NodeError("PACS down"))
+    node.spool.store(film)
+    assert node.process(node.spool.folder(film.StudyInstanceUID)).status == "dead"
+    assert waits == [1.5, 3.0, 6.0]
+
+
+@pytest.mark.parametrize(
+    ("status", "kept"),
+    [(0x0000, True), (0xB000, True), (0xB007, True), (0x0107, True), (0xA700, False), (0xC000, False),
+     (0x0122, False), (None, False)],
+)  # fmt: skip
+def test_c_store_warnings_mean_the_pacs_kept_the_report(status, kept):
+    assert stored(status) is kept
+
+
+def test_a_stow_partly_refused_is_a_failure(nih_root, tmp_path):
+    """A STOW-RS answer listing failed instances (202 Accepted) is not an acknowledgement."""
+    from pydicom import Dataset
+
+    (film,) = nih_study(nih_root, FILMS[:1])
+    config = NodeConfig(spool=tmp_path / "spool", dicomweb="http://127.0.0.1:1/dicom-web", send="stow")
+    node = DicomNode(config)
+    answer = Dataset()
+    answer.FailedSOPSequence = [Dataset()]
+
+    class Refusing:
+        def store_instances(self, datasets):
+            return answer
+
+    node._dicomweb = Refusing
+    with pytest.raises(NodeError, match="refused 1 of 1"):
+        node._stow([film])
+
+
+def test_an_overlay_that_cannot_be_made_leaves_the_report_to_go_alone(nih_root, tmp_path, caplog):
+    (film,) = nih_study(nih_root, FILMS[:1])
+    node = DicomNode(node_config_offline(tmp_path / "spool", overlays=True))
+    sent = []
+    node._score, node._send = judged_answer, sent.extend
+
+    def failing(path, result, findings):
+        raise NodeError("endpoint answered 503")
+
+    node._heatmaps = failing
+    node.spool.store(film)
+    outcome = node.process(node.spool.folder(film.StudyInstanceUID))
+    assert (outcome.status, outcome.overlays) == ("sent", 0) and [d.Modality for d in sent] == ["SR"]
+    assert "overlays left out (NodeError)" in caplog.text
+
+
+def test_replay_all_puts_every_dead_letter_back(nih_root, tmp_path):
+    films = nih_study(nih_root, list(FILMS))
+    node = DicomNode(node_config_offline(tmp_path / "spool"))
+    node._score = refused_answer
+    node._send = lambda outbox: (_ for _ in ()).throw(NodeError("PACS down"))
+    for film in films:  # two studies
+        film.StudyInstanceUID = generate_uid()
+        node.spool.store(film)
+        assert node.process(node.spool.folder(film.StudyInstanceUID)).status == "dead"
+    command = [
+        sys.executable,
+        "-m",
+        "cxr.cli",
+        "dicom-node",
+        "replay",
+        "--all",
+        "--spool",
+        str(tmp_path / "spool"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.count("1 file(s) back in line") == 2 and node.spool.dead_letters() == []
+    assert all(len(list(node.spool.folder(f.StudyInstanceUID).glob("*.dcm"))) == 1 for f in films)
+
+
+def test_a_starting_node_takes_back_only_what_no_live_process_holds(tmp_path):
+    """Opening a spool (`replay`, `pull`) changes nothing; a node starting takes back the studies claimed
+    by processes that are gone, not those of a live one (a pull running beside it), and removes only
+    stale half-written files."""
     spool = Spool(tmp_path / "spool")
-    (spool.incoming / "abc").mkdir()
-    (spool.incoming / "abc" / "x.dcm.part").write_bytes(b"half")
-    Spool(tmp_path / "spool")
-    assert not list(spool.incoming.rglob("*.part"))
+    stale, fresh = spool.tmp / "a.dcm-1.part", spool.tmp / "b.dcm-2.part"
+    for partial in (stale, fresh):
+        partial.write_bytes(b"half")
+    os.utime(stale, (0, 0))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        for key, pid in (("a" * 32, gone.pid), ("b" * 32, live.pid)):
+            (spool.processing / f"{key}-{pid}-1").mkdir()
+            (spool.processing / f"{key}-{pid}-1" / "x.dcm").write_bytes(b"DICM")
+        Spool(tmp_path / "spool")
+        assert len(list(spool.processing.iterdir())) == 2 and stale.exists()
+        with spool.running():
+            pass
+        assert (spool.incoming / ("a" * 32) / "x.dcm").exists()
+        assert [p.name for p in spool.processing.iterdir()] == [f"{'b' * 32}-{live.pid}-1"]
+        assert not stale.exists() and fresh.exists()
+    finally:
+        live.kill()
 
 
 def test_a_pull_retrieves_only_new_radiographs(pacs, endpoint, nih_root, tmp_path):
@@ -193,12 +424,21 @@ def test_a_pull_retrieves_only_new_radiographs(pacs, endpoint, nih_root, tmp_pat
     assert len(srs_of(pacs, first.StudyInstanceUID)) == 2
 
 
-def test_a_listing_without_modalities_keeps_every_instance():
+def test_a_listing_keeps_what_may_be_a_radiograph():
+    """Radiographs, and instances whose modality the listing does not give; never reports or secondary
+    captures (the node's own overlays), nor entries without their UIDs."""
+    sc = {"00080016": {"Value": ["1.2.840.10008.5.1.4.1.1.7"]}}
     listing = [
         {"0020000E": {"Value": ["1.1"]}, "00080018": {"Value": ["1.1.1"]}, "00080060": {"Value": ["DX"]}},
         {"0020000E": {"Value": ["1.2"]}, "00080018": {"Value": ["1.2.1"]}, "00080060": {"Value": ["SR"]}},
         {"0020000E": {"Value": ["1.3"]}, "00080018": {"Value": ["1.3.1"]}},
         {"00080018": {"Value": ["1.4.1"]}},
+        {
+            "0020000E": {"Value": ["1.5"]},
+            "00080018": {"Value": ["1.5.1"]},
+            "00080060": {"Value": ["OT"]},
+            **sc,
+        },
     ]
     assert wanted(listing) == [("1.1", "1.1.1"), ("1.3", "1.3.1")]
 
@@ -214,12 +454,10 @@ def test_a_pacs_address_without_a_port_is_a_clear_error(text, tmp_path):
 
 def test_pacs_address_reads_host_and_port():
     assert pacs_address("pacs.hospital:104") == ("pacs.hospital", 104)
-    assert pacs_address("[::1]:11112") == ("[::1]", 11112)
+    assert pacs_address("[::1]:11112") == ("::1", 11112)
 
 
 def node_config_offline(spool, **settings):
-    from cxr_dicom.node import NodeConfig
-
     return NodeConfig(spool=spool, settle_seconds=0, attempts=1, **settings)
 
 
