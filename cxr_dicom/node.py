@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxr_dicom.spool import FIRST, Report, Spool
+from cxr_dicom.spool import FIRST, KeptReportLost, Report, Spool
 from cxr_dicom.sr import MANUFACTURER  # what cxr_dicom writes into its own reports and overlays
 
 log = logging.getLogger(__name__)
@@ -127,17 +127,29 @@ class DicomNode:
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self.outcomes: deque[Outcome] = deque(maxlen=OUTCOMES_KEPT)
-        self._pruned = 0.0
+        self._pruned = -PRUNE_EVERY_S  # the first round prunes
         self._running: contextlib.ExitStack | None = None
 
     # -- receiving -------------------------------------------------------------------------------
     def start(self) -> None:
         """Listen for C-STORE and process settled studies in the background. One node per spool: a second
         one raises `SpoolBusy`."""
-        from pynetdicom import AE, AllStoragePresentationContexts, VerificationPresentationContexts, evt
-
+        if self._worker is not None:
+            raise RuntimeError("a node starts once; make a new one to start again")
         self._running = contextlib.ExitStack()
         self._running.enter_context(self.spool.running())
+        try:
+            self._listen()
+        except BaseException:
+            self._running.close()
+            raise
+        self._worker = threading.Thread(target=self._run, name="cxr-dicom-node", daemon=True)
+        self._worker.start()
+        log.info("DICOM node %s listening on %s:%d", self.config.ae_title, self.config.host, self.config.port)
+
+    def _listen(self) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, VerificationPresentationContexts, evt
+
         ae = AE(ae_title=self.config.ae_title)
         ae.supported_contexts = AllStoragePresentationContexts + VerificationPresentationContexts
         if self.config.allowed_aes:
@@ -146,9 +158,6 @@ class DicomNode:
         self._server = ae.start_server(
             (self.config.host, self.config.port), block=False, evt_handlers=handlers
         )
-        self._worker = threading.Thread(target=self._run, name="cxr-dicom-node", daemon=True)
-        self._worker.start()
-        log.info("DICOM node %s listening on %s:%d", self.config.ae_title, self.config.host, self.config.port)
 
     def stop(self) -> None:
         """Stop listening; a study being processed goes back in line for the next start."""
@@ -157,6 +166,9 @@ class DicomNode:
             self._server.shutdown()
         if self._worker is not None:
             self._worker.join(timeout=self.config.timeout)
+            if self._worker.is_alive():  # mid-request: the spool stays this node's until the worker ends
+                log.warning("the node's worker is still finishing a study; the spool is released after it")
+                return
         if self._running is not None:
             self._running.close()
 
@@ -174,6 +186,13 @@ class DicomNode:
         return 0x0000
 
     def _run(self) -> None:
+        try:
+            self._rounds()
+        finally:  # stopped: the spool is released once the study in hand is done
+            if self._running is not None:
+                self._running.close()
+
+    def _rounds(self) -> None:
         while not self._stop.wait(0.5):
             try:
                 if time.monotonic() - self._pruned > PRUNE_EVERY_S:
@@ -251,11 +270,14 @@ class DicomNode:
         headers = {path: pydicom.dcmread(path, stop_before_pixels=True) for path in files}  # never the pixels
         study_uid = str(next(iter(headers.values())).StudyInstanceUID)
         with self.spool.locked(study_uid):
-            known = self.spool.scored(study_uid)
+            known, room = (
+                self.spool.scored(study_uid),
+                self.config.max_images - len(self.spool.history(study_uid)),
+            )
             key = self.spool.key
             new = {path: header for path, header in headers.items()
                    if scorable(header) and key(str(header.SOPInstanceUID)) not in known}  # fmt: skip
-            new = dict(list(new.items())[: max(0, self.config.max_images - len(known))])
+            new = dict(list(new.items())[: max(0, room)])
             try:
                 outcome = self._deliver(study_uid, new, len(headers) - len(new))
             except NodeError as error:
@@ -275,7 +297,11 @@ class DicomNode:
             if self._stop.is_set():
                 raise Stopping
             try:
-                owed = self.spool.unsent(study_uid)
+                try:
+                    owed = self.spool.unsent(study_uid)
+                except KeptReportLost as lost:
+                    log.warning("study %s: %s; rebuilt", label, lost)
+                    owed = self._rebuild(study_uid)
                 if owed:
                     sent = self._send_kept(study_uid, owed)
                 known = self.spool.scored(study_uid)
@@ -299,6 +325,20 @@ class DicomNode:
             raise Stopping
         raise NodeError(error)
 
+    def _rebuild(self, study_uid: str) -> list[Any]:
+        """The study's unsent report again, from its kept answers: the same version, so the same instance
+        (its overlays, if any, are not made again)."""
+        version, earlier = self.spool.report(study_uid), self.spool.history(study_uid)
+        if version is None or not earlier:
+            raise NodeError("the kept report is lost, and so are its answers")
+        answers = [answer for _, answer in earlier]
+        model = None if any("model" in answer for answer in answers) else self._served_model()
+        report = build_report(
+            self.spool, study_uid, [header for header, _ in earlier], answers, model, version
+        )
+        self.spool.keep(study_uid, [], version, [report])
+        return [report]
+
     def _send_kept(self, study_uid: str, outbox: list[Any]) -> list[Any]:
         """Send a kept report and its overlays, and record that the PACS acknowledged them."""
         report = self.spool.report(study_uid)
@@ -313,6 +353,8 @@ class DicomNode:
         report, or, for a study never reported or whose answers were pruned, a first one. Overlays follow
         when asked for. All is kept before it is sent; returns the report, then the overlays."""
         for path in new:
+            if self._stop.is_set():
+                raise Stopping
             if path not in answers:
                 answers[path] = self._score(path)
         results = [answers[path] for path in new]
@@ -478,9 +520,13 @@ class DicomNode:
             answer = self._dicomweb().store_instances(files)
         except Exception as error:  # HTTP, connection or retry errors: their text names the study
             raise NodeError(f"STOW-RS failed ({_http_failure(error)})") from error
-        failed = len(answer.get("FailedSOPSequence", []) if answer is not None else [])
-        if failed:
-            raise NodeError(f"STOW-RS: the server refused {failed} of {len(files)} instances")
+        stored_uids = {
+            str(item.get("ReferencedSOPInstanceUID", ""))
+            for item in (answer or {}).get("ReferencedSOPSequence", [])
+        }
+        missing = sum(str(instance.SOPInstanceUID) not in stored_uids for instance in files)
+        if missing:  # refused (FailedSOPSequence), or an answer that does not say it stored them
+            raise NodeError(f"STOW-RS: the server refused {missing} of {len(files)} instances")
 
     def _dicomweb(self) -> Any:
         """A DICOMweb client (dicomweb-client) of the configured server, with its credentials."""

@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -36,6 +37,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS scored (study TEXT, instance TEXT, at REAL, PRIMARY KEY (study, instance))",
@@ -47,6 +50,10 @@ STALE_PART_S = 3600.0  # a half-written file this old belongs to no store in pro
 
 class SpoolBusy(RuntimeError):
     """Another node works on this spool."""
+
+
+class KeptReportLost(RuntimeError):
+    """A report kept as not yet sent cannot be read back (its files were lost or damaged)."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +237,12 @@ class Spool:
         """Exclusive hold on a study's reports, across processes (a pull and a push of one study wait
         for each other), from reading what was scored to marking the report sent. Studies share 256 lock
         files by the start of their key, so the locks stay few."""
-        lock = os.open(self.locks / f"{self.key(study_uid)[:2]}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        with self._stripe(self.key(study_uid)):
+            yield
+
+    @contextlib.contextmanager
+    def _stripe(self, key: str) -> Iterator[None]:
+        lock = os.open(self.locks / f"{key[:2]}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
@@ -259,8 +271,11 @@ class Spool:
         known, kept = self.scored(study_uid), []
         for path in sorted((self.reports / self.key(study_uid)).glob("*.json")):
             if path.stem in known:
-                record = json.loads(path.read_bytes())
-                kept.append((Dataset.from_json(record["header"]), record["answer"]))
+                try:
+                    record = json.loads(path.read_bytes())
+                    kept.append((Dataset.from_json(record["header"]), record["answer"]))
+                except (OSError, ValueError, LookupError, TypeError):  # damaged: its image drops out
+                    log.warning("a kept answer is unreadable and left out of the next report")
         return kept
 
     def keep(
@@ -271,7 +286,8 @@ class Spool:
         them the study's latest, not yet sent, in one transaction; older outboxes go last."""
         folder = self.reports / self.key(study_uid)
         box = self._outbox(study_uid, report)
-        box.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        box.mkdir(mode=0o700, exist_ok=True)
         for header, answer in scored:
             record = {"header": _without_pixels(header).to_json_dict(), "answer": answer}
             with _written(folder / f"{self.key(str(header.SOPInstanceUID))}.json") as handle:
@@ -295,16 +311,21 @@ class Spool:
 
     def unsent(self, study_uid: str) -> list[Any]:
         """The study's latest report and overlays when the PACS has not acknowledged them yet (to send them
-        again, the same instances: a lost acknowledgement never makes a second report)."""
+        again, the same instances: a lost acknowledgement never makes a second report). Raises
+        `KeptReportLost` when they cannot be read back."""
         import pydicom
+        import pydicom.errors
 
         report = self.report(study_uid)
         if report is None or report.sent:
             return []
         files = sorted(self._outbox(study_uid, report).glob("*.dcm"))
-        if not files:
-            raise RuntimeError("a report kept as unsent has no outbox")
-        return [pydicom.dcmread(path) for path in files]
+        try:
+            if not files:
+                raise FileNotFoundError("no outbox")
+            return [pydicom.dcmread(path) for path in files]
+        except (OSError, pydicom.errors.InvalidDicomError) as error:
+            raise KeptReportLost(f"the kept report is unreadable ({type(error).__name__})") from error
 
     def sent(self, study_uid: str, report: Report) -> None:
         """The PACS acknowledged the report (and its overlays)."""
@@ -321,18 +342,21 @@ class Spool:
         `keep_days` ago (their instances stay known, so they are still not scored twice; a later image
         starts a new report, a new generation); returns how many studies were pruned."""
         cutoff = (now or time.time()) - self.keep_days * 86400
+        query = "SELECT study FROM reports WHERE sent = 1 AND version > 0 AND at < ?"
         with self._db() as db:
-            old = db.execute("SELECT study FROM reports WHERE sent = 1 AND version > 0 AND at < ?", (cutoff,))
-            studies = [str(row[0]) for row in old]
+            studies = [str(row[0]) for row in db.execute(query, (cutoff,))]
+        pruned = 0
         for study in studies:
-            shutil.rmtree(self.reports / study, ignore_errors=True)
-            with self._db() as db:
-                db.execute(
+            with self._stripe(study), self._db() as db:  # the study may have moved on meanwhile
+                done = db.execute(
                     "UPDATE reports SET generation = generation + 1, version = 0"
-                    " WHERE study = ? AND sent = 1",
-                    (study,),
-                )
-        return len(studies)
+                    " WHERE study = ? AND sent = 1 AND version > 0 AND at < ?",
+                    (study, cutoff),
+                ).rowcount
+            if done:  # a new generation: the files are no one's any more
+                shutil.rmtree(self.reports / study, ignore_errors=True)
+                pruned += 1
+        return pruned
 
     def _outbox(self, study_uid: str, report: Report) -> Path:
         return self.reports / self.key(study_uid) / f"outbox-{report.generation}-{report.version}"
@@ -349,15 +373,27 @@ class Spool:
 
 @contextlib.contextmanager
 def _written(path: Path) -> Iterator[Any]:
-    """A 0600 file written under a `.part` name and renamed into place once complete (removed if the
-    writing fails, so a full disk does not stay full)."""
+    """A 0600 file written under a `.part` name, synced, and renamed into place once complete (removed if
+    the writing fails, so a full disk does not stay full)."""
     partial = path.with_name(path.name + ".part")
     try:
         with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
             yield handle
+            handle.flush()
+            os.fsync(handle.fileno())  # on the disk, not in the cache, before anything relies on it
         os.replace(partial, path)
+        _sync_folder(path.parent)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a folder's entries (a file renamed into it) durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _without_pixels(header: Any) -> Any:

@@ -261,14 +261,60 @@ def test_two_processes_on_one_study_make_one_report(nih_root, tmp_path):
     assert len(sent) == 1 and len(scored) == 1
 
 
-def test_a_second_node_on_a_spool_is_refused(tmp_path):
-    node = DicomNode(NodeConfig(spool=tmp_path / "spool", port=free_port()))
+def test_one_node_per_spool_and_the_spool_is_free_again_once_it_stops(tmp_path):
+    """A second node on a spool is refused (`cxr dicom-node` exits 2 saying so); a node that could not
+    start (its port taken) or that stopped leaves the spool to the next."""
+    spool = tmp_path / "spool"
+    node = DicomNode(NodeConfig(spool=spool, port=free_port()))
     node.start()
     try:
         with pytest.raises(SpoolBusy, match="another cxr dicom-node"):
-            DicomNode(NodeConfig(spool=tmp_path / "spool", port=free_port())).start()
+            DicomNode(NodeConfig(spool=spool, port=free_port())).start()
+        command = [
+            sys.executable,
+            "-m",
+            "cxr.cli",
+            "dicom-node",
+            "--spool",
+            str(spool),
+            "--port",
+            str(free_port()),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "another cxr dicom-node runs on" in result.stderr
+        with pytest.raises(OSError):  # the first node's port
+            DicomNode(NodeConfig(spool=tmp_path / "other", port=node.config.port)).start()
+        with pytest.raises(RuntimeError, match="starts once"):
+            node.start()
     finally:
         node.stop()
+    for folder in (spool, tmp_path / "other"):
+        after = DicomNode(NodeConfig(spool=folder, port=free_port()))
+        after.start()
+        after.stop()
+
+
+def test_a_kept_report_that_was_lost_is_rebuilt_as_the_same_instance(nih_root, tmp_path):
+    """The PACS down, the report kept; its files then lost (a damaged disk): replayed, the report is built
+    again from the kept answers, the same instance, and sent without scoring again."""
+    (film,) = nih_study(nih_root, FILMS[:1])
+    node = DicomNode(node_config_offline(tmp_path / "spool"))
+    node._score = refused_answer
+    scored = counting(node)
+    node._send = lambda outbox: (_ for _ in ()).throw(NodeError("PACS down"))
+    node.spool.store(film)
+    assert node.process(node.spool.folder(film.StudyInstanceUID)).status == "dead"
+    for kept in node.spool.reports.glob("*/outbox-*/*.dcm"):
+        kept.write_bytes(b"damaged")
+    ((name, _, _),) = node.spool.dead_letters()
+    node.spool.replay(name)
+    sent = []
+    node._send = sent.extend
+    outcome = node.process(node.spool.folder(film.StudyInstanceUID))
+    (report,) = sent
+    assert (outcome.status, outcome.scored, len(scored)) == ("sent", 0, 1)
+    assert report.SOPInstanceUID == outcome.sr_uid == node.spool.uid(film.StudyInstanceUID, "report", 0, 1)
+    assert referenced(report) == [film.SOPInstanceUID]
 
 
 def test_a_node_stopping_during_retries_puts_the_study_back_in_line(nih_root, tmp_path):
@@ -306,8 +352,8 @@ def test_the_retries_wait_longer_each_time(nih_root, tmp_path):
 
 @pytest.mark.parametrize(
     ("status", "kept"),
-    [(0x0000, True), (0xB000, True), (0xB007, True), (0x0107, True), (0xA700, False), (0xC000, False),
-     (0x0122, False), (None, False)],
+    [(0x0000, True), (0xB000, True), (0xB007, True), (0x0107, True), (0x0116, True), (0xA700, False),
+     (0xC000, False), (0x0122, False), (None, False)],
 )  # fmt: skip
 def test_c_store_warnings_mean_the_pacs_kept_the_report(status, kept):
     assert stored(status) is kept
