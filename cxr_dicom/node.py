@@ -228,6 +228,7 @@ class DicomNode:
         if not listed:
             raise NodeError(f"study {label}: the DICOMweb server lists no instance")
         known, fetched = self.spool.scored(study_uid), 0
+        staged = self.spool.claimed(study_uid)  # out of `incoming`: the node does not take it half pulled
         for series_uid, sop_uid in wanted(listed):
             if self.spool.key(sop_uid) in known:
                 continue
@@ -235,10 +236,11 @@ class DicomNode:
                 instance = client.retrieve_instance(study_uid, series_uid, sop_uid)
             except Exception as error:  # HTTP, connection or retry errors: their text names the study
                 raise NodeError(f"WADO-RS retrieve failed ({_http_failure(error)})") from error
-            self.spool.store(instance)
+            self.spool.store(instance, into=staged)
             fetched += 1
         if fetched:
-            return self.process(self.spool.folder(study_uid))
+            return self._handle(staged)
+        staged.rmdir()
         with self.spool.locked(study_uid):  # nothing new: is a report still owed?
             return self._note(self._deliver(study_uid, {}, len(listed)))
 
@@ -251,8 +253,11 @@ class DicomNode:
         claimed = self.spool.claim(folder)
         if claimed is None:
             return self._note(Outcome(folder.name[:12], "taken"))
-        folder, files = claimed, sorted(claimed.glob("*.dcm"))
-        label = folder.name[:12]  # the study's key, which starts with its label
+        return self._handle(claimed)
+
+    def _handle(self, folder: Path) -> Outcome:
+        """Process a claimed study's files: put back if the node stops, buried if they cannot be read."""
+        files, label = sorted(folder.glob("*.dcm")), folder.name[:12]  # the key starts with the label
         try:
             return self._process(folder, files)
         except Stopping:

@@ -111,10 +111,10 @@ class Spool:
         return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
     # -- received instances ----------------------------------------------------------------------
-    def store(self, dataset: Any) -> Path:
-        """Write one instance (with its file meta) under `tmp/`, then move it into its study's folder;
-        returns its path. A study claimed meanwhile gets a new folder for it."""
-        study = self.folder(str(dataset.StudyInstanceUID))
+    def store(self, dataset: Any, into: Path | None = None) -> Path:
+        """Write one instance (with its file meta) under `tmp/`, then move it into its study's folder (or
+        `into`); returns its path. A study claimed meanwhile gets a new folder for it."""
+        study = into or self.folder(str(dataset.StudyInstanceUID))
         name = self.key(str(dataset.SOPInstanceUID)) + ".dcm"
         staged = self.tmp / f"{name}-{secrets.token_hex(4)}"
         with _written(staged) as handle:
@@ -149,6 +149,12 @@ class Spool:
         except FileNotFoundError:
             return None
         return target
+
+    def claimed(self, study_uid: str) -> Path:
+        """A new folder for a study, claimed by this process from the start (a pull fills it)."""
+        folder = self.processing / f"{self.key(study_uid)}-{os.getpid()}-{time.time_ns()}"
+        folder.mkdir(mode=0o700)
+        return folder
 
     def unclaim(self, folder: Path) -> None:
         """Put a claimed study's files back in line (the node stopped before it was done)."""

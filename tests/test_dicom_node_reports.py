@@ -446,7 +446,8 @@ def test_a_starting_node_takes_back_only_what_no_live_process_holds(tmp_path):
 
 
 def test_a_pull_retrieves_only_new_radiographs(pacs, endpoint, nih_root, tmp_path):
-    """QIDO-RS lists the study; WADO-RS retrieves the films not scored before, never the reports. Pulled
+    """QIDO-RS lists the study; WADO-RS retrieves the films not scored before, never the reports, into a
+    folder of the pull's own (a running node does not take a study half pulled). Pulled
     again with nothing new, nothing is retrieved or sent; with a new film, it alone is scored."""
     server, _ = endpoint
     first, second = nih_study(nih_root, list(FILMS))
@@ -458,7 +459,13 @@ def test_a_pull_retrieves_only_new_radiographs(pacs, endpoint, nih_root, tmp_pat
     def recording():
         dicomweb = client()
         retrieve = dicomweb.retrieve_instance
-        dicomweb.retrieve_instance = lambda *uids, **kw: retrieved.append(uids[-1]) or retrieve(*uids, **kw)
+
+        def retrieving(*uids, **kw):
+            retrieved.append(uids[-1])
+            assert not list(node.spool.incoming.rglob("*.dcm"))  # staged aside: no node takes it half pulled
+            return retrieve(*uids, **kw)
+
+        dicomweb.retrieve_instance = retrieving
         return dicomweb
 
     node._dicomweb = recording
