@@ -339,15 +339,22 @@ def test_a_node_stopping_during_retries_puts_the_study_back_in_line(nih_root, tm
 
 
 def test_the_retries_wait_longer_each_time(nih_root, tmp_path):
+    """With the command's defaults: 5 tries, 5 s before the second and doubling, 75 s outlasted in all."""
+    from cxr_dicom.cli import _parser, config_from
+
     (film,) = nih_study(nih_root, FILMS[:1])
-    node = DicomNode(NodeConfig(spool=tmp_path / "spool", settle_seconds=0, attempts=4, retry_seconds=1.5))
+    config = config_from(_parser(pull=False).parse_args(["--spool", str(tmp_path / "spool")]))
+    defaults = NodeConfig(spool=tmp_path)
+    assert (config.attempts, config.retry_seconds) == (defaults.attempts, defaults.retry_seconds) == (5, 5.0)
+    config.settle_seconds = 0
+    node = DicomNode(config)
     waits = []
-    node._stop.wait = lambda seconds: waits.append(seconds)
+    node._stop.wait = lambda seconds: waits.append(seconds)  # recorded, not waited
     node._score = refused_answer
     node._send = lambda outbox: (_ for _ in ()).throw(NodeError("PACS down"))
     node.spool.store(film)
     assert node.process(node.spool.folder(film.StudyInstanceUID)).status == "dead"
-    assert waits == [1.5, 3.0, 6.0]
+    assert waits == [5.0, 10.0, 20.0, 40.0] and sum(waits) == 75.0
 
 
 @pytest.mark.parametrize(
