@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cxr_dicom.sr import without_pixels
+
 log = logging.getLogger(__name__)
 
 SCHEMA = (
@@ -295,7 +297,7 @@ class Spool:
         folder.mkdir(mode=0o700, exist_ok=True)
         box.mkdir(mode=0o700, exist_ok=True)
         for header, answer in scored:
-            record = {"header": _without_pixels(header).to_json_dict(), "answer": answer}
+            record = {"header": without_pixels(header).to_json_dict(), "answer": answer}
             with _written(folder / f"{self.key(str(header.SOPInstanceUID))}.json") as handle:
                 handle.write(json.dumps(record).encode())
         for number, instance in enumerate(outbox):
@@ -400,16 +402,6 @@ def _sync_folder(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _without_pixels(header: Any) -> Any:
-    from pydicom import Dataset
-
-    kept = Dataset()
-    for element in header:
-        if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-            kept.add(element)
-    return kept
 
 
 def _alive(pid: int) -> bool:

@@ -336,14 +336,20 @@ def source_header(source: Dataset) -> Dataset:
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"):
         if not source.get(keyword):
             raise ValueError(f"source instance has no {keyword}")
-    reference = Dataset()
-    for element in source:
-        if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-            reference.add(copy.deepcopy(element))
+    reference = without_pixels(source)
     for keyword in REQUIRED_EMPTY:
         if keyword not in reference:
             setattr(reference, keyword, "")
     return reference
+
+
+def without_pixels(dataset: Dataset) -> Dataset:
+    """A copy of a data set's elements, its pixel data left out."""
+    kept = Dataset()
+    for element in dataset:
+        if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            kept.add(copy.deepcopy(element))
+    return kept
 
 
 def _check_one_study(references: list[Dataset]) -> None:
